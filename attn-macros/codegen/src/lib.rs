@@ -1,0 +1,1 @@
+//! Parser, validator and code generator of the `attention!` macro.

@@ -1,0 +1,1 @@
+//! The `attention!` procedural macro. All logic lives in `attn-codegen`.

@@ -197,14 +197,6 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
         if let Some(v) = value {
             check("value", v.len(), shape(kv_len, v_depth))?;
         }
-        if kv_len == 0 {
-            return Err(AttnError::Axis {
-                tensor: "key",
-                axis: "kv_len (axis -3)".into(),
-                expected: "at least 1 (a softmax over no keys has no maximum; Flax raises)".into(),
-                found: 0,
-            });
-        }
         let mut logits_shape = geom.batch_shape.to_vec();
         logits_shape.extend_from_slice(&[heads, q_len, kv_len]);
         num_elements("weights", &logits_shape)?;

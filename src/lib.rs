@@ -1,4 +1,9 @@
 //! attn: declarative, shape-checked dot-product attention layers that agree with Flax.
+//!
+//! The runtime ([`attn_runtime`]) is re-exported here: the Flax-style functions
+//! ([`dot_product_attention`], [`dot_product_attention_weights`], [`make_attention_mask`],
+//! [`make_causal_mask`], [`combine_masks`]) over [`Array`]s, typed [`Tensor`]s and the kernel
+//! layer ([`kernel`]).
 pub use attn_runtime::*;
 
 #[doc = include_str!("../docs/macro.md")]

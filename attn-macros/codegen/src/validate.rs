@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use proc_macro2::{Ident, Span, TokenStream};
 use quote::ToTokens;
-use syn::spanned::Spanned;
 use syn::{Lit, LitInt};
 
 use crate::ir::{self, Axis, DType, Layer, NamedDim, Operand, Options, Precision};
@@ -88,11 +87,23 @@ impl Errors {
 
 /// Validates every layer of an invocation; the error holds every mistake of every layer.
 pub fn validate(input: &Input) -> syn::Result<Vec<Layer>> {
+    match validate_recovering(input) {
+        (layers, None) => Ok(layers),
+        (_, Some(error)) => Err(error),
+    }
+}
+
+/// Like [`validate`], but also returns the layers whose shapes are correct when other entries
+/// are wrong (an unknown or invalid option): such a layer gets the options that were valid and
+/// Flax's defaults for the others. Expanding them next to the errors defines every layer with its
+/// real signature, so code that uses a layer gets no follow-up errors.
+pub fn validate_recovering(input: &Input) -> (Vec<Layer>, Option<syn::Error>) {
     let mut errors = Errors::default();
     let mut layers = Vec::new();
     let mut names: BTreeMap<String, &Ident> = BTreeMap::new();
     for syntax in &input.layers {
-        if let Some(first) = names.get(&syntax.ident.to_string()) {
+        let duplicate = names.get(&syntax.ident.to_string()).copied();
+        if let Some(first) = duplicate {
             errors.with_note(
                 syntax.ident.span(),
                 format!("a layer named `{}` is already declared above", syntax.ident),
@@ -102,11 +113,15 @@ pub fn validate(input: &Input) -> syn::Result<Vec<Layer>> {
         } else {
             names.insert(syntax.ident.to_string(), &syntax.ident);
         }
-        if let Some(layer) = validate_layer(syntax, &mut errors) {
+        let layer = validate_layer(syntax, &mut errors);
+        if let (Some(layer), None) = (layer, duplicate) {
             layers.push(layer);
         }
     }
-    errors.into_result(layers)
+    match errors.into_result(()) {
+        Ok(()) => (layers, None),
+        Err(error) => (layers, Some(error)),
+    }
 }
 
 fn line_of(span: Span) -> usize {
@@ -385,8 +400,9 @@ fn single_shape<'a>(entry: &'a Entry, errors: &mut Errors) -> Option<&'a ShapeSy
     }
 }
 
+/// The layer, if its shapes are correct (other mistakes are recorded in `errors` and do not
+/// prevent it; see [`validate_recovering`]).
 fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
-    let before = errors.len();
     errors
         .0
         .extend(syntax.errors.iter().map(|e| vec![e.clone()]));
@@ -400,6 +416,9 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
         }
     }
     let entries = index_entries(syntax, errors);
+    let options = read_options(&entries, errors);
+    // Errors from here on are about the shapes: with one of them, the layer is not built.
+    let before_shapes = errors.len();
     let mut table = DimTable::default();
 
     // Shapes, in declaration order of the roles, so that dims are numbered predictably.
@@ -416,7 +435,6 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
     let mask = entries
         .get("mask")
         .and_then(|entry| read_mask(entry, &mut table, errors));
-    let options = read_options(&entries, errors);
 
     for (name, present) in [
         ("query", entries.contains_key("query")),
@@ -463,7 +481,7 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
         }
     }
 
-    if errors.len() > before {
+    if errors.len() > before_shapes || !syntax.errors.is_empty() {
         return None;
     }
     let operand = |name: &'static str, shape: ShapeEntry| Operand {
@@ -492,7 +510,7 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
                 .get("mask")
                 .map_or(0, |entry| line_of(entry.key.span())),
         },
-        options: options?,
+        options,
     })
 }
 
@@ -643,8 +661,8 @@ fn read_choice<'a>(
     None
 }
 
-fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -> Option<Options> {
-    let mut ok = true;
+/// The options; a wrong one is reported and left at Flax's default.
+fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -> Options {
     let mut options = Options {
         dtype: DType::F32,
         dropout_rate: 0.0,
@@ -654,45 +672,40 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
         sow: false,
         scale: None,
     };
-    if let Some(entry) = entries.get("dropout_rate") {
-        match single_term(entry, errors) {
-            Some(term) => match number(term) {
-                Some(rate) if (0.0..1.0).contains(&rate) => options.dropout_rate = rate,
-                Some(rate) => {
-                    errors.spanned(
-                        term.to_token_stream(),
-                        format!(
-                            "`dropout_rate` must be in [0, 1) (the fraction of weights dropped); \
-                             found {rate}"
-                        ),
-                    );
-                    ok = false;
-                }
-                None => {
-                    errors.spanned(
-                        term.to_token_stream(),
-                        "`dropout_rate` expects a number in [0, 1), such as `0.1`",
-                    );
-                    ok = false;
-                }
-            },
-            None => ok = false,
+    if let Some(entry) = entries.get("dropout_rate")
+        && let Some(term) = single_term(entry, errors)
+    {
+        match number(term) {
+            Some(rate) if (0.0..1.0).contains(&rate) => options.dropout_rate = rate,
+            Some(rate) => {
+                errors.spanned(
+                    term.to_token_stream(),
+                    format!(
+                        "`dropout_rate` must be in [0, 1) (the fraction of weights dropped); \
+                         found {rate}"
+                    ),
+                );
+            }
+            None => {
+                errors.spanned(
+                    term.to_token_stream(),
+                    "`dropout_rate` expects a number in [0, 1), such as `0.1`",
+                );
+            }
         }
     }
-    if let Some(entry) = entries.get("scale") {
-        match single_term(entry, errors) {
-            Some(term) => match number(term) {
-                Some(scale) if scale.is_finite() && scale > 0.0 => options.scale = Some(scale),
-                _ => {
-                    errors.spanned(
-                        term.to_token_stream(),
-                        "`scale` expects a positive number, such as `0.125` \
-                         (the default is `1 / sqrt(depth)`)",
-                    );
-                    ok = false;
-                }
-            },
-            None => ok = false,
+    if let Some(entry) = entries.get("scale")
+        && let Some(term) = single_term(entry, errors)
+    {
+        match number(term) {
+            Some(scale) if scale.is_finite() && scale > 0.0 => options.scale = Some(scale),
+            _ => {
+                errors.spanned(
+                    term.to_token_stream(),
+                    "`scale` expects a positive number, such as `0.125` \
+                     (the default is `1 / sqrt(depth)`)",
+                );
+            }
         }
     }
     for (key, slot) in [
@@ -702,11 +715,10 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
             &mut options.force_fp32_for_softmax,
         ),
     ] {
-        if let Some(entry) = entries.get(key) {
-            match read_bool(entry, errors) {
-                Some(value) => *slot = value,
-                None => ok = false,
-            }
+        if let Some(entry) = entries.get(key)
+            && let Some(value) = read_bool(entry, errors)
+        {
+            *slot = value
         }
     }
     if let Some(entry) = entries.get("dtype") {
@@ -724,7 +736,7 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
             Some("f64") => options.dtype = DType::F64,
             Some("bf16") => options.dtype = DType::BF16,
             Some(_) => options.dtype = DType::F16,
-            None => ok = false,
+            None => {}
         }
     }
     if let Some(entry) = entries.get("precision") {
@@ -740,7 +752,7 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
             Some("default") => options.precision = Precision::Default,
             Some("high") => options.precision = Precision::High,
             Some(_) => options.precision = Precision::Highest,
-            None => ok = false,
+            None => {}
         }
     }
     if let Some(entry) = entries.get("sow") {
@@ -753,9 +765,8 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
                      context's sink under Flax's (\"intermediates\", \"attention_weights\"); \
                      leave `sow` out to sow nothing",
                 );
-                ok = false;
             }
-            None => ok = false,
+            None => {}
         }
     }
     if options.dtype == DType::F64
@@ -769,9 +780,8 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
                  float32 weights without dropout but float64 weights with it; a layer's weights \
                  have one type, so choose two of the three",
         );
-        ok = false;
     }
-    ok.then_some(options)
+    options
 }
 
 /// What a bias or mask dim must match: `[batch.., heads, q_len, kv_len]` of the logits.

@@ -168,6 +168,24 @@ fn index_entries<'a>(
     seen
 }
 
+/// Whether an unknown entry of `layer` is a misspelling of `name` (it got `name` as suggestion).
+fn misspelt(layer: &LayerSyntax, name: &str) -> bool {
+    layer.entries.iter().any(|entry| {
+        let key = entry.key.to_string();
+        !KEYS.contains(&key.as_str()) && suggestion(&key).as_deref() == Some(name)
+    })
+}
+
+/// The valid name an unknown entry name most likely means.
+fn suggestion(key: &str) -> Option<String> {
+    match key {
+        "q" | "queries" => Some("query".to_owned()),
+        "k" | "keys" => Some("key".to_owned()),
+        "v" | "values" => Some("value".to_owned()),
+        _ => suggest::nearest(key, KEYS).map(str::to_owned),
+    }
+}
+
 fn unknown_key_message(key: &str) -> String {
     let hint = match key {
         "causal" | "is_causal" => Some("write `mask: causal` for a causal mask".to_owned()),
@@ -182,10 +200,7 @@ fn unknown_key_message(key: &str) -> String {
             "`{key}` is chosen per call: set it on the `Context` argument"
         )),
         "module" => Some("Flax's `module` is written `sow: attention_weights`".to_owned()),
-        "q" | "queries" => Some("did you mean `query`?".to_owned()),
-        "k" | "keys" => Some("did you mean `key`?".to_owned()),
-        "v" | "values" => Some("did you mean `value`?".to_owned()),
-        _ => suggest::nearest(key, KEYS).map(|name| format!("did you mean `{name}`?")),
+        _ => suggestion(key).map(|name| format!("did you mean `{name}`?")),
     };
     let mut message = format!("unknown option `{key}`");
     if let Some(hint) = hint {
@@ -356,8 +371,14 @@ fn read_dims(shape: &ShapeSyntax, table: &mut DimTable, errors: &mut Errors) -> 
             }
             DimSyntax::Size(lit) => (parse_size(lit, errors).map(Axis::Size), lit.span()),
             DimSyntax::Malformed(tokens, span) => {
+                let semicolon = tokens
+                    .clone()
+                    .into_iter()
+                    .any(|t| matches!(t, proc_macro2::TokenTree::Punct(p) if p.as_char() == ';'));
                 if tokens.is_empty() {
                     errors.at(*span, format!("missing dim before this `,`: {DIM_FORMS}"));
+                } else if semicolon {
+                    errors.spanned(tokens, "dims are separated by `,`, not `;`");
                 } else {
                     errors.spanned(
                         tokens,
@@ -436,20 +457,25 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
         .get("mask")
         .and_then(|entry| read_mask(entry, &mut table, errors));
 
-    for (name, present) in [
-        ("query", entries.contains_key("query")),
-        ("key", entries.contains_key("key")),
-    ] {
-        // After a syntax error inside the braces the entry may be there, just unreadable.
-        if !present && syntax.errors.is_empty() {
-            errors.at(
-                syntax.ident.span(),
-                format!(
-                    "`{}` has no `{name}`: every layer declares `query: [..]` and `key: [..]`",
-                    syntax.ident
-                ),
-            );
-        }
+    // After a syntax error inside the braces, or a misspelt `query`/`key` (reported with a
+    // suggestion), the entry is there, just unreadable: no second error for it.
+    let missing: Vec<&str> = ["query", "key"]
+        .into_iter()
+        .filter(|name| !entries.contains_key(name) && !misspelt(syntax, name))
+        .collect();
+    if !missing.is_empty() && syntax.errors.is_empty() {
+        let missing = missing
+            .iter()
+            .map(|name| format!("`{name}`"))
+            .collect::<Vec<_>>()
+            .join(" and no ");
+        errors.at(
+            syntax.ident.span(),
+            format!(
+                "`{}` has no {missing}: every layer declares `query: [..]` and `key: [..]`",
+                syntax.ident
+            ),
+        );
     }
 
     let check = Structure { table: &table };
@@ -461,15 +487,19 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
         .as_ref()
         .is_some_and(|v| check.rank("value", v, errors));
     if let (Some(query), Some(key), true, true) = (&query, &key, query_ok, key_ok) {
+        // With another number of batch dims, the other dims may be shifted: one error is enough.
         let key_batch_ok = check.same_batch("key", key, query, errors);
-        check.same_axis(key, 1, "heads", query, 1, "heads", errors);
-        check.same_axis(key, 0, "depth", query, 0, "depth", errors);
+        if key_batch_ok {
+            check.same_axis(key, 1, "heads", query, 1, "heads", errors);
+            check.same_axis(key, 0, "depth", query, 0, "depth", errors);
+        }
         if let (Some(value), true) = (&value, value_ok) {
             // Compared with `query` where possible, so a mistake in `key` is reported once.
-            check.same_batch("value", value, query, errors);
-            check.same_axis(value, 1, "heads", query, 1, "heads", errors);
-            if key_batch_ok {
-                check.same_axis(value, 2, "length", key, 2, "length", errors);
+            if check.same_batch("value", value, query, errors) {
+                check.same_axis(value, 1, "heads", query, 1, "heads", errors);
+                if key_batch_ok {
+                    check.same_axis(value, 2, "length", key, 2, "length", errors);
+                }
             }
         }
         let targets = Targets::new(query, key);
@@ -843,6 +873,10 @@ impl Structure<'_> {
 
     fn rank(&self, name: &str, shape: &ShapeEntry, errors: &mut Errors) -> bool {
         let rank = shape.dims.len();
+        if shape.dims.iter().any(|dim| dim.axis.is_none()) {
+            // A malformed dim (already reported) may hide or merge dims: no rank error now.
+            return (3..=MAX_RANK).contains(&rank);
+        }
         if rank < 3 {
             errors.at(
                 shape.shape.span,
@@ -1073,8 +1107,14 @@ mod tests {
     #[test]
     fn missing_query_and_key() {
         let found = messages(quote! { struct L { value: [B, S, H, D] } });
-        assert_eq!(found.len(), 2);
-        assert!(found[0].contains("has no `query`"));
-        assert!(found[1].contains("has no `key`"));
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("`L` has no `query` and no `key`"));
+        let found = messages(quote! { struct L { queries: [T, H, D], key: [S, H, D] } });
+        assert_eq!(
+            found.len(),
+            1,
+            "a misspelt query is reported once: {found:?}"
+        );
+        assert!(found[0].starts_with("unknown option `queries`; did you mean `query`?"));
     }
 }

@@ -28,8 +28,6 @@ pub struct LayerSyntax {
     pub struct_token: Token![struct],
     /// The layer's name.
     pub ident: Ident,
-    /// Span of the `{ .. }` group.
-    pub brace_span: Span,
     /// The entries that could be read.
     pub entries: Vec<Entry>,
     /// Syntax errors inside the braces that did not stop the parser (reported with the others).
@@ -190,14 +188,13 @@ fn parse_layer(input: ParseStream, last: Span) -> syn::Result<LayerSyntax> {
         ));
     }
     let content;
-    let brace = syn::braced!(content in input);
+    syn::braced!(content in input);
     let body: TokenStream = content.parse()?;
     let mut layer = LayerSyntax {
         attrs,
         vis,
         struct_token,
         ident,
-        brace_span: brace.span.join(),
         entries: Vec::new(),
         errors: Vec::new(),
     };

@@ -5,7 +5,7 @@
 //! points), `rowpass.rs` (the fused bias/mask/softmax/dropout pass over one row of logits),
 //! `materialized.rs` (the per-(batch, head) driver that builds the `q × kv` logits matrix),
 //! `gemm.rs` (the only `unsafe` code: strided views and `matrixmultiply` calls), `real.rs`
-//! (f32/f64 arithmetic). Which driver computes a call is decided in one place: [`choose_path`].
+//! (f32/f64 arithmetic). Which driver computes a call is decided in one place: `choose_path`.
 
 mod broadcast;
 mod gemm;

@@ -1,10 +1,10 @@
 //! Flax conformance cases run through `attention!`-generated layers (not only through the
 //! dynamic API): every dtype (f32, f64, bf16, f16, with and without `force_fp32_for_softmax`),
 //! every mask kind (none, `causal`, a mask tensor, `causal + [..]`, with and without a bias),
-//! batch ranks 0, 1 and 2, static (`H = 8, D = 64`) and run-time dims, and both methods
-//! (`forward` with the weights sown; `forward` without a sow sink, which lets the runtime take
-//! its output-only path, checked together with `weights`). Each expected tensor of a case must have the
-//! case's dtype and shape and be within its stored tolerance.
+//! batch ranks 0, 1 and 2, static (`H = 8, D = 64`) and run-time dims, and both methods:
+//! `forward` with the weights sown, and `forward` without a sow sink (which lets the runtime take
+//! its output-only path) checked together with `weights`. Each expected tensor of a case must
+//! have the case's dtype and shape and be within its stored tolerance.
 //!
 //! A `causal` layer gets no mask tensor: its generated mask is compared with the case's
 //! `make_causal_mask` output. A `causal + [..]` layer is given the case's combined mask, which

@@ -345,17 +345,27 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         Some(WeightsBlock::Convert(w)) => (&mut scratch.logits[..rows * kv], Some(w)),
         None => (&mut scratch.logits[..rows * kv], None),
     };
+    // Causal: no query of the block sees a key past its last query, so those logits are not
+    // computed (the row pass neither reads them nor needs them, see `RowPass::softmax_rows`).
+    let cols = if call.causal {
+        kv.min(first + rows)
+    } else {
+        kv
+    };
     let q_off = ((b * q + first) * heads + h) * dk;
     let a = MatRef::new(&operands.query, q_off, rows, dk, heads * dk, 1).ok_or_else(view_bug)?;
-    let bt = MatRef::new(&operands.key_t, task.bh * dk * kv, dk, kv, kv, 1).ok_or_else(view_bug)?;
+    let bt =
+        MatRef::new(&operands.key_t, task.bh * dk * kv, dk, cols, kv, 1).ok_or_else(view_bug)?;
     gemm(
         operands.alpha,
         a,
         bt,
-        &mut MatMut::row_major(logits, rows, kv).ok_or_else(view_bug)?,
+        &mut MatMut::new(logits, 0, rows, cols, kv, 1).ok_or_else(view_bug)?,
     );
     if operands.round_logits {
-        T::round_slice(logits, call.plan.compute);
+        for row in logits.chunks_mut(kv) {
+            T::round_slice(&mut row[..cols], call.plan.compute);
+        }
     }
     pass.softmax_rows(logits, kv, |r| {
         let i = first + r;

@@ -164,11 +164,11 @@ fn weights(q: &Array, k: &Array, args: FlaxArgs<'_>) -> Result<Array, AttnError>
     dot_product_attention_weights(q, k, args)
 }
 
-/// The kernel layer's weights for f32 inputs `q [q_len, h, d]`, `k [kv, h, d]` (no batch dims).
+/// The kernel layer's weights for f32 inputs `q [q_len, 1, d]`, `k [kv, 1, d]` (no batch dims,
+/// one head).
 fn kernel_weights(
     q_len: usize,
     kv: usize,
-    heads: usize,
     depth: usize,
     query: &[f32],
     key: &[f32],
@@ -179,7 +179,7 @@ fn kernel_weights(
         batch_shape: &[],
         q_len,
         kv_len: kv,
-        heads,
+        heads: 1usize,
         qk_depth: depth,
         v_depth: 0usize,
     };
@@ -194,7 +194,7 @@ fn kernel_weights(
         &mut Context::deterministic(),
         &mut out,
     )?;
-    Array::new(out, [heads, q_len, kv])
+    Array::new(out, [1, q_len, kv])
 }
 
 const RANK_MSG: &str = "at least 3: [batch..., length, heads, depth]";
@@ -444,7 +444,7 @@ fn cases() -> Vec<Case> {
             "kernel: query slice too short",
             || {
                 let (q, k) = (vec![0.5f32; 3 * 4 - 1], vec![0.25f32; 5 * 4]);
-                kernel_weights(3, 5, 1, 4, &q, &k, &Mask::None, 15)
+                kernel_weights(3, 5, 4, &q, &k, &Mask::None, 15)
             },
             error(AttnError::Length {
                 tensor: "query",
@@ -457,7 +457,7 @@ fn cases() -> Vec<Case> {
             "kernel: weights buffer too long",
             || {
                 let (q, k) = (vec![0.5f32; 3 * 4], vec![0.25f32; 5 * 4]);
-                kernel_weights(3, 5, 1, 4, &q, &k, &Mask::None, 16)
+                kernel_weights(3, 5, 4, &q, &k, &Mask::None, 16)
             },
             error(AttnError::Length {
                 tensor: "weights",
@@ -517,7 +517,7 @@ fn cases() -> Vec<Case> {
                 let keep = vec![true; 16];
                 let mask = Mask::Explicit(Broadcast::new("mask", &keep, &[3, 5])?);
                 let (q, k) = (vec![0.5f32; 12], vec![0.25f32; 20]);
-                kernel_weights(3, 5, 1, 4, &q, &k, &mask, 15)
+                kernel_weights(3, 5, 4, &q, &k, &mask, 15)
             },
             error(AttnError::Length {
                 tensor: "mask",

@@ -281,3 +281,25 @@ fn dropout_rate_1_gives_zeros_where_flax_gives_nan() {
         .dropout_rng(DropoutRng::new(3));
     assert_bits(&weights(&q, &k, args), &[0.0; 6]);
 }
+
+#[test]
+fn f64_with_forced_fp32_softmax_turns_fully_masked_rows_into_nan_as_flax_does() {
+    // Masked entries get finfo(float64).min = -1.8e308; force_fp32_for_softmax casts the logits
+    // to float32, where that is -inf: a fully masked row is -inf - (-inf) = NaN (Flax: the
+    // same); a partially masked row is fine (exp(-inf) = 0).
+    let (q, k) = depth1(DType::F64, &[1.0, 2.0], &[1.0, 2.0]);
+    let mask = Array::new(vec![false, false, true, false], [1, 2, 2]).unwrap();
+    let w = dot_product_attention_weights(
+        &q,
+        &k,
+        FlaxArgs::new().mask(&mask).force_fp32_for_softmax(true),
+    )
+    .unwrap();
+    assert_eq!(w.dtype(), DType::F32);
+    let w = w.to_f64_vec();
+    assert!(w[0].is_nan() && w[1].is_nan(), "{w:?}");
+    assert_bits(&w[2..], &[1.0, 0.0]);
+    // Without the forced softmax the fully masked f64 row is uniform.
+    let w = weights(&q, &k, FlaxArgs::new().mask(&mask));
+    assert_bits(&w, &[0.5, 0.5, 1.0, 0.0]);
+}

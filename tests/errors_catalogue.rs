@@ -224,8 +224,8 @@ fn text_blocks(doc: &str) -> Vec<(String, Vec<String>)> {
             }
             continue;
         }
-        if line.starts_with("### ") {
-            sections.push((line[4..].trim().to_owned(), Vec::new()));
+        if let Some(heading) = line.strip_prefix("### ") {
+            sections.push((heading.trim().to_owned(), Vec::new()));
         } else if line.trim_start() == "```text" {
             in_text = true;
         } else if line.trim_start().starts_with("```") {

@@ -19,6 +19,11 @@ pub mod kernel;
 pub mod sow;
 pub mod tensor;
 
+/// `half` (the `bf16` / `f16` element types), re-exported so callers use the same version.
+pub use half;
+/// `rayon`, re-exported for building the thread pool a [`Context`] can run on.
+pub use rayon;
+
 pub use array::{Array, ArrayData};
 pub use context::{Context, DropoutRng};
 pub use dim::{Const, ConstDim, Dim, DimEq, Shape};

@@ -1,0 +1,1577 @@
+//! The output path: tiled online-softmax attention in the manner of FlashAttention.
+//!
+//! When neither the weights are requested nor sown, the `q_len × kv_len` matrix is never built.
+//! Each task takes one block of up to [`QUERY_BLOCK`] query rows of one batch element and, for
+//! every head, walks the keys in blocks of [`KEY_BLOCK`]:
+//!
+//! 1. `Sᵀ = K_blk · Q_blkᵀ` (keys as rows, queries as contiguous columns) with the query block
+//!    packed once, scaled and transposed; keys are read in place (`f32`) or widened per tile
+//!    (`bf16`, `f16`);
+//! 2. bias added, masked logits replaced by `finfo(dtype).min` (Flax's `big_neg`), exactly as
+//!    the weights path does;
+//! 3. online softmax per query: running maximum `m`, running sum `l`, the accumulator rescaled
+//!    by `exp(m_old - m_new)`; dropout multiplies the probabilities after they are summed
+//!    (Flax sums before dropout too);
+//! 4. `O += P · V_blk`.
+//!
+//! Blocks that a mask removes entirely (above the causal diagonal, or an explicit mask that is
+//! false on the whole block) are skipped. A skipped entry would have weight
+//! `exp(big_neg - m) = 0` unless the whole row is masked; for such rows Flax returns uniform
+//! weights over *all* keys, so the skipped keys are added back with weight 1 at the end.
+//!
+//! Scratch per task is `O((QUERY_BLOCK + KEY_BLOCK) · depth)`, independent of `q_len × kv_len`.
+//! Tasks are (batch element, query block) pairs run in parallel with rayon; every output row is
+//! computed by the same sequence of operations whatever the thread count, so results are
+//! bit-identical for any number of threads.
+//!
+//! Arithmetic is `f32` for `f32`, `bf16` and `f16` inputs and `f64` for `f64` inputs. The
+//! conformance tolerances were calibrated against exact math, so computing 16-bit softmaxes in
+//! `f32` stays inside them (see `conformance/README.md`, "How the tolerances were chosen").
+
+use std::ops::{Add, Mul, Sub};
+
+use half::{bf16, f16};
+use rand_core::RngCore;
+use rand_pcg::Pcg32;
+use rayon::prelude::*;
+
+use super::exp::{Fused, MulAdd, Unfused, exp_f32};
+use super::simd::{self, Body, Isa, Product};
+
+/// Query rows per task (fewer when that would leave fewer than [`MIN_TASKS`] tasks).
+pub(crate) const QUERY_BLOCK: usize = 64;
+/// Keys per inner block.
+pub(crate) const KEY_BLOCK: usize = 256;
+/// The query block shrinks (down to 16 rows) until there are at least this many tasks.
+const MIN_TASKS: usize = 4;
+
+/// Element types the output path reads and writes.
+pub(crate) trait FlashElement: Copy + Send + Sync + 'static {
+    /// Widens to `f32`.
+    fn to_f32(self) -> f32;
+    /// Widens to `f64`.
+    fn to_f64(self) -> f64;
+    /// Rounds from `f32`.
+    fn from_f32(x: f32) -> Self;
+    /// Rounds from `f64`.
+    fn from_f64(x: f64) -> Self;
+    /// The slice itself when `Self` is `f32` (read in place, no conversion).
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        let _ = values;
+        None
+    }
+    /// The slice itself when `Self` is `f64`.
+    fn as_f64(values: &[Self]) -> Option<&[f64]> {
+        let _ = values;
+        None
+    }
+}
+
+impl FlashElement for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        Some(values)
+    }
+}
+
+impl FlashElement for f64 {
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x as f64
+    }
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn as_f64(values: &[Self]) -> Option<&[f64]> {
+        Some(values)
+    }
+}
+
+impl FlashElement for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+}
+
+impl FlashElement for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn from_f64(x: f64) -> Self {
+        f16::from_f64(x)
+    }
+}
+
+/// The arithmetic type of the kernel (`f32` or `f64`).
+pub(crate) trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + 'static
+{
+    /// 0.
+    const ZERO: Self;
+    /// 1.
+    const ONE: Self;
+    /// −∞.
+    const NEG_INFINITY: Self;
+    /// `x` converted (rounded) to this type.
+    fn of<E: FlashElement>(x: E) -> Self;
+    /// `self` converted (rounded) to `O`.
+    fn to<O: FlashElement>(self) -> O;
+    /// `x` rounded to this type.
+    fn from_f64(x: f64) -> Self;
+    /// The larger of the two; a NaN operand is ignored (NaN still reaches the result through
+    /// `exp(NaN - m)`).
+    fn max(self, other: Self) -> Self;
+    /// `1 / self`.
+    fn recip(self) -> Self;
+    /// `eˣ`.
+    fn exp<M: MulAdd>(self) -> Self;
+    /// The slice itself when its elements already have this type.
+    fn direct<E: FlashElement>(values: &[E]) -> Option<&[Self]>;
+    /// `c (=|+=) a · b` (see [`Product`]).
+    fn product(isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize);
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    #[inline(always)]
+    fn of<E: FlashElement>(x: E) -> Self {
+        x.to_f32()
+    }
+    #[inline(always)]
+    fn to<O: FlashElement>(self) -> O {
+        O::from_f32(self)
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        f32::max(self, other)
+    }
+    #[inline(always)]
+    fn recip(self) -> Self {
+        1.0 / self
+    }
+    #[inline(always)]
+    fn exp<M: MulAdd>(self) -> Self {
+        exp_f32::<M>(self)
+    }
+    #[inline(always)]
+    fn direct<E: FlashElement>(values: &[E]) -> Option<&[Self]> {
+        E::as_f32(values)
+    }
+    #[inline(always)]
+    fn product(isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize) {
+        if isa == Isa::Avx512 {
+            simd::product_avx512(p, c, ldc);
+        } else {
+            product_portable(p, c, ldc);
+        }
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    #[inline(always)]
+    fn of<E: FlashElement>(x: E) -> Self {
+        x.to_f64()
+    }
+    #[inline(always)]
+    fn to<O: FlashElement>(self) -> O {
+        O::from_f64(self)
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        f64::max(self, other)
+    }
+    #[inline(always)]
+    fn recip(self) -> Self {
+        1.0 / self
+    }
+    #[inline(always)]
+    fn exp<M: MulAdd>(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn direct<E: FlashElement>(values: &[E]) -> Option<&[Self]> {
+        E::as_f64(values)
+    }
+    #[inline(always)]
+    fn product(_isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize) {
+        product_portable(p, c, ldc);
+    }
+}
+
+/// [`Product`] with plain loops (the inner loop runs along contiguous rows and vectorizes).
+/// Panics if an index would fall outside the operands (a bug in the caller).
+#[inline(always)]
+pub(crate) fn product_portable<T: Real>(p: &Product<'_, T>, c: &mut [T], ldc: usize) {
+    assert!(p.in_bounds(c.len(), ldc), "tile product out of bounds");
+    for r in 0..p.rows {
+        let c_row = &mut c[r * ldc..r * ldc + p.cols];
+        if !p.accumulate {
+            c_row.fill(T::ZERO);
+        }
+        for k in 0..p.depth {
+            let a = p.a[r * p.a_row + k * p.a_step];
+            let b_row = &p.b[k * p.b_step..k * p.b_step + p.cols];
+            for (c, &b) in c_row.iter_mut().zip(b_row) {
+                *c = *c + a * b;
+            }
+        }
+    }
+}
+
+/// A bias or mask operand broadcast (NumPy rules) to `[batch..., heads, q_len, kv_len]`:
+/// element `(b, h, i, j)` is `data[base(b, h) + i·q_stride + j·kv_stride]`.
+#[derive(Clone, Debug)]
+pub(crate) struct Broadcast2d<'a, T> {
+    data: &'a [T],
+    /// Target batch dims and the operand's strides along them (0 where broadcast).
+    batch: Vec<(usize, usize)>,
+    head_stride: usize,
+    q_stride: usize,
+    kv_stride: usize,
+}
+
+impl<'a, T: Copy> Broadcast2d<'a, T> {
+    /// Views `data` of `shape` broadcast to `[batch_shape..., heads, q_len, kv_len]`; `None` if
+    /// `shape` does not broadcast to it or `data` does not hold `shape`'s element count.
+    pub(crate) fn new(
+        data: &'a [T],
+        shape: &[usize],
+        batch_shape: &[usize],
+        heads: usize,
+        q_len: usize,
+        kv_len: usize,
+    ) -> Option<Self> {
+        let target: Vec<usize> = batch_shape
+            .iter()
+            .copied()
+            .chain([heads, q_len, kv_len])
+            .collect();
+        if shape.len() > target.len() {
+            return None;
+        }
+        let count = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
+        if count != data.len() {
+            return None;
+        }
+        // Row-major strides of the operand, right-aligned against the target; 0 where broadcast
+        // (a size-1 dim, or a dim the operand does not have).
+        let mut strides = vec![0; target.len()];
+        let mut stride = 1;
+        for (k, &size) in shape.iter().enumerate().rev() {
+            let t = target.len() - shape.len() + k;
+            if size != target[t] && size != 1 {
+                return None;
+            }
+            strides[t] = if size == 1 { 0 } else { stride };
+            stride *= size;
+        }
+        let n = batch_shape.len();
+        Some(Self {
+            data,
+            batch: batch_shape
+                .iter()
+                .copied()
+                .zip(strides[..n].iter().copied())
+                .collect(),
+            head_stride: strides[n],
+            q_stride: strides[n + 1],
+            kv_stride: strides[n + 2],
+        })
+    }
+
+    /// Offset of element `(b, h, 0, 0)`, `b` being the row-major index over the batch dims.
+    #[inline(always)]
+    fn base(&self, b: usize, h: usize) -> usize {
+        let mut rest = b;
+        let mut offset = h * self.head_stride;
+        for &(size, stride) in self.batch.iter().rev() {
+            offset += (rest % size) * stride;
+            rest /= size;
+        }
+        offset
+    }
+
+    /// Element `(i, j)` of the matrix that starts at `base`.
+    #[inline(always)]
+    fn at(&self, base: usize, i: usize, j: usize) -> T {
+        self.data[base + i * self.q_stride + j * self.kv_stride]
+    }
+}
+
+/// Which logits are masked (replaced by `big_neg`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FlashMask<'a> {
+    /// Keep only `j <= i` (Flax's `make_causal_mask`).
+    pub causal: bool,
+    /// Keep only where this is true (combined with `causal` when both are given).
+    pub explicit: Option<Broadcast2d<'a, bool>>,
+}
+
+/// Dropout of the softmax weights: the keep decision for weight `n` (row-major index over the
+/// dropout shape) is `draw_n < threshold`, `draw_n` being the `n`-th `u32` of `rng`; kept
+/// weights are multiplied by `multiplier`.
+#[derive(Clone, Debug)]
+pub(crate) struct FlashDropout {
+    /// The generator at draw 0.
+    pub rng: Pcg32,
+    /// Keep when the draw is below this (`2³²` keeps everything).
+    pub threshold: u64,
+    /// `1 / keep_probability`, rounded as Flax does in the computation dtype.
+    pub multiplier: f64,
+    /// One mask shared by every batch element and head (Flax's `broadcast_dropout`).
+    pub broadcast: bool,
+}
+
+impl FlashDropout {
+    /// The keep multipliers (`multiplier` or 0) of weights `(b, h, i, j_start..j_start + n)`,
+    /// passed to `apply(index_in_run, multiplier)`.
+    #[inline(always)]
+    fn for_run<C: Real>(
+        &self,
+        dims: &Dims,
+        (b, h, i): (usize, usize, usize),
+        j_start: usize,
+        n: usize,
+        mut apply: impl FnMut(usize, C),
+    ) {
+        let row = if self.broadcast {
+            i
+        } else {
+            (b * dims.heads + h) * dims.q_len + i
+        };
+        let mut rng = self.rng.clone();
+        rng.advance((row * dims.kv_len + j_start) as u64);
+        let keep = C::from_f64(self.multiplier);
+        for jj in 0..n {
+            let kept = u64::from(rng.next_u32()) < self.threshold;
+            apply(jj, if kept { keep } else { C::ZERO });
+        }
+    }
+}
+
+/// Sizes of one call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    /// Product of the batch dims.
+    pub batch: usize,
+    /// Query rows.
+    pub q_len: usize,
+    /// Key/value rows.
+    pub kv_len: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Depth of queries and keys.
+    pub qk_depth: usize,
+    /// Depth of values and outputs.
+    pub v_depth: usize,
+}
+
+/// Everything one output-path call reads. Layouts are Flax's: query `[batch..., q, heads, d]`,
+/// key `[batch..., kv, heads, d]`, value `[batch..., kv, heads, dv]`.
+pub(crate) struct FlashArgs<'a, E, B> {
+    /// Sizes.
+    pub dims: Dims,
+    /// Queries.
+    pub query: &'a [E],
+    /// Keys.
+    pub key: &'a [E],
+    /// Values.
+    pub value: &'a [E],
+    /// Queries are multiplied by this before the dot product (Flax: `1 / round(sqrt(d))`).
+    pub query_scale: f64,
+    /// Added to the logits.
+    pub bias: Option<Broadcast2d<'a, B>>,
+    /// Masked logits.
+    pub mask: FlashMask<'a>,
+    /// What a masked logit becomes: `finfo(computation dtype).min`.
+    pub big_neg: f64,
+    /// Dropout of the weights, if active.
+    pub dropout: Option<FlashDropout>,
+}
+
+/// Computes attention into `out` (`[batch..., q_len, heads, v_depth]`) with the instruction set
+/// `isa`, on the current rayon pool.
+///
+/// Panics if a slice length does not match `args.dims` (the caller validated the shapes).
+pub(crate) fn flash_attention<E, B, O>(args: &FlashArgs<'_, E, B>, out: &mut [O], isa: Isa)
+where
+    E: FlashElement,
+    B: FlashElement,
+    O: FlashElement,
+{
+    let d = args.dims;
+    let rows = d.batch * d.q_len;
+    let keys = d.batch * d.kv_len;
+    assert_eq!(
+        args.query.len(),
+        rows * d.heads * d.qk_depth,
+        "query length"
+    );
+    assert_eq!(args.key.len(), keys * d.heads * d.qk_depth, "key length");
+    assert_eq!(args.value.len(), keys * d.heads * d.v_depth, "value length");
+    assert_eq!(out.len(), rows * d.heads * d.v_depth, "output length");
+    if out.is_empty() {
+        return;
+    }
+    if E::as_f64(args.query).is_some() {
+        run::<f64, E, B, O>(args, out, Isa::Portable);
+    } else {
+        run::<f32, E, B, O>(args, out, isa);
+    }
+}
+
+/// The query block for these sizes: depends on the shape only, never on the thread count.
+fn query_block(d: &Dims) -> usize {
+    let mut block = QUERY_BLOCK;
+    while block > 16 && d.batch * d.q_len.div_ceil(block) < MIN_TASKS {
+        block /= 2;
+    }
+    block
+}
+
+fn run<C: Real, E: FlashElement, B: FlashElement, O: FlashElement>(
+    args: &FlashArgs<'_, E, B>,
+    out: &mut [O],
+    isa: Isa,
+) {
+    let d = args.dims;
+    let block = query_block(&d);
+    let row_len = d.heads * d.v_depth;
+    let tasks: Vec<(usize, usize, &mut [O])> = out
+        .chunks_mut(d.q_len * row_len)
+        .enumerate()
+        .flat_map(|(b, per_batch)| {
+            per_batch
+                .chunks_mut(block * row_len)
+                .enumerate()
+                .map(move |(qb, rows)| (b, qb * block, rows))
+        })
+        .collect();
+    tasks.into_par_iter().for_each_init(
+        || Scratch::<C>::new(&d, block),
+        |scratch, (b, first_row, out_rows)| {
+            let task = Task {
+                args,
+                b,
+                first_row,
+                out: out_rows,
+                scratch,
+                isa,
+            };
+            if isa == Isa::Portable {
+                simd::with_features::<TaskBody<'_, '_, C, E, B, O, Unfused>>(isa, task);
+            } else {
+                simd::with_features::<TaskBody<'_, '_, C, E, B, O, Fused>>(isa, task);
+            }
+        },
+    );
+}
+
+/// Per-task buffers, reused across the tasks a rayon job runs. The task keeps the state of every
+/// head and walks the key blocks in the outer loop: a block of keys of all heads is one
+/// contiguous stretch of memory (`[kv, heads, depth]`), so each page of it is touched for all
+/// heads at once instead of once per head.
+struct Scratch<C> {
+    /// Per head: scaled queries, transposed, `[qk_depth][width]`.
+    query_t: Vec<C>,
+    /// Per head: output accumulator `[rows][v_depth]`.
+    acc: Vec<C>,
+    /// Per head: running maximum and running sum per query column `[width]`.
+    max: Vec<C>,
+    sum: Vec<C>,
+    /// Per head: key blocks skipped because a mask removes them entirely.
+    skipped: Vec<Vec<usize>>,
+    /// Logits, then probabilities, of one block, transposed: `[KEY_BLOCK][width]`.
+    scores: Vec<C>,
+    /// Rescale factor, exponent shift and block maximum of one block `[width]`.
+    alpha: Vec<C>,
+    shift: Vec<C>,
+    block_max: Vec<C>,
+    /// Keys and values of one block widened to `C` when they are stored in another type.
+    keys: Vec<C>,
+    values: Vec<C>,
+    /// Explicit mask of one block: `[KEY_BLOCK][rows]`, or `[heads][KEY_BLOCK]` for one row.
+    keep: Vec<bool>,
+    /// For one row: the heads whose block is not entirely masked.
+    active: Vec<bool>,
+}
+
+impl<C: Real> Scratch<C> {
+    fn new(d: &Dims, block: usize) -> Self {
+        let width = block.next_multiple_of(16);
+        let key_rows = KEY_BLOCK.min(d.kv_len);
+        Self {
+            query_t: vec![C::ZERO; d.heads * d.qk_depth * width],
+            acc: vec![C::ZERO; d.heads * block * d.v_depth],
+            max: vec![C::ZERO; d.heads * width],
+            sum: vec![C::ZERO; d.heads * width],
+            skipped: vec![Vec::new(); d.heads],
+            scores: vec![C::ZERO; key_rows * width.max(d.heads)],
+            alpha: vec![C::ZERO; width],
+            shift: vec![C::ZERO; width],
+            block_max: vec![C::ZERO; width],
+            keys: Vec::new(),
+            values: Vec::new(),
+            keep: Vec::new(),
+            active: vec![true; d.heads],
+        }
+    }
+}
+
+/// One (batch element, query block) task.
+struct Task<'t, 'a, C, E, B, O> {
+    args: &'t FlashArgs<'a, E, B>,
+    b: usize,
+    first_row: usize,
+    out: &'t mut [O],
+    scratch: &'t mut Scratch<C>,
+    isa: Isa,
+}
+
+/// Where one task works: batch element, first query row, rows, padded width (a multiple of
+/// 16: the query columns of the transposed tiles).
+#[derive(Clone, Copy)]
+struct Rows {
+    b: usize,
+    first: usize,
+    count: usize,
+    width: usize,
+}
+
+/// The task body, compiled per instruction set by [`simd::with_features`].
+struct TaskBody<'t, 'a, C, E, B, O, M>(std::marker::PhantomData<(&'t (), &'a (), C, E, B, O, M)>);
+
+impl<'t, 'a, C, E, B, O, M> Body for TaskBody<'t, 'a, C, E, B, O, M>
+where
+    'a: 't,
+    C: Real,
+    E: FlashElement,
+    B: FlashElement,
+    O: FlashElement,
+    M: MulAdd,
+{
+    type Input = Task<'t, 'a, C, E, B, O>;
+    type Output = ();
+
+    #[inline(always)]
+    fn run(task: Self::Input) {
+        let Task {
+            args,
+            b,
+            first_row,
+            out,
+            scratch,
+            isa,
+        } = task;
+        let d = args.dims;
+        let count = out.len() / (d.heads * d.v_depth);
+        // A single query row (decoding) is laid out one column wide and takes the
+        // memory-streaming path; blocks of rows use the tiled products.
+        let rows = Rows {
+            b,
+            first: first_row,
+            count,
+            width: if count == 1 {
+                1
+            } else {
+                count.next_multiple_of(16)
+            },
+        };
+        for h in 0..d.heads {
+            start_head(args, rows, h, scratch);
+        }
+        let last_row = first_row + count - 1;
+        for (block, j0) in (0..d.kv_len).step_by(KEY_BLOCK).enumerate() {
+            if args.mask.causal && j0 > last_row {
+                // Above the diagonal for every row of the task.
+                for skipped in &mut scratch.skipped {
+                    skipped.push(block);
+                }
+                continue;
+            }
+            if count == 1 {
+                single_row_block::<C, E, B, M>(args, rows, (block, j0), scratch);
+            } else {
+                for h in 0..d.heads {
+                    key_block::<C, E, B, M>(args, rows, h, (block, j0), scratch, isa);
+                }
+            }
+        }
+        for h in 0..d.heads {
+            if !scratch.skipped[h].is_empty() {
+                add_back_skipped_keys(args, rows, h, scratch);
+            }
+            let acc = &scratch.acc[h * count * d.v_depth..(h + 1) * count * d.v_depth];
+            let sum = &scratch.sum[h * rows.width..];
+            for (r, acc_row) in acc.chunks_exact(d.v_depth).enumerate() {
+                let inv = sum[r].recip();
+                let out_row = &mut out[(r * d.heads + h) * d.v_depth..][..d.v_depth];
+                for (o, &x) in out_row.iter_mut().zip(acc_row) {
+                    *o = (x * inv).to::<O>();
+                }
+            }
+        }
+    }
+}
+
+/// Packs the scaled, transposed queries of head `h` and resets its running state.
+#[inline(always)]
+fn start_head<C: Real, E: FlashElement, B: FlashElement>(
+    args: &FlashArgs<'_, E, B>,
+    rows: Rows,
+    h: usize,
+    s: &mut Scratch<C>,
+) {
+    let d = args.dims;
+    let (depth, width) = (d.qk_depth, rows.width);
+    let scale = C::from_f64(args.query_scale);
+    let query_t = &mut s.query_t[h * depth * width..(h + 1) * depth * width];
+    for r in 0..width {
+        if r < rows.count {
+            let start = ((rows.b * d.q_len + rows.first + r) * d.heads + h) * depth;
+            for (k, &q) in args.query[start..start + depth].iter().enumerate() {
+                query_t[k * width + r] = C::of(q) * scale;
+            }
+        } else {
+            for k in 0..depth {
+                query_t[k * width + r] = C::ZERO;
+            }
+        }
+    }
+    s.max[h * width..(h + 1) * width].fill(C::NEG_INFINITY);
+    s.sum[h * width..(h + 1) * width].fill(C::ZERO);
+    let per_head = rows.count * d.v_depth;
+    s.acc[h * per_head..(h + 1) * per_head].fill(C::ZERO);
+    s.skipped[h].clear();
+}
+
+/// Folds key block `block` (keys `j0..`) into the running state of head `h`.
+#[inline(always)]
+fn key_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
+    args: &FlashArgs<'_, E, B>,
+    rows: Rows,
+    h: usize,
+    (block, j0): (usize, usize),
+    s: &mut Scratch<C>,
+    isa: Isa,
+) {
+    let d = args.dims;
+    let (depth, v_depth, width, b) = (d.qk_depth, d.v_depth, rows.width, rows.b);
+    let cols = KEY_BLOCK.min(d.kv_len - j0);
+    let Scratch {
+        query_t,
+        acc,
+        max,
+        sum,
+        skipped,
+        scores,
+        alpha,
+        shift,
+        block_max,
+        keys,
+        values,
+        keep,
+        active: _,
+    } = s;
+
+    // An explicit mask that is false on the whole block removes it.
+    if let Some(mask) = &args.mask.explicit {
+        let base = mask.base(b, h);
+        keep.clear();
+        let mut any = false;
+        for jj in 0..cols {
+            for r in 0..rows.count {
+                let k = mask.at(base, rows.first + r, j0 + jj);
+                any |= k;
+                keep.push(k);
+            }
+        }
+        if !any {
+            skipped[h].push(block);
+            return;
+        }
+    }
+
+    // Sᵀ = K_blk · Q_blkᵀ.
+    let kv_rows = d.heads * depth;
+    let key_start = ((b * d.kv_len + j0) * d.heads + h) * depth;
+    let (key_data, key_row): (&[C], usize) = match C::direct(args.key) {
+        Some(key) => (&key[key_start..], kv_rows),
+        None => {
+            keys.clear();
+            for jj in 0..cols {
+                let row = key_start + jj * kv_rows;
+                keys.extend(args.key[row..row + depth].iter().map(|&x| C::of(x)));
+            }
+            (keys, depth)
+        }
+    };
+    let scores = &mut scores[..cols * width];
+    C::product(
+        isa,
+        &Product {
+            a: key_data,
+            a_row: key_row,
+            a_step: 1,
+            b: &query_t[h * depth * width..(h + 1) * depth * width],
+            b_step: width,
+            rows: cols,
+            cols: width,
+            depth,
+            accumulate: false,
+        },
+        scores,
+        width,
+    );
+
+    let per_head = rows.count * v_depth;
+    softmax_block::<C, E, B, M>(
+        args,
+        (rows, h, j0, cols),
+        scores,
+        keep,
+        Running {
+            max: &mut max[h * width..(h + 1) * width],
+            sum: &mut sum[h * width..(h + 1) * width],
+            acc: &mut acc[h * per_head..(h + 1) * per_head],
+        },
+        (alpha, shift, block_max),
+    );
+    let acc = &mut acc[h * per_head..(h + 1) * per_head];
+
+    // O += P · V_blk.
+    let kv_values = d.heads * v_depth;
+    let value_start = ((b * d.kv_len + j0) * d.heads + h) * v_depth;
+    let (value_data, value_row): (&[C], usize) = match C::direct(args.value) {
+        Some(value) => (&value[value_start..], kv_values),
+        None => {
+            values.clear();
+            for jj in 0..cols {
+                let row = value_start + jj * kv_values;
+                values.extend(args.value[row..row + v_depth].iter().map(|&x| C::of(x)));
+            }
+            (values, v_depth)
+        }
+    };
+    C::product(
+        isa,
+        &Product {
+            a: scores,
+            a_row: 1,
+            a_step: width,
+            b: value_data,
+            b_step: value_row,
+            rows: rows.count,
+            cols: v_depth,
+            depth: cols,
+            accumulate: true,
+        },
+        acc,
+        v_depth,
+    );
+}
+
+/// Folds key block `block` (keys `j0..`) into the running state of every head, for a task of a
+/// single query row. The products are matrix–vector products, bound by reading K and V, so
+/// keys and values are read row by row (all heads of a row are contiguous) in memory order.
+#[inline(always)]
+fn single_row_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
+    args: &FlashArgs<'_, E, B>,
+    rows: Rows,
+    (block, j0): (usize, usize),
+    s: &mut Scratch<C>,
+) {
+    let d = args.dims;
+    let (heads, depth, v_depth) = (d.heads, d.qk_depth, d.v_depth);
+    let cols = KEY_BLOCK.min(d.kv_len - j0);
+    let Scratch {
+        query_t,
+        acc,
+        max,
+        sum,
+        skipped,
+        scores,
+        alpha,
+        shift,
+        block_max,
+        keys,
+        values,
+        keep,
+        active,
+    } = s;
+
+    active.fill(true);
+    if let Some(mask) = &args.mask.explicit {
+        keep.clear();
+        for h in 0..heads {
+            let base = mask.base(rows.b, h);
+            let start = keep.len();
+            keep.extend((0..cols).map(|jj| mask.at(base, rows.first, j0 + jj)));
+            if !keep[start..].contains(&true) {
+                skipped[h].push(block);
+                active[h] = false;
+            }
+        }
+        if !active.contains(&true) {
+            return;
+        }
+    }
+
+    // Logits of every head, key row by key row: scores[h][jj].
+    let key_row_len = heads * depth;
+    for jj in 0..cols {
+        let start = (rows.b * d.kv_len + j0 + jj) * key_row_len;
+        let key_row: &[C] = match C::direct(args.key) {
+            Some(key) => &key[start..start + key_row_len],
+            None => {
+                keys.clear();
+                keys.extend(
+                    args.key[start..start + key_row_len]
+                        .iter()
+                        .map(|&x| C::of(x)),
+                );
+                keys
+            }
+        };
+        for h in 0..heads {
+            if active[h] {
+                let q = &query_t[h * depth..(h + 1) * depth];
+                scores[h * KEY_BLOCK + jj] = dot(q, &key_row[h * depth..(h + 1) * depth]);
+            }
+        }
+    }
+
+    for h in 0..heads {
+        if active[h] {
+            let keep_h = if keep.is_empty() {
+                &[][..]
+            } else {
+                &keep[h * cols..(h + 1) * cols]
+            };
+            softmax_block::<C, E, B, M>(
+                args,
+                (rows, h, j0, cols),
+                &mut scores[h * KEY_BLOCK..h * KEY_BLOCK + cols],
+                keep_h,
+                Running {
+                    max: &mut max[h..h + 1],
+                    sum: &mut sum[h..h + 1],
+                    acc: &mut acc[h * v_depth..(h + 1) * v_depth],
+                },
+                (&mut alpha[..1], &mut shift[..1], &mut block_max[..1]),
+            );
+        }
+    }
+
+    // acc[h] += Σ_jj p[h][jj] · V[j0 + jj][h], value row by value row.
+    let value_row_len = heads * v_depth;
+    for jj in 0..cols {
+        let start = (rows.b * d.kv_len + j0 + jj) * value_row_len;
+        let value_row: &[C] = match C::direct(args.value) {
+            Some(value) => &value[start..start + value_row_len],
+            None => {
+                values.clear();
+                values.extend(
+                    args.value[start..start + value_row_len]
+                        .iter()
+                        .map(|&x| C::of(x)),
+                );
+                values
+            }
+        };
+        for h in 0..heads {
+            if active[h] {
+                let p = scores[h * KEY_BLOCK + jj];
+                let v = &value_row[h * v_depth..(h + 1) * v_depth];
+                for (a, &v) in acc[h * v_depth..(h + 1) * v_depth].iter_mut().zip(v) {
+                    *a = *a + p * v;
+                }
+            }
+        }
+    }
+}
+
+/// `Σ a[k]·b[k]`, accumulated in 16 interleaved partial sums so that it vectorizes.
+#[inline(always)]
+fn dot<C: Real>(a: &[C], b: &[C]) -> C {
+    const LANES: usize = 16;
+    let mut partial = [C::ZERO; LANES];
+    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (b_main, b_tail) = b.split_at(a_main.len());
+    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            partial[l] = partial[l] + ca[l] * cb[l];
+        }
+    }
+    for (l, (&x, &y)) in a_tail.iter().zip(b_tail).enumerate() {
+        partial[l] = partial[l] + x * y;
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            partial[l] = partial[l] + partial[l + width];
+        }
+    }
+    partial[0]
+}
+
+/// The running state of one head: per query row the maximum and sum, and the accumulator
+/// `[rows][v_depth]`.
+struct Running<'s, C> {
+    max: &'s mut [C],
+    sum: &'s mut [C],
+    acc: &'s mut [C],
+}
+
+/// Adds bias and masks to the transposed logits `scores` (`[cols][width]`, `width` query
+/// columns of which `rows.count` are real), turns them into probabilities relative to the
+/// updated running maximum, adds them to the running sum, applies dropout and rescales the
+/// accumulator. `keep` is the explicit mask of the block (`[cols][rows.count]`), if any.
+#[inline(always)]
+fn softmax_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
+    args: &FlashArgs<'_, E, B>,
+    (rows, h, j0, cols): (Rows, usize, usize, usize),
+    scores: &mut [C],
+    keep: &[bool],
+    state: Running<'_, C>,
+    (alpha, shift, block_max): (&mut [C], &mut [C], &mut [C]),
+) {
+    let d = args.dims;
+    let (width, b) = (rows.width, rows.b);
+    let big_neg = C::from_f64(args.big_neg);
+    let Running { max, sum, acc } = state;
+    // Bias, then masks (a masked logit is replaced, whatever the bias).
+    if let Some(bias) = &args.bias {
+        let base = bias.base(b, h);
+        for jj in 0..cols {
+            for r in 0..rows.count {
+                let x = &mut scores[jj * width + r];
+                *x = *x + C::of(bias.at(base, rows.first + r, j0 + jj));
+            }
+        }
+    }
+    if args.mask.causal && j0 + cols - 1 > rows.first {
+        for jj in 0..cols {
+            // Rows before `j0 + jj` have key `j0 + jj` in their future.
+            let masked_rows = (j0 + jj).saturating_sub(rows.first).min(rows.count);
+            scores[jj * width..jj * width + masked_rows].fill(big_neg);
+        }
+    }
+    if args.mask.explicit.is_some() {
+        for jj in 0..cols {
+            for r in 0..rows.count {
+                if !keep[jj * rows.count + r] {
+                    scores[jj * width + r] = big_neg;
+                }
+            }
+        }
+    }
+
+    // Online softmax, vectorized along the query columns.
+    let block_max = &mut block_max[..width];
+    block_max.fill(C::NEG_INFINITY);
+    for row in scores.chunks_exact(width) {
+        for (m, &x) in block_max.iter_mut().zip(row) {
+            *m = m.max(x);
+        }
+    }
+    for r in 0..width {
+        let new_max = max[r].max(block_max[r]);
+        // A row whose logits so far are all -inf keeps shift 0, so that exp(-inf) = 0
+        // instead of exp(-inf - -inf) = NaN.
+        let row_shift = if new_max == C::NEG_INFINITY {
+            C::ZERO
+        } else {
+            new_max
+        };
+        alpha[r] = (max[r] - row_shift).exp::<M>();
+        shift[r] = row_shift;
+        max[r] = new_max;
+        sum[r] = sum[r] * alpha[r];
+    }
+    let shift = &shift[..width];
+    for row in scores.chunks_exact_mut(width) {
+        for ((x, &m), l) in row.iter_mut().zip(shift).zip(sum.iter_mut()) {
+            let p = (*x - m).exp::<M>();
+            *x = p;
+            *l = *l + p;
+        }
+    }
+    if let Some(dropout) = &args.dropout {
+        for r in 0..rows.count {
+            dropout.for_run::<C>(&d, (b, h, rows.first + r), j0, cols, |jj, keep| {
+                let x = &mut scores[jj * width + r];
+                *x = *x * keep;
+            });
+        }
+    }
+    for (acc_row, &a) in acc.chunks_exact_mut(d.v_depth).zip(alpha.iter()) {
+        if a != C::ONE {
+            for x in acc_row {
+                *x = *x * a;
+            }
+        }
+    }
+}
+
+/// Rows of head `h` whose every logit was masked (their maximum is `big_neg`, or −∞ when all
+/// the logits that were computed are −∞) get weight `exp(big_neg - big_neg) = 1` on every key,
+/// including the keys of skipped blocks, which are all masked. The computed part is already in
+/// the accumulator and the sum; this adds the skipped keys.
+#[inline(never)]
+#[cold]
+fn add_back_skipped_keys<C: Real, E: FlashElement, B: FlashElement>(
+    args: &FlashArgs<'_, E, B>,
+    rows: Rows,
+    h: usize,
+    s: &mut Scratch<C>,
+) {
+    let d = args.dims;
+    let v_depth = d.v_depth;
+    let big_neg = C::from_f64(args.big_neg);
+    for r in 0..rows.count {
+        let max = &mut s.max[h * rows.width + r];
+        let fully_masked = *max <= big_neg;
+        if !fully_masked {
+            continue;
+        }
+        // With a maximum of -inf everything computed had weight 0; the masked keys now hold it.
+        *max = big_neg;
+        for &block in &s.skipped[h] {
+            let j0 = block * KEY_BLOCK;
+            let cols = KEY_BLOCK.min(d.kv_len - j0);
+            let mut weights = vec![C::ONE; cols];
+            if let Some(dropout) = &args.dropout {
+                dropout.for_run::<C>(&d, (rows.b, h, rows.first + r), j0, cols, |jj, keep| {
+                    weights[jj] = keep;
+                });
+            }
+            let sum = &mut s.sum[h * rows.width + r];
+            *sum = *sum + C::from_f64(cols as f64);
+            let acc_row = &mut s.acc[(h * rows.count + r) * v_depth..][..v_depth];
+            for (jj, &w) in weights.iter().enumerate() {
+                let start = ((rows.b * d.kv_len + j0 + jj) * d.heads + h) * v_depth;
+                for (a, &v) in acc_row.iter_mut().zip(&args.value[start..start + v_depth]) {
+                    *a = *a + w * C::of(v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dense float64 reference with Flax's semantics (FLAX_SEMANTICS.md §1–2).
+    fn reference<E: FlashElement, B: FlashElement>(args: &FlashArgs<'_, E, B>) -> Vec<f64> {
+        let d = args.dims;
+        let mut out = vec![0.0; d.batch * d.q_len * d.heads * d.v_depth];
+        for b in 0..d.batch {
+            for h in 0..d.heads {
+                for i in 0..d.q_len {
+                    let mut logits = vec![0.0; d.kv_len];
+                    for (j, logit) in logits.iter_mut().enumerate() {
+                        let q = ((b * d.q_len + i) * d.heads + h) * d.qk_depth;
+                        let k = ((b * d.kv_len + j) * d.heads + h) * d.qk_depth;
+                        let mut x: f64 = (0..d.qk_depth)
+                            .map(|t| {
+                                args.query[q + t].to_f64()
+                                    * args.query_scale
+                                    * args.key[k + t].to_f64()
+                            })
+                            .sum();
+                        if let Some(bias) = &args.bias {
+                            x += bias.at(bias.base(b, h), i, j).to_f64();
+                        }
+                        let causal_keep = !args.mask.causal || j <= i;
+                        let explicit_keep = args
+                            .mask
+                            .explicit
+                            .as_ref()
+                            .is_none_or(|m| m.at(m.base(b, h), i, j));
+                        *logit = if causal_keep && explicit_keep {
+                            x
+                        } else {
+                            args.big_neg
+                        };
+                    }
+                    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = logits.iter().map(|x| (x - max).exp()).collect();
+                    let sum: f64 = weights.iter().sum();
+                    let mut keep = vec![1.0; d.kv_len];
+                    if let Some(dropout) = &args.dropout {
+                        let row = if dropout.broadcast {
+                            i
+                        } else {
+                            (b * d.heads + h) * d.q_len + i
+                        };
+                        let mut rng = dropout.rng.clone();
+                        rng.advance((row * d.kv_len) as u64);
+                        for k in keep.iter_mut() {
+                            let kept = u64::from(rng.next_u32()) < dropout.threshold;
+                            *k = if kept { dropout.multiplier } else { 0.0 };
+                        }
+                    }
+                    for j in 0..d.kv_len {
+                        let w = weights[j] / sum * keep[j];
+                        let v = ((b * d.kv_len + j) * d.heads + h) * d.v_depth;
+                        let o = ((b * d.q_len + i) * d.heads + h) * d.v_depth;
+                        for t in 0..d.v_depth {
+                            out[o + t] += w * args.value[v + t].to_f64();
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Deterministic pseudo-random values in [-scale, scale).
+    fn data(n: usize, seed: u64, scale: f64) -> Vec<f64> {
+        let mut rng = Pcg32::new(seed, 7);
+        (0..n)
+            .map(|_| (rng.next_u32() as f64 / 2f64.powi(32) * 2.0 - 1.0) * scale)
+            .collect()
+    }
+
+    fn dims(batch: usize, q_len: usize, kv_len: usize, heads: usize, d: usize, dv: usize) -> Dims {
+        Dims {
+            batch,
+            q_len,
+            kv_len,
+            heads,
+            qk_depth: d,
+            v_depth: dv,
+        }
+    }
+
+    struct Inputs<E> {
+        query: Vec<E>,
+        key: Vec<E>,
+        value: Vec<E>,
+    }
+
+    fn inputs<E: FlashElement>(d: &Dims, seed: u64) -> Inputs<E> {
+        let make = |n, s| data(n, s, 2.0).into_iter().map(E::from_f64).collect();
+        Inputs {
+            query: make(d.batch * d.q_len * d.heads * d.qk_depth, seed),
+            key: make(d.batch * d.kv_len * d.heads * d.qk_depth, seed + 1),
+            value: make(d.batch * d.kv_len * d.heads * d.v_depth, seed + 2),
+        }
+    }
+
+    fn args<'a, E, B>(d: Dims, x: &'a Inputs<E>) -> FlashArgs<'a, E, B> {
+        FlashArgs {
+            dims: d,
+            query: &x.query,
+            key: &x.key,
+            value: &x.value,
+            query_scale: 1.0 / (d.qk_depth as f64).sqrt(),
+            bias: None,
+            mask: FlashMask::default(),
+            big_neg: f32::MIN as f64,
+            dropout: None,
+        }
+    }
+
+    /// Runs every available instruction set and checks `|got - want| <= atol + rtol·|want|`.
+    fn check<E: FlashElement, B: FlashElement, O: FlashElement>(
+        args: &FlashArgs<'_, E, B>,
+        atol: f64,
+        rtol: f64,
+    ) {
+        let want = reference(args);
+        for isa in Isa::available() {
+            let mut got = vec![O::from_f64(0.0); want.len()];
+            flash_attention(args, &mut got, isa);
+            for (n, (g, w)) in got.iter().zip(&want).enumerate() {
+                let g = g.to_f64();
+                assert!(
+                    (g - w).abs() <= atol + rtol * w.abs(),
+                    "{isa:?}: element {n}: got {g}, want {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unmasked_odd_sizes_cross_block_edges() {
+        let d = dims(2, 37, 300, 3, 13, 20);
+        let x = inputs::<f32>(&d, 1);
+        check::<f32, f32, f32>(&args::<f32, f32>(d, &x), 1e-6, 1e-5);
+    }
+
+    #[test]
+    fn causal_with_full_bias_matches() {
+        let d = dims(1, 150, 150, 2, 64, 64);
+        let x = inputs::<f32>(&d, 2);
+        let bias_data: Vec<f32> = data(2 * 150 * 150, 9, 3.0)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let mut a = args::<f32, f32>(d, &x);
+        a.bias = Broadcast2d::new(&bias_data, &[2, 150, 150], &[1], 2, 150, 150);
+        a.mask.causal = true;
+        assert!(a.bias.is_some());
+        check::<f32, f32, f32>(&a, 1e-6, 1e-5);
+    }
+
+    #[test]
+    fn causal_long_sequence_skips_blocks_and_matches() {
+        let d = dims(1, 600, 600, 1, 16, 8);
+        let x = inputs::<f32>(&d, 3);
+        let mut a = args::<f32, f32>(d, &x);
+        a.mask.causal = true;
+        check::<f32, f32, f32>(&a, 1e-6, 1e-5);
+    }
+
+    #[test]
+    fn fully_masked_rows_average_all_values_even_with_skipped_blocks() {
+        // Causal + a query-padding mask that removes rows 3 and 500 entirely: Flax gives
+        // those rows the mean of all value rows, including keys in skipped blocks.
+        let (q, k) = (520, 700);
+        let d = dims(1, q, k, 2, 8, 5);
+        let x = inputs::<f32>(&d, 4);
+        let keep: Vec<bool> = (0..q).map(|i| i != 3 && i != 500).collect();
+        let mut a = args::<f32, f32>(d, &x);
+        a.mask.causal = true;
+        a.mask.explicit = Broadcast2d::new(&keep, &[q, 1], &[1], 2, q, k);
+        assert!(a.mask.explicit.is_some());
+        check::<f32, f32, f32>(&a, 1e-6, 1e-5);
+    }
+
+    #[test]
+    fn key_padding_skips_a_whole_block() {
+        let (q, k) = (40, 800);
+        let d = dims(2, q, k, 2, 16, 16);
+        let x = inputs::<f32>(&d, 5);
+        // Keys 256..512 (one whole block) and 700.. are padding in batch 0.
+        let keep: Vec<bool> = (0..2 * k)
+            .map(|n| n >= k || !((256..512).contains(&n) || n >= 700))
+            .collect();
+        let mut a = args::<f32, f32>(d, &x);
+        a.mask.explicit = Broadcast2d::new(&keep, &[2, 1, 1, k], &[2], 2, q, k);
+        check::<f32, f32, f32>(&a, 1e-6, 1e-5);
+    }
+
+    #[test]
+    fn decode_single_query_row() {
+        let d = dims(3, 1, 1000, 4, 128, 128);
+        let x = inputs::<f32>(&d, 6);
+        check::<f32, f32, f32>(&args::<f32, f32>(d, &x), 1e-6, 1e-5);
+    }
+
+    #[test]
+    fn bf16_inputs_with_f32_bias_and_f32_output() {
+        let d = dims(2, 33, 70, 3, 16, 16);
+        let x = inputs::<bf16>(&d, 7);
+        let bias: Vec<f32> = data(70, 11, 1.0).iter().map(|&v| v as f32).collect();
+        let mut a = args::<bf16, f32>(d, &x);
+        a.bias = Broadcast2d::new(&bias, &[70], &[2], 3, 33, 70);
+        a.big_neg = bf16::MIN.to_f64();
+        check::<bf16, f32, f32>(&a, 1e-6, 1e-5);
+        // bf16 output: one rounding to bf16 (relative error 2^-9).
+        check::<bf16, f32, bf16>(&a, 1e-6, 4e-3);
+    }
+
+    #[test]
+    fn f16_and_f64_inputs() {
+        let d = dims(1, 17, 33, 2, 8, 4);
+        let x = inputs::<f16>(&d, 8);
+        check::<f16, f16, f32>(&args::<f16, f16>(d, &x), 1e-6, 1e-5);
+        let x = inputs::<f64>(&d, 8);
+        let mut a = args::<f64, f64>(d, &x);
+        a.mask.causal = true;
+        a.big_neg = f64::MIN;
+        check::<f64, f64, f64>(&a, 1e-14, 1e-12);
+    }
+
+    #[test]
+    fn dropout_uses_the_indexed_draws() {
+        let d = dims(2, 70, 300, 2, 8, 8);
+        let x = inputs::<f32>(&d, 9);
+        for broadcast in [true, false] {
+            let mut a = args::<f32, f32>(d, &x);
+            a.mask.causal = true;
+            a.dropout = Some(FlashDropout {
+                rng: Pcg32::new(42, 0),
+                threshold: (0.75 * 2f64.powi(32)) as u64,
+                multiplier: (1.0f32 / 0.75) as f64,
+                broadcast,
+            });
+            check::<f32, f32, f32>(&a, 1e-6, 1e-5);
+        }
+    }
+
+    #[test]
+    fn rows_with_only_infinite_logits_are_nan_like_flax() {
+        let d = dims(1, 2, 20, 1, 4, 3);
+        let x = inputs::<f32>(&d, 10);
+        // Row 0: every bias -inf -> NaN. Row 1: one finite entry -> that value row.
+        let mut bias = vec![f32::NEG_INFINITY; 40];
+        bias[20 + 7] = 0.0;
+        let mut a = args::<f32, f32>(d, &x);
+        a.bias = Broadcast2d::new(&bias, &[2, 20], &[1], 1, 2, 20);
+        let mut got = vec![0.0f32; 6];
+        flash_attention(&a, &mut got, Isa::detect());
+        assert!(got[..3].iter().all(|x| x.is_nan()), "{got:?}");
+        let v7 = &x.value[7 * 3..8 * 3];
+        assert_eq!(&got[3..], v7);
+    }
+
+    #[test]
+    fn bit_identical_for_any_thread_count() {
+        let d = dims(2, 200, 333, 3, 64, 64);
+        let x = inputs::<f32>(&d, 12);
+        let mut a = args::<f32, f32>(d, &x);
+        a.mask.causal = true;
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = vec![0.0f32; 2 * 200 * 3 * 64];
+            pool.install(|| flash_attention(&a, &mut out, Isa::detect()));
+            out
+        };
+        let one = run(1);
+        for threads in [2, 3, 5] {
+            let other = run(threads);
+            assert!(
+                one.iter()
+                    .zip(&other)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{threads} threads differ from 1"
+            );
+        }
+    }
+
+    #[test]
+    fn broadcast_view_rejects_shapes_that_do_not_broadcast() {
+        let data = [true; 6];
+        assert!(Broadcast2d::new(&data, &[2, 3], &[], 1, 2, 3).is_some());
+        assert!(Broadcast2d::new(&data, &[3, 2], &[], 1, 2, 3).is_none());
+        assert!(Broadcast2d::new(&data, &[6], &[], 1, 2, 3).is_none());
+        assert!(Broadcast2d::new(&data[..5], &[2, 3], &[], 1, 2, 3).is_none());
+        assert!(Broadcast2d::new(&data, &[1, 1, 1, 2, 3], &[], 1, 2, 3).is_none());
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::Instant;
+
+    /// CPU time of all threads of this process (from /proc), in seconds.
+    fn cpu_seconds() -> f64 {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+            .map(|s| s.split_whitespace().next().unwrap().parse::<f64>().unwrap() * 1e-9)
+            .sum()
+    }
+
+    /// Rough GFLOP/s of the grid (`cargo test --release --lib timing -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn grid() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for &(b, h, q, k, dd, causal) in &[
+            (1, 8, 128, 128, 64, false),
+            (4, 8, 512, 512, 64, false),
+            (4, 8, 512, 512, 64, true),
+            (1, 16, 2048, 2048, 64, false),
+            (1, 16, 2048, 2048, 64, true),
+            (2, 12, 1024, 1024, 128, false),
+            (8, 8, 1, 4096, 128, false),
+        ] {
+            let name = format!("b{b}_h{h}_q{q}_k{k}_d{dd}_{causal}");
+            if std::env::var("TIMING_CASE").is_ok_and(|c| !name.contains(&c)) {
+                continue;
+            }
+            let dims = Dims {
+                batch: b,
+                q_len: q,
+                kv_len: k,
+                heads: h,
+                qk_depth: dd,
+                v_depth: dd,
+            };
+            let fill = |n: usize| {
+                (0..n)
+                    .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+                    .collect::<Vec<f32>>()
+            };
+            let query = fill(b * q * h * dd);
+            let key = fill(b * k * h * dd);
+            let value = fill(b * k * h * dd);
+            let args = FlashArgs::<f32, f32> {
+                dims,
+                query: &query,
+                key: &key,
+                value: &value,
+                query_scale: 0.125,
+                bias: None,
+                mask: FlashMask {
+                    causal,
+                    explicit: None,
+                },
+                big_neg: f32::MIN as f64,
+                dropout: None,
+            };
+            let mut out = vec![0.0f32; b * q * h * dd];
+            let mut times = vec![];
+            let mut cpu = vec![];
+            for _ in 0..12 {
+                let c = cpu_seconds();
+                let t = Instant::now();
+                pool.install(|| flash_attention(&args, &mut out, Isa::detect()));
+                times.push(t.elapsed().as_secs_f64());
+                cpu.push(cpu_seconds() - c);
+            }
+            times.sort_by(f64::total_cmp);
+            cpu.sort_by(f64::total_cmp);
+            let med = times[times.len() / 2];
+            let med_cpu = cpu[cpu.len() / 2];
+            let flops = 4.0 * (b * h * q * k * dd) as f64;
+            println!(
+                "b{b} h{h} q{q} k{k} d{dd} causal={causal}: {:.3} ms, {:.1} GFLOP/s wall, {:.1} GFLOP per CPU-s",
+                med * 1e3,
+                flops / med / 1e9,
+                flops / med_cpu / 1e9
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod product_timing {
+    use super::*;
+    use std::time::Instant;
+
+    fn time(label: &str, flops: f64, mut f: impl FnMut()) {
+        let mut best = f64::MAX;
+        for _ in 0..100 {
+            let t = Instant::now();
+            for _ in 0..10 {
+                f();
+            }
+            best = best.min(t.elapsed().as_secs_f64() / 10.0);
+        }
+        println!("{label}: {:.1} GFLOP/s", flops / best / 1e9);
+    }
+
+    #[test]
+    #[ignore]
+    fn products() {
+        let (w, d) = (64, 64);
+        for kb in [128, 256] {
+            println!("key block {kb}");
+            for stride in [64, 1024] {
+                let keys = vec![0.5f32; kb * stride];
+                let qt = vec![0.25f32; d * w];
+                let mut scores = vec![0.0f32; kb * w];
+                time(
+                    &format!("QK stride {stride}"),
+                    2.0 * (kb * w * d) as f64,
+                    || {
+                        simd::product_avx512(
+                            &Product {
+                                a: &keys,
+                                a_row: stride,
+                                a_step: 1,
+                                b: &qt,
+                                b_step: w,
+                                rows: kb,
+                                cols: w,
+                                depth: d,
+                                accumulate: false,
+                            },
+                            &mut scores,
+                            w,
+                        )
+                    },
+                );
+                let values = vec![0.5f32; kb * stride];
+                let mut acc = vec![0.0f32; w * d];
+                time(
+                    &format!("PV stride {stride}"),
+                    2.0 * (kb * w * d) as f64,
+                    || {
+                        simd::product_avx512(
+                            &Product {
+                                a: &scores,
+                                a_row: 1,
+                                a_step: w,
+                                b: &values,
+                                b_step: stride,
+                                rows: w,
+                                cols: d,
+                                depth: kb,
+                                accumulate: true,
+                            },
+                            &mut acc,
+                            d,
+                        )
+                    },
+                );
+            }
+        }
+    }
+}

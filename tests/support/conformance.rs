@@ -4,6 +4,11 @@
 //! element. Shared by `tests/conformance.rs` and `examples/conformance.rs`.
 //!
 //! `grads` are skipped: attn has no backward pass yet.
+//!
+//! `tests/layers.rs` runs cases through `attention!`-generated layers instead, with
+//! [`load`], [`Case::input`] and [`run_case_with`]; items one user of this file does not need
+//! are allowed to be unused there.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -134,6 +139,12 @@ pub fn case_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
+/// Reads and parses one case file.
+pub fn load(path: &Path) -> Result<Case, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str::<Case>(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Loads and runs one case file.
 pub fn run_file(path: &Path) -> Outcome {
     let stem = path
@@ -161,23 +172,37 @@ fn to_array(t: &TensorJson) -> Result<Array, String> {
 }
 
 impl Case {
-    fn input(&self, name: &str) -> Result<Option<Array>, String> {
+    /// The case name (the file stem).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `"dot_product_attention"`, `"dot_product_attention_weights"`, ...
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
+    /// An input as an array of its stored dtype (`None` if absent or null).
+    pub fn input(&self, name: &str) -> Result<Option<Array>, String> {
         match self.inputs.get(name) {
             Some(Some(t)) => to_array(t).map(Some),
             _ => Ok(None),
         }
     }
 
-    fn required(&self, name: &str) -> Result<Array, String> {
+    /// An input that must be present.
+    pub fn required(&self, name: &str) -> Result<Array, String> {
         self.input(name)?
             .ok_or_else(|| format!("input {name:?} missing"))
     }
 
-    fn param_str(&self, key: &str) -> Option<&str> {
+    /// A string parameter (`None` if absent or null).
+    pub fn param_str(&self, key: &str) -> Option<&str> {
         self.params.get(key).and_then(|v| v.as_str())
     }
 
-    fn param_bool(&self, key: &str) -> Result<bool, String> {
+    /// A boolean parameter that must be present.
+    pub fn param_bool(&self, key: &str) -> Result<bool, String> {
         self.params
             .get(key)
             .and_then(|v| v.as_bool())
@@ -364,12 +389,24 @@ fn compare(
 
 /// Runs one parsed case and compares every expected tensor.
 pub fn run_case(case: &Case) -> Outcome {
+    run_case_with(case, Case::actual)
+}
+
+/// The actual tensors of a case by expected name (`None` for an expected null).
+pub type Actual = BTreeMap<String, Option<Array>>;
+
+/// Compares every expected tensor of `case` with what `compute` returns for it (used to run the
+/// cases through other implementations, such as `attention!`-generated layers).
+pub fn run_case_with(
+    case: &Case,
+    compute: impl FnOnce(&Case) -> Result<Actual, String>,
+) -> Outcome {
     let mut outcome = Outcome {
         name: case.name.clone(),
         checks: Vec::new(),
         error: None,
     };
-    match case.actual() {
+    match compute(case) {
         Err(e) => outcome.error = Some(e),
         Ok(actual) => {
             for (name, expected) in &case.expected {

@@ -5,7 +5,7 @@
 //! `weights(..)` and, if the layer has a `value`, `forward(..)`. Generated code reaches the
 //! runtime through absolute paths `::attn::__private::..`.
 
-use proc_macro2::{Ident, Literal, TokenStream};
+use proc_macro2::{Group, Ident, Literal, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote};
 
 use crate::ir::{Axis, DType, Layer, Operand, Precision};
@@ -36,6 +36,23 @@ fn expand_layer(layer: &Layer) -> TokenStream {
             #forward
         }
     }
+}
+
+/// `tokens` with every span set to `span` (names still resolve at the call site).
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut tree| {
+            if let TokenTree::Group(group) = &tree {
+                let mut inner = Group::new(group.delimiter(), respan(group.stream(), span));
+                inner.set_span(span);
+                tree = TokenTree::Group(inner);
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
 }
 
 fn lowercase_dim_names(layer: &Layer) -> bool {
@@ -301,26 +318,22 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
     };
 
     // Generic parameters: the named dims these inputs use, in declaration order.
-    let used = |name: &Ident| {
-        inputs.iter().any(|op| {
-            op.axes
-                .iter()
-                .any(|a| matches!(a, Axis::Named(n) if n == name))
-        })
-    };
+    let used = |name: &Ident| inputs.iter().any(|op| op.uses(name));
     let module = dims_module_name(&layer.ident);
     let mut params = Vec::new();
     let mut bounds = Vec::new();
     for dim in layer.dims.iter().filter(|d| used(&d.name)) {
         let name = &dim.name;
         params.push(name.clone());
-        bounds.push(match dim.size {
+        let bound = match dim.size {
             None => quote!(#name: ::attn::__private::Dim),
             Some(size) => {
                 let size = Literal::usize_unsuffixed(size);
                 quote!(#name: ::attn::__private::Declared<#module::#name, ::attn::__private::Const<#size>>)
             }
-        });
+        };
+        // The compiler's "required by this bound" note then points at the dim's declaration.
+        bounds.push(respan(bound, dim.span));
     }
 
     let element = dtype_tokens(layer.options.dtype);
@@ -332,7 +345,12 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
         } else {
             element.clone()
         };
-        quote!(#name: ::attn::__private::TensorView<'_, #element, #shape>)
+        // Spanned at the entry, so that the compiler's notes about this argument point at
+        // the declaration line rather than at the whole macro call.
+        respan(
+            quote!(#name: ::attn::__private::TensorView<'_, #element, #shape>),
+            operand.span,
+        )
     });
     let result_element = dtype_tokens(match which {
         Method::Weights => layer.weights_dtype(),
@@ -495,12 +513,12 @@ fn method_docs(
     lines.push(String::new());
     for operand in inputs {
         let element = if operand.name == "mask" {
-            "bool (`true` = attend)"
+            "`bool` (`true` = attend)".to_owned()
         } else {
-            layer.options.dtype.rust_name()
+            format!("`{}`", layer.options.dtype.rust_name())
         };
         let mut line = format!(
-            "- `{}`: `{}` of `{element}`{}",
+            "- `{}`: `{}` of {element}{}",
             operand.name,
             operand.written,
             at_line(operand.line)
@@ -540,14 +558,14 @@ fn method_docs(
     let runtime: Vec<String> = layer
         .dims
         .iter()
-        .filter(|d| d.size.is_none())
+        .filter(|d| d.size.is_none() && inputs.iter().any(|op| op.uses(&d.name)))
         .map(|d| format!("`{}`", d.name))
         .collect();
     if runtime.is_empty() {
-        lines.push("[`AttnError`](::attn::AttnError) if the runtime rejects an input".to_owned());
+        lines.push("`attn::AttnError` if the runtime rejects an input.".to_owned());
     } else {
         lines.push(format!(
-            "[`AttnError`](::attn::AttnError) if the inputs disagree on a run-time dim ({}), \
+            "`attn::AttnError` if the inputs disagree on a run-time dim ({}), \
              or if the runtime rejects an input.",
             runtime.join(", ")
         ));

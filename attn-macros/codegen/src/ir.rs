@@ -2,7 +2,7 @@
 //!
 //! Everything here has been checked, so expansion cannot fail.
 
-use proc_macro2::Ident;
+use proc_macro2::{Ident, Span};
 use syn::{Attribute, Visibility};
 
 /// One validated `struct Name { .. }` declaration.
@@ -39,6 +39,9 @@ pub struct NamedDim {
     pub size: Option<usize>,
     /// Line where the size was bound (or where the name first appears).
     pub line: usize,
+    /// The name where the size was bound (or where it first appears); the compiler's notes
+    /// about this dim point here.
+    pub span: Span,
 }
 
 /// A tensor argument of the generated methods.
@@ -53,6 +56,8 @@ pub struct Operand {
     pub line: usize,
     /// Doc comments written on the entry.
     pub docs: Vec<String>,
+    /// The entry's name in the declaration; the compiler's notes about the argument point here.
+    pub span: Span,
 }
 
 /// One dim of an operand.
@@ -115,6 +120,15 @@ pub struct Options {
     pub sow: bool,
     /// `scale`: multiplies the logits instead of Flax's `1 / sqrt(depth)`.
     pub scale: Option<f64>,
+}
+
+impl Operand {
+    /// Whether one of the dims is the named dim `name`.
+    pub fn uses(&self, name: &Ident) -> bool {
+        self.axes
+            .iter()
+            .any(|axis| matches!(axis, Axis::Named(n) if n == name))
+    }
 }
 
 impl DType {

@@ -128,6 +128,12 @@ fn punct(ch: char, span: Span) -> proc_macro2::Punct {
 /// Parses an invocation. Fails only when a layer header cannot be read; mistakes inside the
 /// braces are kept in [`LayerSyntax::errors`].
 pub fn parse(tokens: TokenStream) -> syn::Result<Input> {
+    // Where "expected .. after this" errors point when the input ends early: its last token.
+    let last = tokens
+        .clone()
+        .into_iter()
+        .last()
+        .map_or_else(Span::call_site, |tree| tree.span());
     let parser = |input: ParseStream| {
         let mut layers = Vec::new();
         if input.is_empty() {
@@ -136,28 +142,51 @@ pub fn parse(tokens: TokenStream) -> syn::Result<Input> {
             ));
         }
         while !input.is_empty() {
-            layers.push(parse_layer(input)?);
+            layers.push(parse_layer(input, last)?);
         }
         Ok(Input { layers })
     };
     parser.parse2(tokens)
 }
 
-fn parse_layer(input: ParseStream) -> syn::Result<LayerSyntax> {
+/// An error at the next token, or at the input's last token if there is no next one.
+fn expected(input: ParseStream, last: Span, message: &str) -> syn::Error {
+    if input.is_empty() {
+        syn::Error::new(last, message)
+    } else {
+        input.error(message)
+    }
+}
+
+fn parse_layer(input: ParseStream, last: Span) -> syn::Result<LayerSyntax> {
     let attrs = input.call(Attribute::parse_outer)?;
     let vis: Visibility = input.parse()?;
     if !input.peek(Token![struct]) {
-        return Err(input.error(
+        return Err(expected(
+            input,
+            last,
             "expected `struct`: a layer is declared as `struct Name { query: [..], key: [..], .. }`",
         ));
     }
     let struct_token: Token![struct] = input.parse()?;
-    let ident: Ident = input.parse().map_err(|error| {
-        syn::Error::new(error.span(), "expected the layer's name after `struct`")
-    })?;
+    if !input.peek(Ident) {
+        return Err(expected(
+            input,
+            last,
+            "expected the layer's name after `struct`",
+        ));
+    }
+    let ident: Ident = input.parse()?;
     if input.peek(Token![<]) {
         return Err(input.error(
             "an `attention!` layer takes no generic parameters: they are derived from the dims",
+        ));
+    }
+    if !input.peek(syn::token::Brace) {
+        return Err(expected(
+            input,
+            last,
+            "expected `{ .. }` with the layer's entries, such as `{ query: [B, T, H, D], .. }`",
         ));
     }
     let content;
@@ -250,7 +279,14 @@ fn parse_entry(tokens: Vec<TokenTree>) -> syn::Result<Entry> {
         [TokenTree::Ident(key), next, ..] => {
             return Err(syn::Error::new(
                 next.span(),
-                format!("expected `:` after `{key}`; entries are separated by `,`"),
+                format!("expected `:` between `{key}` and its value"),
+            ));
+        }
+        [] => {
+            let attrs: TokenStream = tokens.iter().cloned().collect();
+            return Err(syn::Error::new_spanned(
+                attrs,
+                "expected an entry `name: value` after this doc comment",
             ));
         }
         _ => {

@@ -37,21 +37,45 @@ const PRECISIONS: &[&str] = &["default", "high", "highest"];
 /// The most dims a tensor may have (the runtime's shapes are tuples of rank 0 to 8).
 const MAX_RANK: usize = 8;
 
-/// Collects errors; the serde_derive `Ctxt` pattern.
+/// Collects errors; the serde_derive `Ctxt` pattern. Each entry is a group: an error plus any
+/// notes that belong with it (such as "first set here"). Groups are reported in source order.
 #[derive(Default)]
-struct Errors(Vec<syn::Error>);
+struct Errors(Vec<Vec<syn::Error>>);
 
 impl Errors {
     fn at(&mut self, span: Span, message: impl std::fmt::Display) {
-        self.0.push(syn::Error::new(span, message));
+        self.0.push(vec![syn::Error::new(span, message)]);
     }
 
     fn spanned(&mut self, tokens: impl ToTokens, message: impl std::fmt::Display) {
-        self.0.push(syn::Error::new_spanned(tokens, message));
+        self.0.push(vec![syn::Error::new_spanned(tokens, message)]);
     }
 
-    fn into_result<T>(self, value: T) -> syn::Result<T> {
-        let mut errors = self.0.into_iter();
+    /// An error at `span` and a note at `related` reported right after it.
+    fn with_note(
+        &mut self,
+        span: Span,
+        message: impl std::fmt::Display,
+        related: Span,
+        note: impl std::fmt::Display,
+    ) {
+        self.0.push(vec![
+            syn::Error::new(span, message),
+            syn::Error::new(related, note),
+        ]);
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn into_result<T>(mut self, value: T) -> syn::Result<T> {
+        // Source order (a stable sort keeps the checks' order for errors at one token).
+        self.0.sort_by_key(|group| {
+            let start = group[0].span().start();
+            (start.line, start.column)
+        });
+        let mut errors = self.0.into_iter().flatten();
         match errors.next() {
             None => Ok(value),
             Some(mut first) => {
@@ -69,11 +93,12 @@ pub fn validate(input: &Input) -> syn::Result<Vec<Layer>> {
     let mut names: BTreeMap<String, &Ident> = BTreeMap::new();
     for syntax in &input.layers {
         if let Some(first) = names.get(&syntax.ident.to_string()) {
-            errors.at(
+            errors.with_note(
                 syntax.ident.span(),
                 format!("a layer named `{}` is already declared above", syntax.ident),
+                first.span(),
+                format!("`{first}` first declared here"),
             );
-            errors.at(first.span(), format!("`{}` first declared here", first));
         } else {
             names.insert(syntax.ident.to_string(), &syntax.ident);
         }
@@ -115,11 +140,12 @@ fn index_entries<'a>(
             }
         }
         if let Some(first) = seen.get(known) {
-            errors.at(
+            errors.with_note(
                 entry.key.span(),
                 format!("duplicate `{known}`: it is already set above"),
+                first.key.span(),
+                format!("`{known}` first set here"),
             );
-            errors.at(first.key.span(), format!("`{known}` first set here"));
         } else {
             seen.insert(known, entry);
         }
@@ -184,6 +210,7 @@ impl DimTable {
                 name: name.clone(),
                 size: None,
                 line: line_of(name.span()),
+                span: name.span(),
             });
         }
     }
@@ -193,14 +220,15 @@ impl DimTable {
         let key = name.to_string();
         if let Some(&(first, first_span)) = self.bound_at.get(&key) {
             if first != size {
-                errors.at(
+                errors.with_note(
                     span,
                     format!(
                         "`{name}` is bound to two sizes: {size} here and {first} above; \
                          a name means the same size everywhere in a declaration"
                     ),
+                    first_span,
+                    format!("`{name}` first bound to {first} here"),
                 );
-                errors.at(first_span, format!("`{name}` first bound to {first} here"));
             }
             return;
         }
@@ -208,6 +236,7 @@ impl DimTable {
         if let Some(dim) = self.dims.iter_mut().find(|d| d.name == *name) {
             dim.size = Some(size);
             dim.line = line_of(span);
+            dim.span = name.span();
         }
     }
 
@@ -231,6 +260,12 @@ fn check_dim_name(name: &Ident, errors: &mut Errors) -> bool {
         errors.at(
             name.span(),
             format!("`{text}` cannot name a dim: it is a type or keyword; choose another name"),
+        );
+        false
+    } else if syn::parse2::<Ident>(name.to_token_stream()).is_err() {
+        errors.at(
+            name.span(),
+            format!("`{text}` is a keyword and cannot name a dim; choose another name"),
         );
         false
     } else {
@@ -351,8 +386,10 @@ fn single_shape<'a>(entry: &'a Entry, errors: &mut Errors) -> Option<&'a ShapeSy
 }
 
 fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
-    let before = errors.0.len();
-    errors.0.extend(syntax.errors.iter().cloned());
+    let before = errors.len();
+    errors
+        .0
+        .extend(syntax.errors.iter().map(|e| vec![e.clone()]));
     for attr in &syntax.attrs {
         if !attr.path().is_ident("doc") {
             errors.spanned(
@@ -385,7 +422,8 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
         ("query", entries.contains_key("query")),
         ("key", entries.contains_key("key")),
     ] {
-        if !present {
+        // After a syntax error inside the braces the entry may be there, just unreadable.
+        if !present && syntax.errors.is_empty() {
             errors.at(
                 syntax.ident.span(),
                 format!(
@@ -425,7 +463,7 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
         }
     }
 
-    if errors.0.len() > before {
+    if errors.len() > before {
         return None;
     }
     let operand = |name: &'static str, shape: ShapeEntry| Operand {
@@ -434,6 +472,7 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
         written: written(&shape.entry.value.tokens),
         line: line_of(shape.entry.key.span()),
         docs: doc_lines(&shape.entry.attrs),
+        span: shape.entry.key.span(),
     };
     let (causal, explicit) = mask.unwrap_or((false, None));
     Some(Layer {
@@ -877,7 +916,7 @@ impl Structure<'_> {
             errors.at(
                 dim.span,
                 format!(
-                    "the {what} of `{}` is {} but the {other_what} of `{}` is {}; \
+                    "`{}` has {what} {} but `{}` has {other_what} {}; \
                          use the same name or size",
                     shape.entry.key,
                     show(axis),
@@ -958,27 +997,12 @@ mod tests {
         assert!(layer.options.sow);
     }
 
-    #[test]
-    fn every_mistake_is_reported() {
-        let found = messages(quote! {
-            struct L {
-                query: [B, T, H, D],
-                key: [B, S, K, E],
-                dropuot_rate: 0.1,
-                dtype: float32,
-                dtype: f32,
-                bias: [X, T, S],
-            }
-        });
-        let expected = [
-            "unknown option `dropuot_rate`; did you mean `dropout_rate`?",
-            "duplicate `dtype`",
-            "`dtype` first set here",
-            "unknown dtype `float32`; did you mean `f32`?",
-            "the heads of `key` is `K` but the heads of `query` is `H`",
-            "the depth of `key` is `E` but the depth of `query` is `D`",
-            "this `bias` dim must be `1` or `H` (the heads of `query`); found `X`",
-        ];
+    /// Messages of a declaration given as source text (so spans have real positions).
+    fn messages_of(source: &str) -> Vec<String> {
+        messages(source.parse().expect("lexes"))
+    }
+
+    fn assert_messages(found: &[String], expected: &[&str]) {
         assert_eq!(found.len(), expected.len(), "{found:#?}");
         for (found, expected) in found.iter().zip(expected) {
             assert!(found.starts_with(expected), "{found:?} vs {expected:?}");
@@ -986,29 +1010,54 @@ mod tests {
     }
 
     #[test]
+    fn every_mistake_is_reported_in_source_order() {
+        let found = messages_of(
+            "struct L {
+                query: [B, T, H, D],
+                key: [B, S, K, E],
+                dropuot_rate: 0.1,
+                dtype: float32,
+                dtype: f32,
+                bias: [X, T, S],
+            }",
+        );
+        assert_messages(
+            &found,
+            &[
+                "`key` has heads `K` but `query` has heads `H`",
+                "`key` has depth `E` but `query` has depth `D`",
+                "unknown option `dropuot_rate`; did you mean `dropout_rate`?",
+                "unknown dtype `float32`; did you mean `f32`?",
+                "duplicate `dtype`",
+                "`dtype` first set here",
+                "this `bias` dim must be `1` or `H` (the heads of `query`); found `X`",
+            ],
+        );
+    }
+
+    #[test]
     fn sizes_and_ranks() {
-        let found = messages(quote! {
-            struct L {
+        let found = messages_of(
+            "struct L {
                 query: [B, T, H = 12, D],
                 key: [C, S, H = 8, X],
                 value: [B, R, H, D],
                 mask: [B, B, 1, T, S, S],
                 dropout_rate: 1.0,
-            }
-        });
-        let expected = [
-            "`H` is bound to two sizes: 8 here and 12 above",
-            "`H` first bound to 12 here",
-            "`dropout_rate` must be in [0, 1)",
-            "batch dim 1 of `key` is `C` but `query` has `B` there",
-            "the depth of `key` is `X` but the depth of `query` is `D`",
-            "the length of `value` is `R` but the length of `key` is `S`",
-            "`mask` has 6 dims but the logits",
-        ];
-        assert_eq!(found.len(), expected.len(), "{found:#?}");
-        for (found, expected) in found.iter().zip(expected) {
-            assert!(found.starts_with(expected), "{found:?} vs {expected:?}");
-        }
+            }",
+        );
+        assert_messages(
+            &found,
+            &[
+                "batch dim 1 of `key` is `C` but `query` has `B` there",
+                "`H` is bound to two sizes: 8 here and 12 above",
+                "`H` first bound to 12 here",
+                "`key` has depth `X` but `query` has depth `D`",
+                "`value` has length `R` but `key` has length `S`",
+                "`mask` has 6 dims but the logits",
+                "`dropout_rate` must be in [0, 1)",
+            ],
+        );
     }
 
     #[test]

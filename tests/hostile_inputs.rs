@@ -334,6 +334,8 @@ fn cases() -> Vec<Case> {
             }),
         ),
         case(
+            // Flax broadcasts key and value along the enlarged kv axis: five copies of the one
+            // value row, whatever the weights, so the output is that row.
             "bias that enlarges kv_len, with value",
             move || {
                 let q = input(&[3, 2, 4], 1);
@@ -342,12 +344,9 @@ fn cases() -> Vec<Case> {
                 let bias = input(&[2, 3, 5], 4);
                 dot_product_attention(&q, &k, &v, FlaxArgs::new().bias(&bias))
             },
-            error(AttnError::InvalidArgument {
-                argument: "bias/mask",
-                reason: "a bias or mask that enlarges the heads or kv_len axis of the logits \
-                         (from [2, 3, 1] to [2, 3, 5]) is not supported by dot_product_attention \
-                         (the weights no longer match value)"
-                    .into(),
+            values(DType::F32, &[3, 2, 3], {
+                let row = input(&[1, 2, 3], 3).to_f64_vec();
+                (0..3).flat_map(|_| row.clone()).collect()
             }),
         ),
         case(
@@ -528,14 +527,23 @@ fn cases() -> Vec<Case> {
         ),
         // ---- empty dims and length 1 -------------------------------------------------------
         case(
-            "kv_len 0 (a softmax over no keys)",
+            // Flax (checked by the runtime against flax 0.12.8): empty weights.
+            "kv_len 0: empty weights",
             move || weights(&q(), &input(&[0, 2, 4], 2), FlaxArgs::new()),
-            error(AttnError::Axis {
-                tensor: "key",
-                axis: "kv_len (axis -3)".into(),
-                expected: "at least 1 (a softmax over no keys has no maximum; Flax raises)".into(),
-                found: 0,
-            }),
+            values(DType::F32, &[2, 3, 0], vec![]),
+        ),
+        case(
+            // An empty sum over no keys.
+            "kv_len 0: zero output",
+            move || {
+                dot_product_attention(
+                    &q(),
+                    &input(&[0, 2, 4], 2),
+                    &input(&[0, 2, 3], 3),
+                    FlaxArgs::new(),
+                )
+            },
+            values(DType::F32, &[3, 2, 3], vec![0.0; 18]),
         ),
         case(
             "q_len 0",

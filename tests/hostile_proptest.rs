@@ -43,7 +43,6 @@ enum Mistake {
     BiasAxis,
     MaskCount,
     DropoutRate(f64),
-    KvLenZero,
     QuerySliceShort,
     OutputLong,
 }
@@ -113,6 +112,9 @@ struct Draw {
     /// `None`: no bias; else (dtype index, leading axes dropped, per-axis "broadcast to 1").
     bias: Option<(usize, usize, u8)>,
     mask: Option<(usize, u8)>,
+    /// Axes of size 1 in the logits that the bias and mask enlarge to 2 (bits), and whether
+    /// they add a leading axis of 2 (Flax-style API only, valid problems only).
+    enlarge: Option<(u8, bool)>,
     causal: bool,
     force_fp32: bool,
     rate: f64,
@@ -127,7 +129,7 @@ fn draws() -> impl Strategy<Value = Draw> {
             0..4usize,
             prop::collection::vec(prop_oneof![9 => 1..=2usize, 1 => Just(0usize)], 0..=2),
             0..=4usize,
-            1..=4usize,
+            prop_oneof![9 => 1..=4usize, 1 => Just(0usize)],
             prop_oneof![9 => 1..=3usize, 1 => Just(0usize)],
             0..=4usize,
             0..=3usize,
@@ -136,17 +138,18 @@ fn draws() -> impl Strategy<Value = Draw> {
             any::<bool>(),
             prop::option::of((0..4usize, 0..=4usize, any::<u8>())),
             prop::option::of((0..=4usize, any::<u8>())),
+            prop::option::weighted(0.3, (any::<u8>(), any::<bool>())),
             any::<bool>(),
             any::<bool>(),
             prop_oneof![Just(0.0), 0.0..1.0f64],
             any::<bool>(),
-            prop_oneof![1 => Just(0usize), 1 => 1..13usize],
+            prop_oneof![1 => Just(0usize), 1 => 1..12usize],
         ),
     )
         .prop_map(
             |(
                 (seed, dtype, batch, q_len, kv_len, heads, depth, v_depth),
-                (with_value, bias, mask, causal, force_fp32, rate, kernel_path, mistake),
+                (with_value, bias, mask, enlarge, causal, force_fp32, rate, kernel_path, mistake),
             )| Draw {
                 seed,
                 dtype,
@@ -159,6 +162,7 @@ fn draws() -> impl Strategy<Value = Draw> {
                 with_value,
                 bias,
                 mask,
+                enlarge,
                 causal,
                 force_fp32,
                 rate,
@@ -176,14 +180,45 @@ fn logits_shape(p: &Problem) -> Vec<usize> {
 }
 
 /// An operand shape: the logits shape without `drop` leading axes, with the axes whose bit is
-/// set in `ones` broadcast (size 1).
-fn pattern(target: &[usize], drop: usize, ones: u8) -> Vec<usize> {
+/// set in `ones` broadcast (size 1), and, with `enlarge`, axes of size 1 whose bit is set made
+/// 2 and (when no axis was dropped) a leading axis of 2: a bias or mask that enlarges the
+/// result, as Flax allows.
+fn pattern(target: &[usize], drop: usize, ones: u8, enlarge: Option<(u8, bool)>) -> Vec<usize> {
     let drop = drop.min(target.len());
-    target[drop..]
+    let (grow, lead) = enlarge.unwrap_or((0, false));
+    let mut shape: Vec<usize> = target[drop..]
         .iter()
         .enumerate()
-        .map(|(a, &n)| if ones >> (a % 8) & 1 == 1 { 1 } else { n })
-        .collect()
+        .map(
+            |(a, &n)| match (ones >> (a % 8) & 1, n, grow >> (a % 8) & 1) {
+                (1, _, _) => 1,
+                (_, 1, 1) => 2,
+                _ => n,
+            },
+        )
+        .collect();
+    if lead && drop == 0 {
+        shape.insert(0, 2);
+    }
+    shape
+}
+
+/// NumPy's broadcast of the logits shape with the bias and mask shapes: the result's shape.
+fn full_shape(p: &Problem) -> Vec<usize> {
+    let mut shapes = vec![logits_shape(p)];
+    shapes.extend(p.bias.iter().map(|(_, b)| b.shape.clone()));
+    shapes.extend(p.mask.iter().map(|m| m.shape.clone()));
+    let rank = shapes.iter().map(Vec::len).max().unwrap_or(0);
+    let mut full = vec![1; rank];
+    for s in &shapes {
+        for (a, &n) in s.iter().enumerate() {
+            let f = &mut full[rank - s.len() + a];
+            if *f == 1 {
+                *f = n;
+            }
+        }
+    }
+    full
 }
 
 fn build(d: &Draw) -> Problem {
@@ -200,7 +235,6 @@ fn build(d: &Draw) -> Problem {
         Mistake::BiasAxis,
         Mistake::MaskCount,
         Mistake::DropoutRate([-0.1, 1.5, f64::NAN, f64::INFINITY][(d.seed % 4) as usize]),
-        Mistake::KvLenZero,
         Mistake::QuerySliceShort,
         Mistake::OutputLong,
     ];
@@ -229,9 +263,6 @@ fn build(d: &Draw) -> Problem {
         kernel_path: d.kernel_path,
         mistake: mistakes[d.mistake],
     };
-    if p.mistake == Mistake::KvLenZero {
-        p.kv_len = 0;
-    }
     let nb: usize = p.batch.iter().product();
     p.query = values.vec(nb * p.q_len * p.heads * p.depth, dtype);
     p.key = values.vec(nb * p.kv_len * p.heads * p.depth, dtype);
@@ -239,6 +270,9 @@ fn build(d: &Draw) -> Problem {
         p.value = Some(values.vec(nb * p.kv_len * p.heads * p.v_depth, dtype));
     }
     let target = logits_shape(&p);
+    let enlarge = d
+        .enlarge
+        .filter(|_| !p.kernel_path && mistakes[d.mistake] == Mistake::None);
     if let Some((bias_dtype, drop, ones)) = d.bias {
         // The kernel layer takes the bias in the computation dtype here.
         let bias_dtype = if p.kernel_path {
@@ -246,12 +280,12 @@ fn build(d: &Draw) -> Problem {
         } else {
             FLOATS[bias_dtype]
         };
-        let shape = pattern(&target, drop, ones);
+        let shape = pattern(&target, drop, ones, enlarge);
         let data = values.vec(shape.iter().product(), bias_dtype);
         p.bias = Some((bias_dtype, Operand { shape, data }));
     }
     if let Some((drop, ones)) = d.mask {
-        let shape = pattern(&target, drop, ones);
+        let shape = pattern(&target, drop, ones, enlarge);
         let n: usize = shape.iter().product();
         let data = (0..n).map(|_| values.next() < 0.4).collect();
         p.mask = Some(Operand { shape, data });
@@ -279,35 +313,42 @@ fn finfo_min(dtype: DType) -> f64 {
     }
 }
 
-/// Flax's weights `[batch..., heads, q, kv]` and output `[batch..., q, heads, dv]`, in f64:
-/// `softmax(where(mask, q·kᵀ/sqrt(depth) + bias, finfo(dtype).min))`, then `weights · v`.
+/// Flax's weights `[batch..., heads, q, kv]` and output `[batch..., q, heads, dv]` (in the
+/// shape enlarged by the bias and mask, see [`full_shape`]), in f64:
+/// `softmax(where(mask, q·kᵀ/sqrt(depth) + bias, finfo(dtype).min))`, then `weights · v`, with
+/// query, key and value read by NumPy broadcasting.
 fn reference(p: &Problem) -> (Vec<f64>, Option<Vec<f64>>) {
-    let (q, kv, h, d, dv) = (p.q_len, p.kv_len, p.heads, p.depth, p.v_depth);
-    let nb: usize = p.batch.iter().product();
+    let full = full_shape(p);
+    let nbf = full.len() - 3;
+    let (batch, (h, q, kv)) = (&full[..nbf], (full[nbf], full[nbf + 1], full[nbf + 2]));
+    let (d, dv) = (p.depth, p.v_depth);
+    let nb: usize = batch.iter().product();
+    let query_shape = query_shape(p);
+    let key_shape = kv_shape(p, d);
+    let value_shape = kv_shape(p, dv);
     let mut weights = Vec::with_capacity(nb * h * q * kv);
-    let mut coord = vec![0usize; p.batch.len() + 3];
+    let mut output = vec![0.0; nb * q * h * dv];
+    let mut bc = vec![0usize; nbf];
     for b in 0..nb {
         // The batch coordinate of flat batch index `b`.
         let mut rest = b;
-        for (a, &n) in p.batch.iter().enumerate().rev() {
-            coord[a] = rest % n;
+        for (a, &n) in batch.iter().enumerate().rev() {
+            bc[a] = rest % n;
             rest /= n;
         }
+        let at = |tail: [usize; 3]| -> Vec<usize> { bc.iter().copied().chain(tail).collect() };
         for head in 0..h {
             for i in 0..q {
                 let mut row = Vec::with_capacity(kv);
                 for j in 0..kv {
                     let dot: f64 = (0..d)
                         .map(|e| {
-                            p.query[((b * q + i) * h + head) * d + e]
-                                * p.key[((b * kv + j) * h + head) * d + e]
+                            p.query[broadcast_index(&query_shape, &at([i, head, e]))]
+                                * p.key[broadcast_index(&key_shape, &at([j, head, e]))]
                         })
                         .sum();
                     let mut x = if d == 0 { 0.0 } else { dot / (d as f64).sqrt() };
-                    let nbd = p.batch.len();
-                    coord[nbd] = head;
-                    coord[nbd + 1] = i;
-                    coord[nbd + 2] = j;
+                    let coord = at([head, i, j]);
                     if let Some((_, bias)) = &p.bias {
                         x += bias.data[broadcast_index(&bias.shape, &coord)];
                     }
@@ -328,29 +369,19 @@ fn reference(p: &Problem) -> (Vec<f64>, Option<Vec<f64>>) {
                 let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = row.iter().map(|x| (x - max).exp()).collect();
                 let sum: f64 = e.iter().sum();
-                weights.extend(e.iter().map(|x| x / sum));
-            }
-        }
-    }
-    let output = p.value.as_ref().map(|v| {
-        let mut out = vec![0.0; nb * q * h * dv];
-        for b in 0..nb {
-            for i in 0..q {
-                for head in 0..h {
-                    for e in 0..dv {
-                        out[((b * q + i) * h + head) * dv + e] = (0..kv)
-                            .map(|j| {
-                                weights[((b * h + head) * q + i) * kv + j]
-                                    * v[((b * kv + j) * h + head) * dv + e]
-                            })
+                let w: Vec<f64> = e.iter().map(|x| x / sum).collect();
+                if let Some(v) = &p.value {
+                    for c in 0..dv {
+                        output[((b * q + i) * h + head) * dv + c] = (0..kv)
+                            .map(|j| w[j] * v[broadcast_index(&value_shape, &at([j, head, c]))])
                             .sum();
                     }
                 }
+                weights.extend(w);
             }
         }
-        out
-    });
-    (weights, output)
+    }
+    (weights, p.value.as_ref().map(|_| output))
 }
 
 /// Flax's result dtype (FLAX_SEMANTICS.md "Dtype summary"): forced softmax gives f32 weights
@@ -610,9 +641,6 @@ fn names_the_mistake(mistake: Mistake, error: &AttnError) -> bool {
         (Mistake::DropoutRate(r), E::DropoutRate { rate }) => {
             rate.to_bits() == r.to_bits() || (rate.is_nan() && r.is_nan())
         }
-        (Mistake::KvLenZero, E::Axis { tensor, axis, .. }) => {
-            *tensor == "key" && axis.starts_with("kv_len")
-        }
         (Mistake::QuerySliceShort, E::Length { tensor, .. }) => *tensor == "query",
         (Mistake::OutputLong, E::Length { tensor, .. }) => {
             *tensor == "weights" || *tensor == "output"
@@ -645,13 +673,15 @@ fn check(p: &Problem) -> Result<(), String> {
 
 fn compare(p: &Problem, got: &Array) -> Result<(), String> {
     let (weights, output) = reference(p);
+    let full = full_shape(p);
     let (want, shape) = match output {
         Some(out) => {
-            let mut s = p.batch.clone();
-            s.extend_from_slice(&[p.q_len, p.heads, p.v_depth]);
+            let n = full.len();
+            let mut s = full[..n - 3].to_vec();
+            s.extend_from_slice(&[full[n - 2], full[n - 3], p.v_depth]);
             (out, s)
         }
-        None => (weights, logits_shape(p)),
+        None => (weights, full),
     };
     if got.shape() != shape.as_slice() || got.dtype() != result_dtype(p) {
         return Err(format!(
@@ -700,18 +730,26 @@ fn random_problems_never_panic_and_match_the_reference() {
     } else {
         TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
     };
-    let counts = std::sync::Mutex::new([0usize; 2]);
+    // [invalid, valid, valid with a result enlarged by the bias or mask]
+    let counts = std::sync::Mutex::new([0usize; 3]);
     let result = runner.run(&draws(), |d| {
         let p = build(&d);
         let valid = p.mistake == Mistake::None;
-        counts.lock().unwrap()[usize::from(valid)] += 1;
+        let mut c = counts.lock().unwrap();
+        c[usize::from(valid)] += 1;
+        c[2] += usize::from(valid && full_shape(&p) != logits_shape(&p));
+        drop(c);
         check(&p).map_err(|e| TestCaseError::fail(format!("{e}\n{p:#?}")))
     });
-    let [invalid, valid] = *counts.lock().unwrap();
-    eprintln!("hostile_proptest: {valid} valid and {invalid} invalid problems");
+    let [invalid, valid, enlarged] = *counts.lock().unwrap();
+    eprintln!(
+        "hostile_proptest: {valid} valid ({enlarged} with a result enlarged by the bias or mask) \
+         and {invalid} invalid problems"
+    );
     if let Err(e) = result {
         panic!("{e}");
     }
     // Both halves of the property are exercised.
-    assert!(valid >= cases() as usize / 8 && invalid >= cases() as usize / 8);
+    let n = cases() as usize;
+    assert!(valid >= n / 8 && invalid >= n / 8 && enlarged >= n / 100);
 }

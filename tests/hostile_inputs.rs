@@ -21,6 +21,8 @@ use half::{bf16, f16};
 enum Expect {
     /// Exactly this error (compared through `Debug`, so a NaN rate compares equal to itself).
     Error(AttnError),
+    /// An error of this variant (where which buffer fails first is the kernel's business).
+    Variant(&'static str),
     /// An array of this dtype and shape whose values match `values` (NaN where `values` has
     /// NaN, the same infinity, else within `1e-6 · (1 + |expected|)`).
     Values {
@@ -708,6 +710,23 @@ fn cases() -> Vec<Case> {
             }),
         ),
         case(
+            // Empty tensors, but 2^40 heads: per-head bookkeeping must not be allocated blindly.
+            "output path over 2^40 empty heads",
+            || {
+                let q = Array::new(Vec::<f32>::new(), [1, 1 << 40, 0])?;
+                dot_product_attention(&q, &q, &q, FlaxArgs::new())
+            },
+            Expect::Variant("Allocation"),
+        ),
+        case(
+            "weights of 2^40 empty heads (4 TiB of weights)",
+            || {
+                let q = Array::new(Vec::<f32>::new(), [1, 1 << 40, 0])?;
+                weights(&q, &q, FlaxArgs::new())
+            },
+            Expect::Variant("Allocation"),
+        ),
+        case(
             "causal mask of 2^31 - 1 positions (2^62 mask entries)",
             || make_causal_mask(&[(1 << 31) - 1], 0, DType::Bool),
             error(AttnError::Allocation {
@@ -1128,6 +1147,18 @@ fn hostile_inputs_give_the_documented_error_or_flax_result() {
                 // Every error prints a message (Display never panics and is not empty).
                 assert!(!got.to_string().is_empty());
             }
+            (Expect::Variant(want), Err(got)) => {
+                let debug = format!("{got:?}");
+                if !debug.starts_with(&format!("{want} ")) {
+                    failures.push(format!("{}: error {debug}, expected {want}", case.name));
+                }
+            }
+            (Expect::Variant(want), Ok(a)) => failures.push(format!(
+                "{}: returned {:?} {:?}, expected an {want} error",
+                case.name,
+                a.dtype(),
+                a.shape()
+            )),
             (Expect::Error(want), Ok(a)) => failures.push(format!(
                 "{}: returned {:?} {:?}, expected error {want:?}",
                 case.name,

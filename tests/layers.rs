@@ -1,9 +1,10 @@
 //! Flax conformance cases run through `attention!`-generated layers (not only through the
 //! dynamic API): every dtype (f32, f64, bf16, f16, with and without `force_fp32_for_softmax`),
 //! every mask kind (none, `causal`, a mask tensor, `causal + [..]`, with and without a bias),
-//! batch ranks 0, 1 and 2, static (`H = 8, D = 64`) and run-time dims, and both methods
-//! (`forward`, with the weights sown, and `weights`). Each expected tensor of a case must have the
-//! case's dtype and shape and be within its stored tolerance.
+//! batch ranks 0, 1 and 2, static (`H = 8, D = 64`) and run-time dims, and both methods:
+//! `forward` with the weights sown, and `forward` without a sow sink (which lets the runtime take
+//! its output-only path) checked together with `weights`. Each expected tensor of a case must
+//! have the case's dtype and shape and be within its stored tolerance.
 //!
 //! A `causal` layer gets no mask tensor: its generated mask is compared with the case's
 //! `make_causal_mask` output. A `causal + [..]` layer is given the case's combined mask, which
@@ -222,6 +223,73 @@ macro_rules! forward {
     };
 }
 
+/// A runner that computes the output with `$layer.forward` and a context without a sow sink
+/// (so the runtime may take its output-only path), and the weights with `$layer.weights`.
+macro_rules! output_and_weights {
+    ($layer:expr, $elem:ty, $shape:expr $(, $extra:ident: $extra_elem:ty => $extra_shape:expr)*) => {
+        |case: &Case| -> Result<Actual, String> {
+            let (q, k, v) = (case.required("query")?, case.required("key")?, case.required("value")?);
+            $( let $extra = case.required(stringify!($extra))?; )*
+            let deterministic = case.param_bool("deterministic")?;
+            let output = $layer
+                .forward(
+                    view::<$elem, _>(&q, $shape(&q)?)?,
+                    view::<$elem, _>(&k, $shape(&k)?)?,
+                    view::<$elem, _>(&v, $shape(&v)?)?,
+                    $( view::<$extra_elem, _>(&$extra, $extra_shape(&$extra)?)?, )*
+                    &mut Context::default().set_deterministic(deterministic),
+                )
+                .map_err(err)?;
+            let weights = $layer
+                .weights(
+                    view::<$elem, _>(&q, $shape(&q)?)?,
+                    view::<$elem, _>(&k, $shape(&k)?)?,
+                    $( view::<$extra_elem, _>(&$extra, $extra_shape(&$extra)?)?, )*
+                    &mut Context::default().set_deterministic(deterministic),
+                )
+                .map_err(err)?;
+            Ok(BTreeMap::from([
+                ("attention_weights".to_owned(), Some(array(weights))),
+                ("output".to_owned(), Some(array(output))),
+            ]))
+        }
+    };
+}
+
+/// Cases run with `forward` + `weights` and no sow sink (see [`output_and_weights`]).
+fn output_path_cases() -> Vec<(&'static str, Runner)> {
+    vec![
+        (
+            "f32_nobatch_basic",
+            output_and_weights!(F32NoBatch, f32, d3),
+        ),
+        ("f32_b1_basic", output_and_weights!(F32Batch1, f32, d4)),
+        ("f32_b2_basic", output_and_weights!(F32Batch2, f32, d5)),
+        (
+            "f32_decode_q1_kv70",
+            output_and_weights!(F32Batch1, f32, d4),
+        ),
+        ("f32_long_65x67", output_and_weights!(F32Batch1, f32, d4)),
+        ("f32_mask_causal", output_and_weights!(F32Causal, f32, d4)),
+        (
+            "f32_mask_kv_padding",
+            output_and_weights!(F32KeyPadding, f32, d4, mask: bool => b1ts),
+        ),
+        (
+            "f32_mask_causal_and_padding",
+            output_and_weights!(F32CausalAndPadding, f32, d4, mask: bool => b1ts),
+        ),
+        ("f64_b1_basic", output_and_weights!(F64Batch1, f64, d4)),
+        ("bf16_b1_basic", output_and_weights!(Bf16Batch1, bf16, d4)),
+        (
+            "bf16_force_fp32_mask",
+            output_and_weights!(Bf16ForceFp32Causal, bf16, d4),
+        ),
+        ("f16_b1_basic", output_and_weights!(F16Batch1, f16, d4)),
+    ]
+}
+
+/// Cases run with `forward` and the weights it sows (or with `weights` alone).
 fn cases() -> Vec<(&'static str, Runner)> {
     vec![
         // f32, batch ranks 0, 1, 2, static dims, precision
@@ -413,10 +481,18 @@ fn cases() -> Vec<(&'static str, Runner)> {
 
 #[test]
 fn conformance_cases_through_generated_layers() {
+    run(&cases(), "forward with sown weights / weights");
+}
+
+#[test]
+fn conformance_cases_through_generated_layers_without_sowing() {
+    run(&output_path_cases(), "forward without a sink, then weights");
+}
+
+fn run(cases: &[(&str, Runner)], how: &str) {
     let dir = conformance::default_dir();
     let mut failed = Vec::new();
-    let cases = cases();
-    for (name, runner) in &cases {
+    for (name, runner) in cases {
         let path = dir.join(format!("{name}.json"));
         let case = conformance::load(&path).unwrap_or_else(|e| {
             panic!(
@@ -432,13 +508,13 @@ fn conformance_cases_through_generated_layers() {
         }
     }
     println!(
-        "{} passed, {} failed",
+        "{how}: {} passed, {} failed",
         cases.len() - failed.len(),
         failed.len()
     );
     assert!(
         failed.is_empty(),
-        "through generated layers:\n{}",
+        "through generated layers ({how}):\n{}",
         failed.join("\n")
     );
 }

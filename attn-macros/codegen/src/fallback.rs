@@ -1,17 +1,25 @@
-//! What to emit when a declaration has errors: the errors, plus a stub of each layer that could
-//! be named, so that code using the layer does not add a cascade of "cannot find" errors.
+//! What to emit when a declaration has errors: the errors, plus a stub for each layer whose
+//! shapes are broken (layers with correct shapes are expanded normally, see
+//! `validate_recovering`), so that code using a layer does not add a cascade of "cannot find"
+//! errors. The stub takes the declared inputs as any type.
 
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
 
+use crate::ir::Layer;
 use crate::parse::{Input, LayerSyntax, Term};
 
-/// The errors and a stub per layer.
-pub fn expand(input: Option<&Input>, error: syn::Error) -> TokenStream {
+/// The errors, and a stub for each layer of `input` that is not among the `expanded` ones.
+pub fn expand(input: &Input, expanded: &[Layer], error: syn::Error) -> TokenStream {
     let errors = error.into_compile_error();
-    let stubs = input
-        .map(|input| input.layers.iter().map(stub).collect::<TokenStream>())
-        .unwrap_or_default();
+    let mut stubbed: Vec<&syn::Ident> = expanded.iter().map(|layer| &layer.ident).collect();
+    let mut stubs = TokenStream::new();
+    for layer in &input.layers {
+        if !stubbed.contains(&&layer.ident) {
+            stubs.extend(stub(layer));
+            stubbed.push(&layer.ident);
+        }
+    }
     quote! {
         #errors
         #stubs

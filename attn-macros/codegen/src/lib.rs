@@ -17,7 +17,7 @@ mod expand;
 
 pub use expand::{dims_module_name, expand};
 pub use parse::parse;
-pub use validate::validate;
+pub use validate::{validate, validate_recovering};
 
 use proc_macro2::TokenStream;
 
@@ -25,11 +25,16 @@ use proc_macro2::TokenStream;
 pub fn attention(input: TokenStream) -> TokenStream {
     let parsed = match parse(input) {
         Ok(parsed) => parsed,
-        Err(error) => return fallback::expand(None, error),
+        Err(error) => return error.into_compile_error(),
     };
-    match validate(&parsed) {
-        Ok(layers) => expand(&layers),
-        Err(error) => fallback::expand(Some(&parsed), error),
+    match validate_recovering(&parsed) {
+        (layers, None) => expand(&layers),
+        // Layers whose shapes are right are still expanded, the others are stubbed.
+        (layers, Some(error)) => {
+            let mut tokens = fallback::expand(&parsed, &layers, error);
+            tokens.extend(expand(&layers));
+            tokens
+        }
     }
 }
 

@@ -28,8 +28,6 @@ pub struct LayerSyntax {
     pub struct_token: Token![struct],
     /// The layer's name.
     pub ident: Ident,
-    /// Span of the `{ .. }` group.
-    pub brace_span: Span,
     /// The entries that could be read.
     pub entries: Vec<Entry>,
     /// Syntax errors inside the braces that did not stop the parser (reported with the others).
@@ -190,14 +188,13 @@ fn parse_layer(input: ParseStream, last: Span) -> syn::Result<LayerSyntax> {
         ));
     }
     let content;
-    let brace = syn::braced!(content in input);
+    syn::braced!(content in input);
     let body: TokenStream = content.parse()?;
     let mut layer = LayerSyntax {
         attrs,
         vis,
         struct_token,
         ident,
-        brace_span: brace.span.join(),
         entries: Vec::new(),
         errors: Vec::new(),
     };
@@ -241,11 +238,41 @@ fn parse_entries(body: TokenStream, layer: &mut LayerSyntax) {
             ));
             continue;
         }
-        match parse_entry(tokens) {
-            Ok(entry) => layer.entries.push(entry),
-            Err(error) => layer.errors.push(error),
+        for tokens in split_missing_commas(tokens, &mut layer.errors) {
+            match parse_entry(tokens) {
+                Ok(entry) => layer.entries.push(entry),
+                Err(error) => layer.errors.push(error),
+            }
         }
     }
+}
+
+/// Splits `query: [..] key: [..]` (a forgotten comma) into two entries, reporting the comma.
+fn split_missing_commas(
+    tokens: Vec<TokenTree>,
+    errors: &mut Vec<syn::Error>,
+) -> Vec<Vec<TokenTree>> {
+    let mut entries = Vec::new();
+    let mut start = 0;
+    for i in 2..tokens.len().saturating_sub(1) {
+        let starts_entry = matches!(
+            (&tokens[i - 1], &tokens[i], &tokens[i + 1]),
+            (TokenTree::Group(_) | TokenTree::Ident(_) | TokenTree::Literal(_), TokenTree::Ident(_), TokenTree::Punct(colon))
+                if colon.as_char() == ':' && colon.spacing() == proc_macro2::Spacing::Alone
+        );
+        let after_attribute =
+            matches!(&tokens[i - 2], TokenTree::Punct(hash) if hash.as_char() == '#');
+        if starts_entry && !after_attribute && i > start + 1 {
+            errors.push(syn::Error::new(
+                tokens[i].span(),
+                format!("expected `,` before `{}`", tokens[i]),
+            ));
+            entries.push(tokens[start..i].to_vec());
+            start = i;
+        }
+    }
+    entries.push(tokens[start..].to_vec());
+    entries
 }
 
 fn parse_entry(tokens: Vec<TokenTree>) -> syn::Result<Entry> {
@@ -413,6 +440,23 @@ mod tests {
             layer.entries[2].value.terms[0],
             Term::Lit { minus: Some(_), .. }
         ));
+    }
+
+    #[test]
+    fn doc_comments_on_entries_and_forgotten_commas() {
+        let input = parse(quote! {
+            struct Layer {
+                /// The queries.
+                query: [T, H, D]
+                key: [S, H, D]
+            }
+        })
+        .unwrap();
+        let layer = &input.layers[0];
+        assert_eq!(layer.entries.len(), 2);
+        assert_eq!(layer.entries[0].attrs.len(), 1);
+        assert_eq!(layer.errors.len(), 1);
+        assert_eq!(layer.errors[0].to_string(), "expected `,` before `key`");
     }
 
     #[test]

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use proc_macro2::{Ident, Span, TokenStream};
 use quote::ToTokens;
-use syn::spanned::Spanned;
 use syn::{Lit, LitInt};
 
 use crate::ir::{self, Axis, DType, Layer, NamedDim, Operand, Options, Precision};
@@ -88,11 +87,23 @@ impl Errors {
 
 /// Validates every layer of an invocation; the error holds every mistake of every layer.
 pub fn validate(input: &Input) -> syn::Result<Vec<Layer>> {
+    match validate_recovering(input) {
+        (layers, None) => Ok(layers),
+        (_, Some(error)) => Err(error),
+    }
+}
+
+/// Like [`validate`], but also returns the layers whose shapes are correct when other entries
+/// are wrong (an unknown or invalid option): such a layer gets the options that were valid and
+/// Flax's defaults for the others. Expanding them next to the errors defines every layer with its
+/// real signature, so code that uses a layer gets no follow-up errors.
+pub fn validate_recovering(input: &Input) -> (Vec<Layer>, Option<syn::Error>) {
     let mut errors = Errors::default();
     let mut layers = Vec::new();
     let mut names: BTreeMap<String, &Ident> = BTreeMap::new();
     for syntax in &input.layers {
-        if let Some(first) = names.get(&syntax.ident.to_string()) {
+        let duplicate = names.get(&syntax.ident.to_string()).copied();
+        if let Some(first) = duplicate {
             errors.with_note(
                 syntax.ident.span(),
                 format!("a layer named `{}` is already declared above", syntax.ident),
@@ -102,11 +113,15 @@ pub fn validate(input: &Input) -> syn::Result<Vec<Layer>> {
         } else {
             names.insert(syntax.ident.to_string(), &syntax.ident);
         }
-        if let Some(layer) = validate_layer(syntax, &mut errors) {
+        let layer = validate_layer(syntax, &mut errors);
+        if let (Some(layer), None) = (layer, duplicate) {
             layers.push(layer);
         }
     }
-    errors.into_result(layers)
+    match errors.into_result(()) {
+        Ok(()) => (layers, None),
+        Err(error) => (layers, Some(error)),
+    }
 }
 
 fn line_of(span: Span) -> usize {
@@ -153,6 +168,24 @@ fn index_entries<'a>(
     seen
 }
 
+/// Whether an unknown entry of `layer` is a misspelling of `name` (it got `name` as suggestion).
+fn misspelt(layer: &LayerSyntax, name: &str) -> bool {
+    layer.entries.iter().any(|entry| {
+        let key = entry.key.to_string();
+        !KEYS.contains(&key.as_str()) && suggestion(&key).as_deref() == Some(name)
+    })
+}
+
+/// The valid name an unknown entry name most likely means.
+fn suggestion(key: &str) -> Option<String> {
+    match key {
+        "q" | "queries" => Some("query".to_owned()),
+        "k" | "keys" => Some("key".to_owned()),
+        "v" | "values" => Some("value".to_owned()),
+        _ => suggest::nearest(key, KEYS).map(str::to_owned),
+    }
+}
+
 fn unknown_key_message(key: &str) -> String {
     let hint = match key {
         "causal" | "is_causal" => Some("write `mask: causal` for a causal mask".to_owned()),
@@ -167,10 +200,7 @@ fn unknown_key_message(key: &str) -> String {
             "`{key}` is chosen per call: set it on the `Context` argument"
         )),
         "module" => Some("Flax's `module` is written `sow: attention_weights`".to_owned()),
-        "q" | "queries" => Some("did you mean `query`?".to_owned()),
-        "k" | "keys" => Some("did you mean `key`?".to_owned()),
-        "v" | "values" => Some("did you mean `value`?".to_owned()),
-        _ => suggest::nearest(key, KEYS).map(|name| format!("did you mean `{name}`?")),
+        _ => suggestion(key).map(|name| format!("did you mean `{name}`?")),
     };
     let mut message = format!("unknown option `{key}`");
     if let Some(hint) = hint {
@@ -341,8 +371,14 @@ fn read_dims(shape: &ShapeSyntax, table: &mut DimTable, errors: &mut Errors) -> 
             }
             DimSyntax::Size(lit) => (parse_size(lit, errors).map(Axis::Size), lit.span()),
             DimSyntax::Malformed(tokens, span) => {
+                let semicolon = tokens
+                    .clone()
+                    .into_iter()
+                    .any(|t| matches!(t, proc_macro2::TokenTree::Punct(p) if p.as_char() == ';'));
                 if tokens.is_empty() {
                     errors.at(*span, format!("missing dim before this `,`: {DIM_FORMS}"));
+                } else if semicolon {
+                    errors.spanned(tokens, "dims are separated by `,`, not `;`");
                 } else {
                     errors.spanned(
                         tokens,
@@ -385,8 +421,9 @@ fn single_shape<'a>(entry: &'a Entry, errors: &mut Errors) -> Option<&'a ShapeSy
     }
 }
 
+/// The layer, if its shapes are correct (other mistakes are recorded in `errors` and do not
+/// prevent it; see [`validate_recovering`]).
 fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
-    let before = errors.len();
     errors
         .0
         .extend(syntax.errors.iter().map(|e| vec![e.clone()]));
@@ -400,6 +437,9 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
         }
     }
     let entries = index_entries(syntax, errors);
+    let options = read_options(&entries, errors);
+    // Errors from here on are about the shapes: with one of them, the layer is not built.
+    let before_shapes = errors.len();
     let mut table = DimTable::default();
 
     // Shapes, in declaration order of the roles, so that dims are numbered predictably.
@@ -416,22 +456,26 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
     let mask = entries
         .get("mask")
         .and_then(|entry| read_mask(entry, &mut table, errors));
-    let options = read_options(&entries, errors);
 
-    for (name, present) in [
-        ("query", entries.contains_key("query")),
-        ("key", entries.contains_key("key")),
-    ] {
-        // After a syntax error inside the braces the entry may be there, just unreadable.
-        if !present && syntax.errors.is_empty() {
-            errors.at(
-                syntax.ident.span(),
-                format!(
-                    "`{}` has no `{name}`: every layer declares `query: [..]` and `key: [..]`",
-                    syntax.ident
-                ),
-            );
-        }
+    // After a syntax error inside the braces, or a misspelt `query`/`key` (reported with a
+    // suggestion), the entry is there, just unreadable: no second error for it.
+    let missing: Vec<&str> = ["query", "key"]
+        .into_iter()
+        .filter(|name| !entries.contains_key(name) && !misspelt(syntax, name))
+        .collect();
+    if !missing.is_empty() && syntax.errors.is_empty() {
+        let missing = missing
+            .iter()
+            .map(|name| format!("`{name}`"))
+            .collect::<Vec<_>>()
+            .join(" and no ");
+        errors.at(
+            syntax.ident.span(),
+            format!(
+                "`{}` has no {missing}: every layer declares `query: [..]` and `key: [..]`",
+                syntax.ident
+            ),
+        );
     }
 
     let check = Structure { table: &table };
@@ -443,15 +487,19 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
         .as_ref()
         .is_some_and(|v| check.rank("value", v, errors));
     if let (Some(query), Some(key), true, true) = (&query, &key, query_ok, key_ok) {
+        // With another number of batch dims, the other dims may be shifted: one error is enough.
         let key_batch_ok = check.same_batch("key", key, query, errors);
-        check.same_axis(key, 1, "heads", query, 1, "heads", errors);
-        check.same_axis(key, 0, "depth", query, 0, "depth", errors);
+        if key_batch_ok {
+            check.same_axis(key, 1, "heads", query, 1, "heads", errors);
+            check.same_axis(key, 0, "depth", query, 0, "depth", errors);
+        }
         if let (Some(value), true) = (&value, value_ok) {
             // Compared with `query` where possible, so a mistake in `key` is reported once.
-            check.same_batch("value", value, query, errors);
-            check.same_axis(value, 1, "heads", query, 1, "heads", errors);
-            if key_batch_ok {
-                check.same_axis(value, 2, "length", key, 2, "length", errors);
+            if check.same_batch("value", value, query, errors) {
+                check.same_axis(value, 1, "heads", query, 1, "heads", errors);
+                if key_batch_ok {
+                    check.same_axis(value, 2, "length", key, 2, "length", errors);
+                }
             }
         }
         let targets = Targets::new(query, key);
@@ -463,7 +511,7 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
         }
     }
 
-    if errors.len() > before {
+    if errors.len() > before_shapes || !syntax.errors.is_empty() {
         return None;
     }
     let operand = |name: &'static str, shape: ShapeEntry| Operand {
@@ -492,7 +540,7 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
                 .get("mask")
                 .map_or(0, |entry| line_of(entry.key.span())),
         },
-        options: options?,
+        options,
     })
 }
 
@@ -643,8 +691,8 @@ fn read_choice<'a>(
     None
 }
 
-fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -> Option<Options> {
-    let mut ok = true;
+/// The options; a wrong one is reported and left at Flax's default.
+fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -> Options {
     let mut options = Options {
         dtype: DType::F32,
         dropout_rate: 0.0,
@@ -654,45 +702,40 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
         sow: false,
         scale: None,
     };
-    if let Some(entry) = entries.get("dropout_rate") {
-        match single_term(entry, errors) {
-            Some(term) => match number(term) {
-                Some(rate) if (0.0..1.0).contains(&rate) => options.dropout_rate = rate,
-                Some(rate) => {
-                    errors.spanned(
-                        term.to_token_stream(),
-                        format!(
-                            "`dropout_rate` must be in [0, 1) (the fraction of weights dropped); \
-                             found {rate}"
-                        ),
-                    );
-                    ok = false;
-                }
-                None => {
-                    errors.spanned(
-                        term.to_token_stream(),
-                        "`dropout_rate` expects a number in [0, 1), such as `0.1`",
-                    );
-                    ok = false;
-                }
-            },
-            None => ok = false,
+    if let Some(entry) = entries.get("dropout_rate")
+        && let Some(term) = single_term(entry, errors)
+    {
+        match number(term) {
+            Some(rate) if (0.0..1.0).contains(&rate) => options.dropout_rate = rate,
+            Some(rate) => {
+                errors.spanned(
+                    term.to_token_stream(),
+                    format!(
+                        "`dropout_rate` must be in [0, 1) (the fraction of weights dropped); \
+                         found {rate}"
+                    ),
+                );
+            }
+            None => {
+                errors.spanned(
+                    term.to_token_stream(),
+                    "`dropout_rate` expects a number in [0, 1), such as `0.1`",
+                );
+            }
         }
     }
-    if let Some(entry) = entries.get("scale") {
-        match single_term(entry, errors) {
-            Some(term) => match number(term) {
-                Some(scale) if scale.is_finite() && scale > 0.0 => options.scale = Some(scale),
-                _ => {
-                    errors.spanned(
-                        term.to_token_stream(),
-                        "`scale` expects a positive number, such as `0.125` \
-                         (the default is `1 / sqrt(depth)`)",
-                    );
-                    ok = false;
-                }
-            },
-            None => ok = false,
+    if let Some(entry) = entries.get("scale")
+        && let Some(term) = single_term(entry, errors)
+    {
+        match number(term) {
+            Some(scale) if scale.is_finite() && scale > 0.0 => options.scale = Some(scale),
+            _ => {
+                errors.spanned(
+                    term.to_token_stream(),
+                    "`scale` expects a positive number, such as `0.125` \
+                     (the default is `1 / sqrt(depth)`)",
+                );
+            }
         }
     }
     for (key, slot) in [
@@ -702,11 +745,10 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
             &mut options.force_fp32_for_softmax,
         ),
     ] {
-        if let Some(entry) = entries.get(key) {
-            match read_bool(entry, errors) {
-                Some(value) => *slot = value,
-                None => ok = false,
-            }
+        if let Some(entry) = entries.get(key)
+            && let Some(value) = read_bool(entry, errors)
+        {
+            *slot = value
         }
     }
     if let Some(entry) = entries.get("dtype") {
@@ -724,7 +766,7 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
             Some("f64") => options.dtype = DType::F64,
             Some("bf16") => options.dtype = DType::BF16,
             Some(_) => options.dtype = DType::F16,
-            None => ok = false,
+            None => {}
         }
     }
     if let Some(entry) = entries.get("precision") {
@@ -740,7 +782,7 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
             Some("default") => options.precision = Precision::Default,
             Some("high") => options.precision = Precision::High,
             Some(_) => options.precision = Precision::Highest,
-            None => ok = false,
+            None => {}
         }
     }
     if let Some(entry) = entries.get("sow") {
@@ -753,9 +795,8 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
                      context's sink under Flax's (\"intermediates\", \"attention_weights\"); \
                      leave `sow` out to sow nothing",
                 );
-                ok = false;
             }
-            None => ok = false,
+            None => {}
         }
     }
     if options.dtype == DType::F64
@@ -769,9 +810,8 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
                  float32 weights without dropout but float64 weights with it; a layer's weights \
                  have one type, so choose two of the three",
         );
-        ok = false;
     }
-    ok.then_some(options)
+    options
 }
 
 /// What a bias or mask dim must match: `[batch.., heads, q_len, kv_len]` of the logits.
@@ -833,6 +873,10 @@ impl Structure<'_> {
 
     fn rank(&self, name: &str, shape: &ShapeEntry, errors: &mut Errors) -> bool {
         let rank = shape.dims.len();
+        if shape.dims.iter().any(|dim| dim.axis.is_none()) {
+            // A malformed dim (already reported) may hide or merge dims: no rank error now.
+            return (3..=MAX_RANK).contains(&rank);
+        }
         if rank < 3 {
             errors.at(
                 shape.shape.span,
@@ -1063,8 +1107,14 @@ mod tests {
     #[test]
     fn missing_query_and_key() {
         let found = messages(quote! { struct L { value: [B, S, H, D] } });
-        assert_eq!(found.len(), 2);
-        assert!(found[0].contains("has no `query`"));
-        assert!(found[1].contains("has no `key`"));
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("`L` has no `query` and no `key`"));
+        let found = messages(quote! { struct L { queries: [T, H, D], key: [S, H, D] } });
+        assert_eq!(
+            found.len(),
+            1,
+            "a misspelt query is reported once: {found:?}"
+        );
+        assert!(found[0].starts_with("unknown option `queries`; did you mean `query`?"));
     }
 }

@@ -66,3 +66,36 @@ pub fn expand_source(source: &str) -> Result<String, Vec<syn::Error>> {
         Err(errors)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prints_every_invocation_formatted() {
+        let source = "use attn::attention;\n\
+                      attention! { struct A { query: [T, H, D], key: [S, H, D] } }\n\
+                      fn main() { attn::attention! { struct B { query: [T, H, D], key: [T, H, D] } } }\n";
+        let text = expand_source(source).unwrap();
+        assert!(text.starts_with("// attention! at line 2\n"));
+        assert!(text.contains("// attention! at line 3\n"));
+        assert!(text.contains("pub fn weights<T, H, D, S>(\n"));
+        assert!(text.contains("\nstruct B;\n"));
+    }
+
+    #[test]
+    fn errors_carry_their_position_in_the_file() {
+        let source = "attention! {\n    struct A {\n        query: [T, H, D],\n        key: [S, H, D],\n        dtpye: f32,\n    }\n}\n";
+        let errors = expand_source(source).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        let start = errors[0].span().start();
+        assert_eq!((start.line, start.column), (5, 8));
+        assert!(errors[0].to_string().contains("did you mean `dtype`?"));
+    }
+
+    #[test]
+    fn a_file_without_attention_is_an_error() {
+        assert!(expand_source("fn main() {}").is_err());
+        assert!(expand_source("fn main( {}").is_err());
+    }
+}

@@ -7,6 +7,8 @@
 //! - Compile-time errors: every message the catalogue quotes appears in the `.stderr` of the
 //!   trybuild case it names (tests/ui/fail/*.rs) — so the catalogue quotes what the compiler
 //!   really prints — and every error message in tests/ui/**/*.stderr is in the catalogue.
+//!   When trybuild cases change, regenerate that part of the catalogue from them with
+//!   `ATTN_BLESS_ERRORS=1 cargo test -p attn --test errors_catalogue` and review the diff.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -295,8 +297,96 @@ fn stderr_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// The heading that starts the generated compile-time part of docs/errors.md.
+const COMPILE_TIME: &str = "## Compile-time errors";
+
+/// The `attention! { .. }` invocations of a source file.
+fn invocations(source: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    let mut rest = source;
+    while let Some(start) = rest.find("attention! {") {
+        let body = &rest[start..];
+        let mut depth = 0usize;
+        let mut end = body.len();
+        for (i, c) in body.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        found.push(&body[..end]);
+        rest = &body[end..];
+    }
+    found
+}
+
+/// The compile-time part of the catalogue, generated from tests/ui/fail: per case, its doc
+/// comment, its declaration (or, for type errors at a call site, the whole program) and its
+/// error messages.
+fn compile_time_section() -> String {
+    let fail = root().join("tests/ui/fail");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&fail)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    cases.retain(|p| p.extension().is_some_and(|e| e == "stderr"));
+    cases.sort();
+    let mut out = format!(
+        "{COMPILE_TIME} (`attention!` and the type checker)\n\n\
+         Generated from the trybuild cases (`ATTN_BLESS_ERRORS=1 cargo test -p attn --test \
+         errors_catalogue`): each case's declaration and the messages the compiler prints for \
+         it. Errors in a declaration point at the offending token, and one build reports all of \
+         them; a tensor of the wrong static shape fails type-checking at the call.\n"
+    );
+    for stderr_path in cases {
+        let source = read(&stderr_path.with_extension("rs"));
+        let mut messages = error_lines(&read(&stderr_path));
+        messages.dedup();
+        let name = stderr_path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy();
+        out.push_str(&format!("\n### `tests/ui/fail/{name}.rs`\n\n"));
+        let doc: Vec<&str> = source
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!").map(str::trim))
+            .collect();
+        if !doc.is_empty() {
+            out.push_str(&format!("{}\n\n", doc.join(" ")));
+        }
+        let type_errors = messages.iter().any(|m| m.starts_with("error["));
+        let code = if type_errors || invocations(&source).is_empty() {
+            source
+                .lines()
+                .filter(|l| !l.starts_with("//!") && !l.starts_with("use "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        } else {
+            invocations(&source).join("\n\n")
+        };
+        out.push_str(&format!(
+            "```rust\n{}\n```\n\n```text\n{}\n```\n",
+            code.trim(),
+            messages.join("\n")
+        ));
+    }
+    out
+}
+
 #[test]
 fn every_compile_time_message_is_pinned_by_a_ui_case_and_catalogued() {
+    if std::env::var_os("ATTN_BLESS_ERRORS").is_some() {
+        let doc = catalogue();
+        let keep = doc.find(COMPILE_TIME).map_or(doc.as_str(), |i| &doc[..i]);
+        let updated = format!("{keep}{}", compile_time_section());
+        std::fs::write(root().join("docs/errors.md"), updated).expect("write docs/errors.md");
+    }
     let ui = root().join("tests/ui");
     let mut files = Vec::new();
     stderr_files(&ui, &mut files);

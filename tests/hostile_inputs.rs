@@ -903,6 +903,20 @@ fn cases() -> Vec<Case> {
             // Row 1: logits (600, 1) / sqrt(2): one-hot in f16.
             values(DType::F16, &[1, 2, 2], vec![f64::NAN, f64::NAN, 1.0, 0.0]),
         ),
+        case(
+            // Flax casts the logits to float32 for the softmax: finfo(float64).min becomes
+            // -inf and a fully masked row is NaN, on the weights and the output alike.
+            "f64 with force_fp32_for_softmax: a fully masked row gives a NaN output row",
+            || {
+                let q = Array::from_f64(DType::F64, &[0.5, -1.0], [2, 1, 1])?;
+                let k = Array::from_f64(DType::F64, &[2.0, 0.25], [2, 1, 1])?;
+                let v = Array::from_f64(DType::F64, &[0.75, -3.0], [2, 1, 1])?;
+                let mask = Array::new(vec![true, false, false, false], [1, 2, 2])?;
+                let args = FlaxArgs::new().mask(&mask).force_fp32_for_softmax(true);
+                dot_product_attention(&q, &k, &v, args)
+            },
+            values(DType::F64, &[2, 1, 1], vec![0.75, f64::NAN]),
+        ),
         // ---- dropout rates -----------------------------------------------------------------
         case(
             "dropout_rate -0.1",

@@ -120,6 +120,9 @@ struct Draw {
     rate: f64,
     kernel_path: bool,
     mistake: usize,
+    /// Long sequences `(q_len, kv_len)` that cross the tiled kernel's query and key blocks
+    /// (64 and 256), with few heads and a small depth.
+    long: Option<(usize, usize)>,
 }
 
 fn draws() -> impl Strategy<Value = Draw> {
@@ -144,12 +147,24 @@ fn draws() -> impl Strategy<Value = Draw> {
             prop_oneof![Just(0.0), 0.0..1.0f64],
             any::<bool>(),
             prop_oneof![1 => Just(0usize), 1 => 1..12usize],
+            prop::option::weighted(0.05, (1..=70usize, 0..=300usize)),
         ),
     )
         .prop_map(
             |(
                 (seed, dtype, batch, q_len, kv_len, heads, depth, v_depth),
-                (with_value, bias, mask, enlarge, causal, force_fp32, rate, kernel_path, mistake),
+                (
+                    with_value,
+                    bias,
+                    mask,
+                    enlarge,
+                    causal,
+                    force_fp32,
+                    rate,
+                    kernel_path,
+                    mistake,
+                    long,
+                ),
             )| Draw {
                 seed,
                 dtype,
@@ -168,6 +183,7 @@ fn draws() -> impl Strategy<Value = Draw> {
                 rate,
                 kernel_path,
                 mistake,
+                long,
             },
         )
 }
@@ -263,6 +279,14 @@ fn build(d: &Draw) -> Problem {
         kernel_path: d.kernel_path,
         mistake: mistakes[d.mistake],
     };
+    if let Some((q_len, kv_len)) = d.long {
+        p.q_len = q_len;
+        p.kv_len = kv_len;
+        p.heads = p.heads.min(2);
+        p.depth = p.depth.min(3);
+        p.v_depth = p.v_depth.min(3);
+        p.batch.truncate(1);
+    }
     let nb: usize = p.batch.iter().product();
     p.query = values.vec(nb * p.q_len * p.heads * p.depth, dtype);
     p.key = values.vec(nb * p.kv_len * p.heads * p.depth, dtype);

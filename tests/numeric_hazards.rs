@@ -7,7 +7,7 @@
 use attn::{
     Array, DType, DropoutRng, FlaxArgs, dot_product_attention, dot_product_attention_weights,
 };
-use half::{bf16, f16};
+use half::f16;
 
 fn arr(dtype: DType, shape: &[usize], data: &[f64]) -> Array {
     Array::from_f64(dtype, data, shape.to_vec()).expect("test array")

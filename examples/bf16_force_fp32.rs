@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo run --release --example bf16_force_fp32`.
 
-use attn::{AttnError, Const, Context, Shape, TensorView, attention};
+use attn::{AttnError, Const, Context, TensorView, attention};
 use half::bf16;
 
 attention! {
@@ -60,6 +60,11 @@ fn main() -> Result<(), AttnError> {
     let q_shape = (q_len, Const::<4>, Const::<32>);
     let kv_shape = (kv_len, Const::<4>, Const::<32>);
     let ctx = &mut Context::deterministic();
+    let (q, k, v) = (
+        TensorView::new(&q, q_shape)?,
+        TensorView::new(&k, kv_shape)?,
+        TensorView::new(&v, kv_shape)?,
+    );
 
     let reference = Reference.forward(
         TensorView::new(&q64, q_shape)?,
@@ -67,19 +72,9 @@ fn main() -> Result<(), AttnError> {
         TensorView::new(&v64, kv_shape)?,
         ctx,
     )?;
-    let plain = Bf16Softmax.forward(
-        TensorView::new(&q, q_shape)?,
-        TensorView::new(&k, kv_shape)?,
-        TensorView::new(&v, kv_shape)?,
-        ctx,
-    )?;
+    let plain = Bf16Softmax.forward(q, k, v, ctx)?;
     // The output type is `Tensor<f32, ..>`: Flax returns float32 here too.
-    let forced = Fp32Softmax.forward(
-        TensorView::new(&q, q_shape)?,
-        TensorView::new(&k, kv_shape)?,
-        TensorView::new(&v, kv_shape)?,
-        ctx,
-    )?;
+    let forced = Fp32Softmax.forward(q, k, v, ctx)?;
     let plain_error = max_abs_diff(
         plain.as_slice().iter().map(|x| x.to_f64()),
         reference.as_slice(),
@@ -88,7 +83,7 @@ fn main() -> Result<(), AttnError> {
         forced.as_slice().iter().map(|&x| f64::from(x)),
         reference.as_slice(),
     );
-    println!("output shape {:?}", forced.shape().dims());
+    println!("output shape {:?}", forced.shape());
     println!("max |output - float64 reference|:");
     println!("  bf16 softmax (bf16 output):              {plain_error:.5}");
     println!("  force_fp32_for_softmax (float32 output): {forced_error:.5}");

@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo run --release --example cross_attention`.
 
-use attn::{AttnError, Const, Context, Shape, TensorView, attention};
+use attn::{AttnError, Const, Context, TensorView, attention};
 
 attention! {
     /// Decoder queries attend to the encoder's keys and values; `S` (encoder length) and `T`
@@ -38,28 +38,18 @@ fn main() -> Result<(), AttnError> {
         .map(|i| i % encoder_len < lengths[i / encoder_len])
         .collect();
 
-    let q_shape = (batch, decoder_len, Const::<4>, Const::<16>);
     let kv_shape = (batch, encoder_len, Const::<4>, Const::<16>);
-    let mask_shape = (batch, Const::<1>, Const::<1>, encoder_len);
-    let layer = CrossAttention;
-    let weights = layer.weights(
-        TensorView::new(&query, q_shape)?,
-        TensorView::new(&key, kv_shape)?,
-        TensorView::new(&padding, mask_shape)?,
-        &mut Context::deterministic(),
-    )?;
-    let output = layer.forward(
-        TensorView::new(&query, q_shape)?,
+    let query = TensorView::new(&query, (batch, decoder_len, Const::<4>, Const::<16>))?;
+    let (key, value) = (
         TensorView::new(&key, kv_shape)?,
         TensorView::new(&value, kv_shape)?,
-        TensorView::new(&padding, mask_shape)?,
-        &mut Context::deterministic(),
-    )?;
-    println!(
-        "weights {:?}, output {:?}",
-        weights.shape().dims(),
-        output.shape().dims()
     );
+    let mask = TensorView::new(&padding, (batch, Const::<1>, Const::<1>, encoder_len))?;
+    let layer = CrossAttention;
+    let weights = layer.weights(query, key, mask, &mut Context::deterministic())?;
+    let output = layer.forward(query, key, value, mask, &mut Context::deterministic())?;
+    println!("weights {:?}", weights.shape());
+    println!("output  {:?}", output.shape());
     for (b, &real) in lengths.iter().enumerate() {
         // weights[b, head 0, decoder token 0, :]
         let start = b * 4 * decoder_len * encoder_len;

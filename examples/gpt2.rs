@@ -5,7 +5,7 @@
 //! Run: `cargo run --release --example gpt2`.
 //! See what the declaration expands to: `cargo run -p attn-expand -- examples/gpt2.rs`.
 
-use attn::{AttnError, Const, Context, Intermediates, Shape, TensorView, attention};
+use attn::{AttnError, Const, Context, Intermediates, TensorView, attention};
 
 attention! {
     /// Causal self-attention of a GPT-2 small block.
@@ -36,18 +36,18 @@ fn main() -> Result<(), AttnError> {
     let shape = (batch, tokens, Const::<12>, Const::<64>);
     let len = batch * tokens * 12 * 64;
     let (q, k, v) = (inputs(len, 1), inputs(len, 2), inputs(len, 3));
-    let layer = Gpt2Attention;
-
-    // Inference: `deterministic` turns dropout off, like Flax's `deterministic=True`.
-    let output = layer.forward(
+    let (query, key, value) = (
         TensorView::new(&q, shape)?,
         TensorView::new(&k, shape)?,
         TensorView::new(&v, shape)?,
-        &mut Context::deterministic(),
-    )?;
+    );
+    let layer = Gpt2Attention;
+
+    // Inference: `deterministic` turns dropout off, like Flax's `deterministic=True`.
+    let output = layer.forward(query, key, value, &mut Context::deterministic())?;
     println!(
         "output shape {:?} (batch, tokens, heads, depth)",
-        output.shape().dims()
+        output.shape()
     );
     // Causal: token 0 sees only itself, so its output equals its value vector in every head.
     let token0 = 12 * 64;
@@ -57,11 +57,7 @@ fn main() -> Result<(), AttnError> {
     // Training: dropout at the declared rate 0.1, drawn from a seed; the sink receives the
     // weights before dropout, as Flax's `sow` does.
     let mut sown = Intermediates::new();
-    let weights = layer.weights(
-        TensorView::new(&q, shape)?,
-        TensorView::new(&k, shape)?,
-        &mut Context::with_dropout(7).sow(&mut sown),
-    )?;
+    let weights = layer.weights(query, key, &mut Context::with_dropout(7).sow(&mut sown))?;
     let kept: Vec<f32> = weights
         .as_slice()
         .iter()

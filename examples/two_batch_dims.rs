@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo run --release --example two_batch_dims`.
 
-use attn::{AttnError, Const, Context, Shape, TensorView, attention};
+use attn::{AttnError, Const, Context, TensorView, attention};
 
 attention! {
     /// Attention over two batch dims with a per-sequence bias shared by all beams.
@@ -41,23 +41,16 @@ fn main() -> Result<(), AttnError> {
         })
         .collect();
 
-    let output = BeamAttention.forward(
-        TensorView::new(&q, (beams, batch, q_len, Const::<2>, Const::<8>))?,
-        TensorView::new(&k, (beams, batch, kv_len, Const::<2>, Const::<8>))?,
-        TensorView::new(&v, (beams, batch, kv_len, Const::<2>, Const::<4>))?,
-        TensorView::new(&bias, (batch, Const::<1>, q_len, kv_len))?,
-        &mut Context::deterministic(),
-    )?;
+    let q = TensorView::new(&q, (beams, batch, q_len, Const::<2>, Const::<8>))?;
+    let k = TensorView::new(&k, (beams, batch, kv_len, Const::<2>, Const::<8>))?;
+    let v = TensorView::new(&v, (beams, batch, kv_len, Const::<2>, Const::<4>))?;
+    let bias = TensorView::new(&bias, (batch, Const::<1>, q_len, kv_len))?;
+    let output = BeamAttention.forward(q, k, v, bias, &mut Context::deterministic())?;
     println!(
         "output {:?} = (beams, batch, q_len, heads, v_depth)",
-        output.shape().dims()
+        output.shape()
     );
-    let weights = BeamAttention.weights(
-        TensorView::new(&q, (beams, batch, q_len, Const::<2>, Const::<8>))?,
-        TensorView::new(&k, (beams, batch, kv_len, Const::<2>, Const::<8>))?,
-        TensorView::new(&bias, (batch, Const::<1>, q_len, kv_len))?,
-        &mut Context::deterministic(),
-    )?;
+    let weights = BeamAttention.weights(q, k, bias, &mut Context::deterministic())?;
     for beam in 0..beams {
         for b in 0..batch {
             // weights[beam, b, head 0, query 0, last key]

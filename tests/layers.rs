@@ -149,6 +149,24 @@ fn b1ts(a: &Array) -> Result<(usize, Const<1>, usize, usize), String> {
     Ok((b, Const, t, s))
 }
 
+/// `[B, 1, 1, S]`-shaped operands.
+fn b11s(a: &Array) -> Result<(usize, Const<1>, Const<1>, usize), String> {
+    let [b, one, other, s] = dims(a)?;
+    if (one, other) != (1, 1) {
+        return Err(format!("expected [B, 1, 1, S], found {:?}", a.shape()));
+    }
+    Ok((b, Const, Const, s))
+}
+
+/// `[B, T, 8, 64]`-shaped operands (static heads and depth).
+fn bt_8_64(a: &Array) -> Result<(usize, usize, Const<8>, Const<64>), String> {
+    let [b, t, h, d] = dims(a)?;
+    if (h, d) != (8, 64) {
+        return Err(format!("expected [B, T, 8, 64], found {:?}", a.shape()));
+    }
+    Ok((b, t, Const, Const))
+}
+
 /// `[1, H, T, S]`-shaped operands.
 fn one_hts(a: &Array) -> Result<(Const<1>, usize, usize, usize), String> {
     let [one, h, t, s] = dims(a)?;
@@ -231,27 +249,41 @@ macro_rules! output_and_weights {
             let (q, k, v) = (case.required("query")?, case.required("key")?, case.required("value")?);
             $( let $extra = case.required(stringify!($extra))?; )*
             let deterministic = case.param_bool("deterministic")?;
+            let (q, k, v) = (
+                view::<$elem, _>(&q, $shape(&q)?)?,
+                view::<$elem, _>(&k, $shape(&k)?)?,
+                view::<$elem, _>(&v, $shape(&v)?)?,
+            );
+            $( let $extra = view::<$extra_elem, _>(&$extra, $extra_shape(&$extra)?)?; )*
             let output = $layer
-                .forward(
-                    view::<$elem, _>(&q, $shape(&q)?)?,
-                    view::<$elem, _>(&k, $shape(&k)?)?,
-                    view::<$elem, _>(&v, $shape(&v)?)?,
-                    $( view::<$extra_elem, _>(&$extra, $extra_shape(&$extra)?)?, )*
-                    &mut Context::default().set_deterministic(deterministic),
-                )
+                .forward(q, k, v, $($extra,)* &mut Context::default().set_deterministic(deterministic))
                 .map_err(err)?;
             let weights = $layer
-                .weights(
-                    view::<$elem, _>(&q, $shape(&q)?)?,
-                    view::<$elem, _>(&k, $shape(&k)?)?,
-                    $( view::<$extra_elem, _>(&$extra, $extra_shape(&$extra)?)?, )*
-                    &mut Context::default().set_deterministic(deterministic),
-                )
+                .weights(q, k, $($extra,)* &mut Context::default().set_deterministic(deterministic))
                 .map_err(err)?;
             Ok(BTreeMap::from([
                 ("attention_weights".to_owned(), Some(array(weights))),
                 ("output".to_owned(), Some(array(output))),
             ]))
+        }
+    };
+}
+
+/// A runner that calls `$layer.weights` (query, key and the extra operands, as in [`forward`]).
+macro_rules! weights {
+    ($layer:expr, $elem:ty, $shape:expr $(, $extra:ident: $extra_elem:ty => $extra_shape:expr)*) => {
+        |case: &Case| -> Result<Actual, String> {
+            let (q, k) = (case.required("query")?, case.required("key")?);
+            $( let $extra = case.required(stringify!($extra))?; )*
+            let weights = $layer
+                .weights(
+                    view::<$elem, _>(&q, $shape(&q)?)?,
+                    view::<$elem, _>(&k, $shape(&k)?)?,
+                    $( view::<$extra_elem, _>(&$extra, $extra_shape(&$extra)?)?, )*
+                    &mut Context::default().set_deterministic(case.param_bool("deterministic")?),
+                )
+                .map_err(err)?;
+            Ok(weights_results(weights))
         }
     };
 }
@@ -303,30 +335,7 @@ fn cases() -> Vec<(&'static str, Runner)> {
             "f32_precision_highest",
             forward!(F32PrecisionHighest, f32, d4),
         ),
-        ("f32_heads8_depth64", |case| {
-            let (q, k, v) = (
-                case.required("query")?,
-                case.required("key")?,
-                case.required("value")?,
-            );
-            let shape = |a: &Array| -> Result<_, String> {
-                let [b, t, h, d] = dims(a)?;
-                if (h, d) != (8, 64) {
-                    return Err(format!("expected [B, T, 8, 64], found {:?}", a.shape()));
-                }
-                Ok((b, t, Const::<8>, Const::<64>))
-            };
-            let mut sink = Intermediates::new();
-            let output = F32Static
-                .forward(
-                    view(&q, shape(&q)?)?,
-                    view(&k, shape(&k)?)?,
-                    view(&v, shape(&v)?)?,
-                    &mut context(case, &mut sink)?,
-                )
-                .map_err(err)?;
-            forward_results(output, &sink)
-        }),
+        ("f32_heads8_depth64", forward!(F32Static, f32, bt_8_64)),
         // f32 masks: causal (generated), tensor, causal + tensor, mask + bias
         ("f32_mask_causal", forward!(F32Causal, f32, d4)),
         (
@@ -341,37 +350,11 @@ fn cases() -> Vec<(&'static str, Runner)> {
             "f32_mask_causal_and_padding",
             forward!(F32CausalAndPadding, f32, d4, mask: bool => b1ts),
         ),
-        ("f32_mask_and_bias", |case| {
-            let (q, k, v) = (
-                case.required("query")?,
-                case.required("key")?,
-                case.required("value")?,
-            );
-            let (bias, mask) = (case.required("bias")?, case.required("mask")?);
-            let mut sink = Intermediates::new();
-            let output = F32MaskAndBias
-                .forward(
-                    view(&q, d4(&q)?)?,
-                    view(&k, d4(&k)?)?,
-                    view(&v, d4(&v)?)?,
-                    view(&bias, one_hts(&bias)?)?,
-                    view(&mask, b1ts(&mask)?)?,
-                    &mut context(case, &mut sink)?,
-                )
-                .map_err(err)?;
-            forward_results(output, &sink)
-        }),
-        ("w_f32_b2_causal", |case| {
-            let (q, k) = (case.required("query")?, case.required("key")?);
-            let weights = F32CausalWeightsB2
-                .weights(
-                    view(&q, d5(&q)?)?,
-                    view(&k, d5(&k)?)?,
-                    &mut Context::default().set_deterministic(case.param_bool("deterministic")?),
-                )
-                .map_err(err)?;
-            Ok(weights_results(weights))
-        }),
+        (
+            "f32_mask_and_bias",
+            forward!(F32MaskAndBias, f32, d4, bias: f32 => one_hts, mask: bool => b1ts),
+        ),
+        ("w_f32_b2_causal", weights!(F32CausalWeightsB2, f32, d5)),
         // f64
         ("f64_b1_basic", forward!(F64Batch1, f64, d4)),
         ("f64_nobatch", forward!(F64NoBatch, f64, d3)),
@@ -380,22 +363,7 @@ fn cases() -> Vec<(&'static str, Runner)> {
             forward!(F64CausalAndPadding, f64, d4, mask: bool => b1ts),
         ),
         ("f64_force_fp32", forward!(F64ForceFp32, f64, d4)),
-        ("w_f64", |case| {
-            let (q, k, mask) = (
-                case.required("query")?,
-                case.required("key")?,
-                case.required("mask")?,
-            );
-            let weights = F64Weights
-                .weights(
-                    view(&q, d4(&q)?)?,
-                    view(&k, d4(&k)?)?,
-                    view(&mask, b1ts(&mask)?)?,
-                    &mut Context::default().set_deterministic(case.param_bool("deterministic")?),
-                )
-                .map_err(err)?;
-            Ok(weights_results(weights))
-        }),
+        ("w_f64", weights!(F64Weights, f64, d4, mask: bool => b1ts)),
         // bf16
         ("bf16_b1_basic", forward!(Bf16Batch1, bf16, d4)),
         ("bf16_nobatch", forward!(Bf16NoBatch, bf16, d3)),
@@ -404,78 +372,19 @@ fn cases() -> Vec<(&'static str, Runner)> {
             "bf16_force_fp32_mask",
             forward!(Bf16ForceFp32Causal, bf16, d4),
         ),
-        ("bf16_mask_bias", |case| {
-            let (q, k, v) = (
-                case.required("query")?,
-                case.required("key")?,
-                case.required("value")?,
-            );
-            let (bias, mask) = (case.required("bias")?, case.required("mask")?);
-            let mut sink = Intermediates::new();
-            let output = Bf16MaskAndBias
-                .forward(
-                    view(&q, d4(&q)?)?,
-                    view(&k, d4(&k)?)?,
-                    view(&v, d4(&v)?)?,
-                    view(&bias, one_hts(&bias)?)?,
-                    view(&mask, b1ts(&mask)?)?,
-                    &mut context(case, &mut sink)?,
-                )
-                .map_err(err)?;
-            forward_results(output, &sink)
-        }),
-        ("w_bf16", |case| {
-            let (q, k) = (case.required("query")?, case.required("key")?);
-            let weights = Bf16Weights
-                .weights(
-                    view(&q, d4(&q)?)?,
-                    view(&k, d4(&k)?)?,
-                    &mut Context::default().set_deterministic(case.param_bool("deterministic")?),
-                )
-                .map_err(err)?;
-            Ok(weights_results(weights))
-        }),
+        (
+            "bf16_mask_bias",
+            forward!(Bf16MaskAndBias, bf16, d4, bias: bf16 => one_hts, mask: bool => b1ts),
+        ),
+        ("w_bf16", weights!(Bf16Weights, bf16, d4)),
         // f16
         ("f16_b1_basic", forward!(F16Batch1, f16, d4)),
         ("f16_nobatch_odd", forward!(F16NoBatch, f16, d3)),
-        ("f16_force_fp32_mask_bias", |case| {
-            let (q, k, v) = (
-                case.required("query")?,
-                case.required("key")?,
-                case.required("value")?,
-            );
-            let (bias, mask) = (case.required("bias")?, case.required("mask")?);
-            let bias_shape = |a: &Array| -> Result<_, String> {
-                let [b, one, other, s] = dims(a)?;
-                if (one, other) != (1, 1) {
-                    return Err(format!("expected [B, 1, 1, S], found {:?}", a.shape()));
-                }
-                Ok((b, Const::<1>, Const::<1>, s))
-            };
-            let mut sink = Intermediates::new();
-            let output = F16ForceFp32MaskAndBias
-                .forward(
-                    view(&q, d4(&q)?)?,
-                    view(&k, d4(&k)?)?,
-                    view(&v, d4(&v)?)?,
-                    view(&bias, bias_shape(&bias)?)?,
-                    view(&mask, d4(&mask)?)?,
-                    &mut context(case, &mut sink)?,
-                )
-                .map_err(err)?;
-            forward_results(output, &sink)
-        }),
-        ("w_f16_force_fp32", |case| {
-            let (q, k) = (case.required("query")?, case.required("key")?);
-            let weights = F16ForceFp32Weights
-                .weights(
-                    view(&q, d4(&q)?)?,
-                    view(&k, d4(&k)?)?,
-                    &mut Context::default().set_deterministic(case.param_bool("deterministic")?),
-                )
-                .map_err(err)?;
-            Ok(weights_results(weights))
-        }),
+        (
+            "f16_force_fp32_mask_bias",
+            forward!(F16ForceFp32MaskAndBias, f16, d4, bias: f16 => b11s, mask: bool => d4),
+        ),
+        ("w_f16_force_fp32", weights!(F16ForceFp32Weights, f16, d4)),
     ]
 }
 

@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 mod fallback;
+mod invocations;
 pub mod ir;
 pub mod parse;
 mod suggest;
@@ -16,6 +17,7 @@ pub mod validate;
 mod expand;
 
 pub use expand::{dims_module_name, expand};
+pub use invocations::invocations;
 pub use parse::parse;
 pub use validate::{validate, validate_recovering};
 

@@ -14,8 +14,8 @@ use crate::ir::{self, Axis, DType, Layer, NamedDim, Operand, Options, Precision}
 use crate::parse::{DimSyntax, Entry, Input, LayerSyntax, ShapeSyntax, Term};
 use crate::suggest;
 
-/// The names an entry may have.
-const KEYS: &[&str] = &[
+/// The keys a declaration's entries may have, in the order of the grammar in docs/macro.md.
+pub const KEYS: &[&str] = &[
     "query",
     "key",
     "value",

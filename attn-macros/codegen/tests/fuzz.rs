@@ -146,26 +146,20 @@ fn value_for(key: &'static str) -> BoxedStrategy<String> {
 }
 
 fn entry() -> impl Strategy<Value = String> {
-    let key = prop::sample::select(vec![
-        "query",
-        "query",
-        "key",
-        "key",
-        "value",
-        "bias",
-        "mask",
-        "dropout_rate",
-        "broadcast_dropout",
-        "dtype",
-        "precision",
-        "force_fp32_for_softmax",
-        "sow",
-        "scale",
-        "dropout",
-        "heads",
-        "causal",
-        "deterministic",
-    ]);
+    // Every key of the grammar, `query` and `key` twice as often (every layer needs them), and
+    // some names that are not keys.
+    let keys = attn_codegen::validate::KEYS.iter().copied();
+    let key = prop::sample::select(
+        keys.chain([
+            "query",
+            "key",
+            "dropout",
+            "heads",
+            "causal",
+            "deterministic",
+        ])
+        .collect::<Vec<_>>(),
+    );
     (key, any::<u8>()).prop_flat_map(|(key, style)| {
         value_for(key).prop_map(move |value| match style % 16 {
             0 => format!("{key} {value}"),
@@ -224,32 +218,14 @@ fn example_declarations() -> Vec<String> {
         for path in paths {
             if path.extension().is_some_and(|e| e == "rs") {
                 let source = std::fs::read_to_string(&path).unwrap();
-                found.extend(attention_bodies(&source));
+                let file = syn::parse_file(&source).unwrap();
+                let invocations = attn_codegen::invocations(&file);
+                found.extend(invocations.into_iter().map(|mac| mac.tokens.to_string()));
             }
         }
     }
     assert!(!found.is_empty(), "no example declarations found");
     found
-}
-
-fn attention_bodies(source: &str) -> Vec<String> {
-    use syn::visit::Visit;
-    struct Bodies(Vec<String>);
-    impl Visit<'_> for Bodies {
-        fn visit_macro(&mut self, mac: &syn::Macro) {
-            if mac
-                .path
-                .segments
-                .last()
-                .is_some_and(|s| s.ident == "attention")
-            {
-                self.0.push(mac.tokens.to_string());
-            }
-        }
-    }
-    let mut bodies = Bodies(Vec::new());
-    bodies.visit_file(&syn::parse_file(source).unwrap());
-    bodies.0
 }
 
 /// A flat token list: groups become their open delimiter, contents, close delimiter.

@@ -4,7 +4,6 @@
 #![deny(missing_docs)]
 
 use proc_macro2::TokenStream;
-use syn::visit::Visit;
 
 /// Formats generated items with prettyplease. Tokens that are not a sequence of items (never
 /// produced by `attn-codegen`) are returned as plain token text.
@@ -15,30 +14,13 @@ pub fn pretty(tokens: TokenStream) -> String {
     }
 }
 
-/// Every `attention! { .. }` (or `attn::attention! { .. }`) invocation in a file.
-struct Invocations(Vec<syn::Macro>);
-
-impl Visit<'_> for Invocations {
-    fn visit_macro(&mut self, mac: &syn::Macro) {
-        if mac
-            .path
-            .segments
-            .last()
-            .is_some_and(|segment| segment.ident == "attention")
-        {
-            self.0.push(mac.clone());
-        }
-    }
-}
-
 /// The pretty-printed expansion of every `attention!` invocation in `source`, in order, each
 /// preceded by a `// attention! at line N` comment. On failure: every error of every invocation
 /// (or the Rust syntax error of the file), with spans that give line and column in `source`.
 pub fn expand_source(source: &str) -> Result<String, Vec<syn::Error>> {
     let file = syn::parse_file(source).map_err(|error| vec![error])?;
-    let mut invocations = Invocations(Vec::new());
-    invocations.visit_file(&file);
-    if invocations.0.is_empty() {
+    let invocations = attn_codegen::invocations(&file);
+    if invocations.is_empty() {
         return Err(vec![syn::Error::new(
             proc_macro2::Span::call_site(),
             "no `attention!` invocation found",
@@ -46,7 +28,7 @@ pub fn expand_source(source: &str) -> Result<String, Vec<syn::Error>> {
     }
     let mut output = String::new();
     let mut errors = Vec::new();
-    for mac in invocations.0 {
+    for mac in invocations {
         let line = mac
             .path
             .segments

@@ -31,11 +31,17 @@ fn check(tokens: TokenStream, source: &str) {
             }
             Err(errors) => {
                 for error in errors {
-                    assert!(!error.to_string().is_empty(), "empty message for:\n{source}");
+                    assert!(
+                        !error.to_string().is_empty(),
+                        "empty message for:\n{source}"
+                    );
                 }
             }
         },
-        Err(error) => assert!(!error.to_string().is_empty(), "empty message for:\n{source}"),
+        Err(error) => assert!(
+            !error.to_string().is_empty(),
+            "empty message for:\n{source}"
+        ),
     }
     let full = attn_codegen::attention(tokens);
     if let Err(e) = syn::parse2::<syn::File>(full.clone()) {

@@ -170,25 +170,32 @@ impl fmt::Display for AttnError {
                 target,
                 axis,
             } => {
-                let offset = target.len() as isize - s.len() as isize;
-                if offset < 0 {
-                    write!(
+                // `get`: the fields are public, so Display must not index out of bounds.
+                let sizes = target
+                    .len()
+                    .checked_sub(s.len())
+                    .and_then(|offset| Some((s.get(*axis)?, target.get(axis + offset)?)));
+                match sizes {
+                    Some((n, t)) => write!(
+                        f,
+                        "`{tensor}` of shape {} does not broadcast to {}: axis {axis} has size {n}, expected 1 or {t}",
+                        shape(s),
+                        shape(target),
+                    ),
+                    None if s.len() > target.len() => write!(
                         f,
                         "`{tensor}` of shape {} does not broadcast to {}: rank {} is higher than {}",
                         shape(s),
                         shape(target),
                         s.len(),
                         target.len()
-                    )
-                } else {
-                    let t = target[(*axis as isize + offset) as usize];
-                    write!(
+                    ),
+                    None => write!(
                         f,
-                        "`{tensor}` of shape {} does not broadcast to {}: axis {axis} has size {}, expected 1 or {t}",
+                        "`{tensor}` of shape {} does not broadcast to {}",
                         shape(s),
-                        shape(target),
-                        s[*axis]
-                    )
+                        shape(target)
+                    ),
                 }
             }
             AttnError::DType {
@@ -275,6 +282,32 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "`bias` of shape [3, 5] does not broadcast to [2, 4, 5]: axis 0 has size 3, expected 1 or 4"
+        );
+    }
+
+    // Regression: Display indexed `shape[axis]` and `target[..]` directly, so a hand-built
+    // (public fields) inconsistent error panicked when printed.
+    #[test]
+    fn display_of_inconsistent_broadcast_does_not_panic() {
+        let e = AttnError::Broadcast {
+            tensor: "bias",
+            shape: vec![3],
+            target: vec![2, 4],
+            axis: 7,
+        };
+        assert_eq!(
+            e.to_string(),
+            "`bias` of shape [3] does not broadcast to [2, 4]"
+        );
+        let e = AttnError::Broadcast {
+            tensor: "mask",
+            shape: vec![1, 2, 3],
+            target: vec![3],
+            axis: 0,
+        };
+        assert_eq!(
+            e.to_string(),
+            "`mask` of shape [1, 2, 3] does not broadcast to [3]: rank 3 is higher than 1"
         );
     }
 }

@@ -3,7 +3,7 @@
 use super::expand::broadcast_indices;
 use crate::array::{Array, ArrayData};
 use crate::element::DType;
-use crate::error::AttnError;
+use crate::error::{AttnError, num_elements};
 use crate::kernel::broadcast_shapes;
 
 /// The pairwise function of `make_attention_mask` (the `jnp` functions Flax code passes).
@@ -112,8 +112,7 @@ pub fn make_attention_mask(
                 .collect(),
         ),
     };
-    let mut shape = vec![1; extra_batch_dims];
-    shape.extend_from_slice(&target[..target.len() - 2]);
+    let mut shape = mask_prefix(extra_batch_dims, &target[..target.len() - 2])?;
     shape.extend_from_slice(&[1, target[target.len() - 2], target[target.len() - 1]]);
     Ok(Array::from_data(data, shape)?.astype(dtype))
 }
@@ -141,10 +140,44 @@ pub fn make_causal_mask(
             found: len,
         });
     }
-    let count = crate::error::num_elements("x", x_shape)?;
-    let idxs: Vec<i32> = (0..count).map(|n| (n % len) as i32).collect();
-    let x = Array::new(idxs, x_shape.to_vec())?;
-    make_attention_mask(&x, &x, PairwiseFn::GreaterEqual, extra_batch_dims, dtype)
+    let mut shape = mask_prefix(extra_batch_dims, &x_shape[..x_shape.len() - 1])?;
+    shape.extend_from_slice(&[1, len, len]);
+    // The shape alone can ask for any size: check it and reserve before building anything.
+    let total = num_elements("mask", &shape)?;
+    let mut data = Vec::new();
+    data.try_reserve_exact(total)
+        .map_err(|_| AttnError::Allocation {
+            tensor: "mask",
+            elements: total,
+        })?;
+    // Entry `[.., i, j]` is `i >= j` for every leading index (what `make_attention_mask(idxs,
+    // idxs, greater_equal)` gives for `idxs = broadcast_to(arange(len), x_shape)`).
+    if len > 0 {
+        for _ in 0..total / (len * len) {
+            data.extend((0..len).flat_map(|i| (0..len).map(move |j| i >= j)));
+        }
+    }
+    Ok(Array::new(data, shape)?.astype(dtype))
+}
+
+/// `[1] * extra_batch_dims + batch`: the leading axes of a mask. NumPy arrays have at most 64
+/// dims, so a larger `extra_batch_dims` is an error (and is never allocated).
+fn mask_prefix(extra_batch_dims: usize, batch: &[usize]) -> Result<Vec<usize>, AttnError> {
+    const MAX_DIMS: usize = 64;
+    let rank = extra_batch_dims
+        .saturating_add(batch.len())
+        .saturating_add(3);
+    if rank > MAX_DIMS {
+        return Err(AttnError::InvalidArgument {
+            argument: "extra_batch_dims",
+            reason: format!(
+                "the mask would have {rank} dims; at most {MAX_DIMS} are supported (as in NumPy)"
+            ),
+        });
+    }
+    let mut shape = vec![1; extra_batch_dims];
+    shape.extend_from_slice(batch);
+    Ok(shape)
 }
 
 /// Flax's `combine_masks(*masks, dtype)`: drops the `None`s, returns `None` if nothing is left,
@@ -178,4 +211,51 @@ pub fn combine_masks(masks: &[Option<&Array>], dtype: DType) -> Result<Option<Ar
     }
     let combined = Array::new(acc.unwrap_or_default(), target)?;
     Ok(Some(combined.astype(dtype)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_matches_greater_equal_of_positions() {
+        let m = make_causal_mask(&[2, 3], 1, DType::F32).unwrap();
+        assert_eq!(m.shape(), &[1, 2, 1, 3, 3]);
+        let row: Vec<f64> = vec![1., 0., 0., 1., 1., 0., 1., 1., 1.];
+        let want: Vec<f64> = row.iter().chain(&row).copied().collect();
+        assert_eq!(m.to_f64_vec(), want);
+        let empty = make_causal_mask(&[4, 0], 0, DType::Bool).unwrap();
+        assert_eq!(empty.shape(), &[4, 1, 0, 0]);
+    }
+
+    // Regression: the shape alone used to be allocated with `collect` (an abort, not an error,
+    // when too large), and `extra_batch_dims` with `vec![1; n]`.
+    #[test]
+    fn huge_requests_are_errors_not_aborts() {
+        let e = make_causal_mask(&[1 << 40, 1], 0, DType::Bool).unwrap_err();
+        assert_eq!(
+            e,
+            AttnError::Allocation {
+                tensor: "mask",
+                elements: 1 << 40
+            }
+        );
+        let e = make_causal_mask(&[4], usize::MAX, DType::Bool).unwrap_err();
+        assert!(matches!(
+            e,
+            AttnError::InvalidArgument {
+                argument: "extra_batch_dims",
+                ..
+            }
+        ));
+        let x = Array::new(vec![1i32; 2], [2]).unwrap();
+        let e = make_attention_mask(&x, &x, PairwiseFn::Multiply, 1 << 50, DType::F32).unwrap_err();
+        assert!(matches!(
+            e,
+            AttnError::InvalidArgument {
+                argument: "extra_batch_dims",
+                ..
+            }
+        ));
+    }
 }

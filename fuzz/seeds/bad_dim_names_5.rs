@@ -1,0 +1,5 @@
+struct Layer {
+        query: [f32, T, H, D],
+        key: [f32, S, H, D],
+        value: [f32, S, H, match],
+    }

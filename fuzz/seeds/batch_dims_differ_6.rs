@@ -1,0 +1,4 @@
+struct SameRankOtherName {
+        query: [B, T, H, D],
+        key: [C, S, H, D],
+    }

@@ -1,0 +1,6 @@
+struct Layer {
+        query: [T, H, D],
+        key: [S, H, D],
+        bias: [B, H, T, S],
+        mask: [1, 1, 1, T, S],
+    }

@@ -1,0 +1,4 @@
+struct Layer {
+        query: [T, H = 2, D = 8],
+        key: [S, H, D],
+    }

@@ -1,0 +1,17 @@
+struct One {
+        query: [T, H, D],
+        key: [S, H, D],
+        dropout_rate: 1.0,
+    }
+
+    struct Negative {
+        query: [T, H, D],
+        key: [S, H, D],
+        dropout_rate: -0.1,
+    }
+
+    struct NotANumber {
+        query: [T, H, D],
+        key: [S, H, D],
+        dropout_rate: high,
+    }

@@ -1,0 +1,7 @@
+struct Layer {
+        query: [T, H, D],
+        key: [S, H, D],
+        dropout_rate: 0.1,
+        dtype: f32,
+        dropout_rate: 0.2,
+    }

@@ -1,0 +1,7 @@
+#[derive(Debug)]
+    struct Layer {
+        query [T, H, D],
+        key = [S, H, D],
+        , dtype: f32,
+        mask:,
+    }

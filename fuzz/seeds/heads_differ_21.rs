@@ -1,0 +1,4 @@
+struct Layer {
+        query: [B, T, H, D],
+        key: [B, S, K, D],
+    }

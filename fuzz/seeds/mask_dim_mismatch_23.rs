@@ -1,0 +1,5 @@
+struct Layer {
+        query: [B, T, H, D],
+        key: [B, S, H, D],
+        mask: causal + [B, 1, S, T],
+    }

@@ -1,0 +1,8 @@
+struct NoQuery {
+        key: [S, H, D],
+        value: [S, H, D],
+    }
+
+    struct NoKey {
+        query: [T, H, D],
+    }

@@ -1,0 +1,4 @@
+struct Layer {
+        query: [B, T, H = 12, D = 64],
+        key: [B, S, H = 8, D],
+    }

@@ -1,0 +1,1 @@
+pub fn layer(query: [T, H, D]) {}

@@ -1,0 +1,11 @@
+struct Flax {
+        query: [T, H, D],
+        key: [S, H, D],
+        dtype: bfloat16,
+    }
+
+    struct Integer {
+        query: [T, H, D],
+        key: [S, H, D],
+        dtype: i32,
+    }

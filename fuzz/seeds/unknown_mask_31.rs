@@ -1,0 +1,5 @@
+struct Layer {
+        query: [T, H, D],
+        key: [S, H, D],
+        mask: casual + causal + causal,
+    }

@@ -1,0 +1,5 @@
+struct Layer {
+        query: [B, T, H, D],
+        key: [B, S, H, D],
+        value: [B, T, H, D],
+    }

@@ -30,13 +30,15 @@
 
 use std::ops::{Add, Mul, Sub};
 
-use half::{bf16, f16};
 use rand_core::RngCore;
 use rand_pcg::Pcg32;
 use rayon::prelude::*;
 
-use super::exp::{Fused, MulAdd, Unfused, exp_f32};
+use super::Call;
+use super::broadcast::Resolved;
+use super::exp::{MulAdd, Unfused, exp_f32};
 use super::simd::{self, Body, Isa, Product};
+use crate::element::Element;
 
 /// Query rows per task (fewer when that would leave fewer than [`MIN_TASKS`] tasks).
 pub(crate) const QUERY_BLOCK: usize = 64;
@@ -45,96 +47,8 @@ pub(crate) const KEY_BLOCK: usize = 256;
 /// The query block shrinks (down to 16 rows) until there are at least this many tasks.
 const MIN_TASKS: usize = 4;
 
-/// Element types the output path reads and writes.
-pub(crate) trait FlashElement: Copy + Send + Sync + 'static {
-    /// Widens to `f32`.
-    fn to_f32(self) -> f32;
-    /// Widens to `f64`.
-    fn to_f64(self) -> f64;
-    /// Rounds from `f32`.
-    fn from_f32(x: f32) -> Self;
-    /// Rounds from `f64`.
-    fn from_f64(x: f64) -> Self;
-    /// The slice itself when `Self` is `f32` (read in place, no conversion).
-    fn as_f32(values: &[Self]) -> Option<&[f32]> {
-        let _ = values;
-        None
-    }
-    /// The slice itself when `Self` is `f64`.
-    fn as_f64(values: &[Self]) -> Option<&[f64]> {
-        let _ = values;
-        None
-    }
-}
-
-impl FlashElement for f32 {
-    fn to_f32(self) -> f32 {
-        self
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-    fn as_f32(values: &[Self]) -> Option<&[f32]> {
-        Some(values)
-    }
-}
-
-impl FlashElement for f64 {
-    fn to_f32(self) -> f32 {
-        self as f32
-    }
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f32(x: f32) -> Self {
-        x as f64
-    }
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-    fn as_f64(values: &[Self]) -> Option<&[f64]> {
-        Some(values)
-    }
-}
-
-impl FlashElement for bf16 {
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn to_f64(self) -> f64 {
-        bf16::to_f64(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-    fn from_f64(x: f64) -> Self {
-        bf16::from_f64(x)
-    }
-}
-
-impl FlashElement for f16 {
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn to_f64(self) -> f64 {
-        f16::to_f64(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-    fn from_f64(x: f64) -> Self {
-        f16::from_f64(x)
-    }
-}
-
-/// The arithmetic type of the kernel (`f32` or `f64`).
-pub(crate) trait Real:
+/// The arithmetic of the tiled path (`f32` or `f64`).
+pub(crate) trait TileReal:
     Copy
     + Send
     + Sync
@@ -151,9 +65,9 @@ pub(crate) trait Real:
     /// −∞.
     const NEG_INFINITY: Self;
     /// `x` converted (rounded) to this type.
-    fn of<E: FlashElement>(x: E) -> Self;
+    fn of<E: Element>(x: E) -> Self;
     /// `self` converted (rounded) to `O`.
-    fn to<O: FlashElement>(self) -> O;
+    fn to<O: Element>(self) -> O;
     /// `x` rounded to this type.
     fn from_f64(x: f64) -> Self;
     /// The larger of the two; a NaN operand is ignored (NaN still reaches the result through
@@ -164,21 +78,34 @@ pub(crate) trait Real:
     /// `eˣ`.
     fn exp<M: MulAdd>(self) -> Self;
     /// The slice itself when its elements already have this type.
-    fn direct<E: FlashElement>(values: &[E]) -> Option<&[Self]>;
+    fn direct<E: Element>(values: &[E]) -> Option<&[Self]>;
+    /// The slice itself when its elements already have this type.
+    fn direct_mut<E: Element>(values: &mut [E]) -> Option<&mut [Self]>;
     /// `c (=|+=) a · b` (see [`Product`]).
     fn product(isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize);
+    /// `out[n · stride] += bias[b, h, i, j0 + n]` for `n < count`.
+    fn add_bias(
+        bias: &dyn BiasRows,
+        at: (usize, usize, usize),
+        j0: usize,
+        count: usize,
+        out: &mut [Self],
+        stride: usize,
+    );
+    /// Runs `K` compiled for `isa` (`f32`) or portably (`f64`, which has no SIMD kernels).
+    fn dispatch<K: Body>(isa: Isa, input: K::Input) -> K::Output;
 }
 
-impl Real for f32 {
+impl TileReal for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f32::NEG_INFINITY;
     #[inline(always)]
-    fn of<E: FlashElement>(x: E) -> Self {
+    fn of<E: Element>(x: E) -> Self {
         x.to_f32()
     }
     #[inline(always)]
-    fn to<O: FlashElement>(self) -> O {
+    fn to<O: Element>(self) -> O {
         O::from_f32(self)
     }
     #[inline(always)]
@@ -198,8 +125,12 @@ impl Real for f32 {
         exp_f32::<M>(self)
     }
     #[inline(always)]
-    fn direct<E: FlashElement>(values: &[E]) -> Option<&[Self]> {
-        E::as_f32(values)
+    fn direct<E: Element>(values: &[E]) -> Option<&[Self]> {
+        E::as_f32_slice(values)
+    }
+    #[inline(always)]
+    fn direct_mut<E: Element>(values: &mut [E]) -> Option<&mut [Self]> {
+        E::as_f32_slice_mut(values)
     }
     #[inline(always)]
     fn product(isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize) {
@@ -209,18 +140,31 @@ impl Real for f32 {
             product_portable(p, c, ldc);
         }
     }
+    fn add_bias(
+        bias: &dyn BiasRows,
+        at: (usize, usize, usize),
+        j0: usize,
+        count: usize,
+        out: &mut [Self],
+        stride: usize,
+    ) {
+        bias.add_f32(at, j0, count, out, stride);
+    }
+    fn dispatch<K: Body>(isa: Isa, input: K::Input) -> K::Output {
+        simd::with_features::<K>(isa, input)
+    }
 }
 
-impl Real for f64 {
+impl TileReal for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f64::NEG_INFINITY;
     #[inline(always)]
-    fn of<E: FlashElement>(x: E) -> Self {
+    fn of<E: Element>(x: E) -> Self {
         x.to_f64()
     }
     #[inline(always)]
-    fn to<O: FlashElement>(self) -> O {
+    fn to<O: Element>(self) -> O {
         O::from_f64(self)
     }
     #[inline(always)]
@@ -240,19 +184,36 @@ impl Real for f64 {
         f64::exp(self)
     }
     #[inline(always)]
-    fn direct<E: FlashElement>(values: &[E]) -> Option<&[Self]> {
-        E::as_f64(values)
+    fn direct<E: Element>(values: &[E]) -> Option<&[Self]> {
+        E::as_f64_slice(values)
+    }
+    #[inline(always)]
+    fn direct_mut<E: Element>(values: &mut [E]) -> Option<&mut [Self]> {
+        E::as_f64_slice_mut(values)
     }
     #[inline(always)]
     fn product(_isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize) {
         product_portable(p, c, ldc);
+    }
+    fn add_bias(
+        bias: &dyn BiasRows,
+        at: (usize, usize, usize),
+        j0: usize,
+        count: usize,
+        out: &mut [Self],
+        stride: usize,
+    ) {
+        bias.add_f64(at, j0, count, out, stride);
+    }
+    fn dispatch<K: Body>(_isa: Isa, input: K::Input) -> K::Output {
+        K::run::<Unfused>(input)
     }
 }
 
 /// [`Product`] with plain loops (the inner loop runs along contiguous rows and vectorizes).
 /// Panics if an index would fall outside the operands (a bug in the caller).
 #[inline(always)]
-pub(crate) fn product_portable<T: Real>(p: &Product<'_, T>, c: &mut [T], ldc: usize) {
+pub(crate) fn product_portable<T: TileReal>(p: &Product<'_, T>, c: &mut [T], ldc: usize) {
     assert!(p.in_bounds(c.len(), ldc), "tile product out of bounds");
     for r in 0..p.rows {
         let c_row = &mut c[r * ldc..r * ldc + p.cols];
@@ -269,83 +230,55 @@ pub(crate) fn product_portable<T: Real>(p: &Product<'_, T>, c: &mut [T], ldc: us
     }
 }
 
-/// A bias or mask operand broadcast (NumPy rules) to `[batch..., heads, q_len, kv_len]`:
-/// element `(b, h, i, j)` is `data[base(b, h) + i·q_stride + j·kv_stride]`.
-#[derive(Clone, Debug)]
-pub(crate) struct Broadcast2d<'a, T> {
-    data: &'a [T],
-    /// Target batch dims and the operand's strides along them (0 where broadcast).
-    batch: Vec<(usize, usize)>,
-    head_stride: usize,
-    q_stride: usize,
-    kv_stride: usize,
+/// A bias operand behind a trait object, so that the kernel body is compiled once per input
+/// type rather than once per (input, bias) pair.
+pub(crate) trait BiasRows: Sync {
+    /// Adds `bias[b, h, i, j0 + n]` to `out[n · stride]` for `n < count`.
+    fn add_f32(
+        &self,
+        at: (usize, usize, usize),
+        j0: usize,
+        count: usize,
+        out: &mut [f32],
+        stride: usize,
+    );
+    /// The same in `f64`.
+    fn add_f64(
+        &self,
+        at: (usize, usize, usize),
+        j0: usize,
+        count: usize,
+        out: &mut [f64],
+        stride: usize,
+    );
 }
 
-impl<'a, T: Copy> Broadcast2d<'a, T> {
-    /// Views `data` of `shape` broadcast to `[batch_shape..., heads, q_len, kv_len]`; `None` if
-    /// `shape` does not broadcast to it or `data` does not hold `shape`'s element count.
-    pub(crate) fn new(
-        data: &'a [T],
-        shape: &[usize],
-        batch_shape: &[usize],
-        heads: usize,
-        q_len: usize,
-        kv_len: usize,
-    ) -> Option<Self> {
-        let target: Vec<usize> = batch_shape
-            .iter()
-            .copied()
-            .chain([heads, q_len, kv_len])
-            .collect();
-        if shape.len() > target.len() {
-            return None;
+impl<B: Element> BiasRows for Resolved<'_, B> {
+    fn add_f32(
+        &self,
+        (b, h, i): (usize, usize, usize),
+        j0: usize,
+        count: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let row = self.row(b, h, i);
+        for n in 0..count {
+            out[n * stride] += row.get(j0 + n).to_f32();
         }
-        let count = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
-        if count != data.len() {
-            return None;
-        }
-        // Row-major strides of the operand, right-aligned against the target; 0 where broadcast
-        // (a size-1 dim, or a dim the operand does not have).
-        let mut strides = vec![0; target.len()];
-        let mut stride = 1;
-        for (k, &size) in shape.iter().enumerate().rev() {
-            let t = target.len() - shape.len() + k;
-            if size != target[t] && size != 1 {
-                return None;
-            }
-            strides[t] = if size == 1 { 0 } else { stride };
-            stride *= size;
-        }
-        let n = batch_shape.len();
-        Some(Self {
-            data,
-            batch: batch_shape
-                .iter()
-                .copied()
-                .zip(strides[..n].iter().copied())
-                .collect(),
-            head_stride: strides[n],
-            q_stride: strides[n + 1],
-            kv_stride: strides[n + 2],
-        })
     }
-
-    /// Offset of element `(b, h, 0, 0)`, `b` being the row-major index over the batch dims.
-    #[inline(always)]
-    fn base(&self, b: usize, h: usize) -> usize {
-        let mut rest = b;
-        let mut offset = h * self.head_stride;
-        for &(size, stride) in self.batch.iter().rev() {
-            offset += (rest % size) * stride;
-            rest /= size;
+    fn add_f64(
+        &self,
+        (b, h, i): (usize, usize, usize),
+        j0: usize,
+        count: usize,
+        out: &mut [f64],
+        stride: usize,
+    ) {
+        let row = self.row(b, h, i);
+        for n in 0..count {
+            out[n * stride] += row.get(j0 + n).to_f64();
         }
-        offset
-    }
-
-    /// Element `(i, j)` of the matrix that starts at `base`.
-    #[inline(always)]
-    fn at(&self, base: usize, i: usize, j: usize) -> T {
-        self.data[base + i * self.q_stride + j * self.kv_stride]
     }
 }
 
@@ -355,7 +288,7 @@ pub(crate) struct FlashMask<'a> {
     /// Keep only `j <= i` (Flax's `make_causal_mask`).
     pub causal: bool,
     /// Keep only where this is true (combined with `causal` when both are given).
-    pub explicit: Option<Broadcast2d<'a, bool>>,
+    pub explicit: Option<Resolved<'a, bool>>,
 }
 
 /// Dropout of the softmax weights: the keep decision for weight `n` (row-major index over the
@@ -377,7 +310,7 @@ impl FlashDropout {
     /// The keep multipliers (`multiplier` or 0) of weights `(b, h, i, j_start..j_start + n)`,
     /// passed to `apply(index_in_run, multiplier)`.
     #[inline(always)]
-    fn for_run<C: Real>(
+    fn for_run<C: TileReal>(
         &self,
         dims: &Dims,
         (b, h, i): (usize, usize, usize),
@@ -419,7 +352,7 @@ pub(crate) struct Dims {
 
 /// Everything one output-path call reads. Layouts are Flax's: query `[batch..., q, heads, d]`,
 /// key `[batch..., kv, heads, d]`, value `[batch..., kv, heads, dv]`.
-pub(crate) struct FlashArgs<'a, E, B> {
+pub(crate) struct FlashArgs<'a, E> {
     /// Sizes.
     pub dims: Dims,
     /// Queries.
@@ -431,25 +364,59 @@ pub(crate) struct FlashArgs<'a, E, B> {
     /// Queries are multiplied by this before the dot product (Flax: `1 / round(sqrt(d))`).
     pub query_scale: f64,
     /// Added to the logits.
-    pub bias: Option<Broadcast2d<'a, B>>,
+    pub bias: Option<&'a dyn BiasRows>,
     /// Masked logits.
     pub mask: FlashMask<'a>,
     /// What a masked logit becomes: `finfo(computation dtype).min`.
     pub big_neg: f64,
     /// Dropout of the weights, if active.
     pub dropout: Option<FlashDropout>,
+    /// Compute in `f64` (some step of Flax's is `f64`) rather than `f32`.
+    pub accumulate_f64: bool,
+}
+
+impl<'a, E: Element> FlashArgs<'a, E> {
+    /// The arguments of a validated call of the output function.
+    pub(crate) fn of_call<B: Element>(call: &'a Call<'a, E, B>, value: &'a [E]) -> Self {
+        FlashArgs {
+            dims: Dims {
+                batch: call.batch,
+                q_len: call.q_len,
+                kv_len: call.kv_len,
+                heads: call.heads,
+                qk_depth: call.qk_depth,
+                v_depth: call.v_depth,
+            },
+            query: call.query,
+            key: call.key,
+            value,
+            query_scale: call.query_scale,
+            bias: call.bias.as_ref().map(|b| b as &dyn BiasRows),
+            mask: FlashMask {
+                causal: call.causal,
+                explicit: call.mask.clone(),
+            },
+            big_neg: call.plan.compute.finfo_min().unwrap_or(f64::MIN),
+            dropout: call.dropout.as_ref().map(|(plan, rng)| FlashDropout {
+                rng: rng.clone(),
+                threshold: plan.threshold,
+                multiplier: plan.multiplier,
+                broadcast: plan.broadcast,
+            }),
+            accumulate_f64: call.plan.accumulate_f64(),
+        }
+    }
 }
 
 /// Computes attention into `out` (`[batch..., q_len, heads, v_depth]`) with the instruction set
 /// `isa`, on the current rayon pool.
 ///
 /// Panics if a slice length does not match `args.dims` (the caller validated the shapes).
-pub(crate) fn flash_attention<E, B, O>(args: &FlashArgs<'_, E, B>, out: &mut [O], isa: Isa)
-where
-    E: FlashElement,
-    B: FlashElement,
-    O: FlashElement,
-{
+pub(crate) fn flash_attention<E: Element, O: Element>(
+    args: &FlashArgs<'_, E>,
+    out: &mut [O],
+    isa: Isa,
+) {
     let d = args.dims;
     let rows = d.batch * d.q_len;
     let keys = d.batch * d.kv_len;
@@ -464,10 +431,10 @@ where
     if out.is_empty() {
         return;
     }
-    if E::as_f64(args.query).is_some() {
-        run::<f64, E, B, O>(args, out, Isa::Portable);
+    if args.accumulate_f64 {
+        run::<f64, E, O>(args, out, Isa::Portable);
     } else {
-        run::<f32, E, B, O>(args, out, isa);
+        run::<f32, E, O>(args, out, isa);
     }
 }
 
@@ -480,11 +447,7 @@ fn query_block(d: &Dims) -> usize {
     block
 }
 
-fn run<C: Real, E: FlashElement, B: FlashElement, O: FlashElement>(
-    args: &FlashArgs<'_, E, B>,
-    out: &mut [O],
-    isa: Isa,
-) {
+fn run<C: TileReal, E: Element, O: Element>(args: &FlashArgs<'_, E>, out: &mut [O], isa: Isa) {
     let d = args.dims;
     let block = query_block(&d);
     let row_len = d.heads * d.v_depth;
@@ -499,20 +462,32 @@ fn run<C: Real, E: FlashElement, B: FlashElement, O: FlashElement>(
         })
         .collect();
     tasks.into_par_iter().for_each_init(
-        || Scratch::<C>::new(&d, block),
-        |scratch, (b, first_row, out_rows)| {
+        || (Scratch::<C>::new(&d, block), Vec::<C>::new()),
+        |(scratch, converted), (b, first_row, out_rows)| {
+            // The body writes `C`; other output types go through a buffer, so that the body
+            // is not compiled once per output type.
+            let direct = C::direct_mut(&mut *out_rows).is_some();
+            if !direct {
+                converted.clear();
+                converted.resize(out_rows.len(), C::ZERO);
+            }
+            let out_c = match C::direct_mut(&mut *out_rows) {
+                Some(out_c) => out_c,
+                None => &mut converted[..],
+            };
             let task = Task {
                 args,
                 b,
                 first_row,
-                out: out_rows,
+                out: out_c,
                 scratch,
                 isa,
             };
-            if isa == Isa::Portable {
-                simd::with_features::<TaskBody<'_, '_, C, E, B, O, Unfused>>(isa, task);
-            } else {
-                simd::with_features::<TaskBody<'_, '_, C, E, B, O, Fused>>(isa, task);
+            C::dispatch::<TaskBody<'_, '_, C, E>>(isa, task);
+            if !direct {
+                for (o, &x) in out_rows.iter_mut().zip(converted.iter()) {
+                    *o = x.to::<O>();
+                }
             }
         },
     );
@@ -547,7 +522,7 @@ struct Scratch<C> {
     active: Vec<bool>,
 }
 
-impl<C: Real> Scratch<C> {
+impl<C: TileReal> Scratch<C> {
     fn new(d: &Dims, block: usize) -> Self {
         let width = block.next_multiple_of(16);
         let key_rows = KEY_BLOCK.min(d.kv_len);
@@ -570,11 +545,11 @@ impl<C: Real> Scratch<C> {
 }
 
 /// One (batch element, query block) task.
-struct Task<'t, 'a, C, E, B, O> {
-    args: &'t FlashArgs<'a, E, B>,
+struct Task<'t, 'a, C, E> {
+    args: &'t FlashArgs<'a, E>,
     b: usize,
     first_row: usize,
-    out: &'t mut [O],
+    out: &'t mut [C],
     scratch: &'t mut Scratch<C>,
     isa: Isa,
 }
@@ -590,22 +565,19 @@ struct Rows {
 }
 
 /// The task body, compiled per instruction set by [`simd::with_features`].
-struct TaskBody<'t, 'a, C, E, B, O, M>(std::marker::PhantomData<(&'t (), &'a (), C, E, B, O, M)>);
+struct TaskBody<'t, 'a, C, E>(std::marker::PhantomData<(&'t (), &'a (), C, E)>);
 
-impl<'t, 'a, C, E, B, O, M> Body for TaskBody<'t, 'a, C, E, B, O, M>
+impl<'t, 'a, C, E> Body for TaskBody<'t, 'a, C, E>
 where
     'a: 't,
-    C: Real,
-    E: FlashElement,
-    B: FlashElement,
-    O: FlashElement,
-    M: MulAdd,
+    C: TileReal,
+    E: Element,
 {
-    type Input = Task<'t, 'a, C, E, B, O>;
+    type Input = Task<'t, 'a, C, E>;
     type Output = ();
 
     #[inline(always)]
-    fn run(task: Self::Input) {
+    fn run<M: MulAdd>(task: Self::Input) {
         let Task {
             args,
             b,
@@ -641,10 +613,10 @@ where
                 continue;
             }
             if count == 1 {
-                single_row_block::<C, E, B, M>(args, rows, (block, j0), scratch);
+                single_row_block::<C, E, M>(args, rows, (block, j0), scratch);
             } else {
                 for h in 0..d.heads {
-                    key_block::<C, E, B, M>(args, rows, h, (block, j0), scratch, isa);
+                    key_block::<C, E, M>(args, rows, h, (block, j0), scratch, isa);
                 }
             }
         }
@@ -658,7 +630,7 @@ where
                 let inv = sum[r].recip();
                 let out_row = &mut out[(r * d.heads + h) * d.v_depth..][..d.v_depth];
                 for (o, &x) in out_row.iter_mut().zip(acc_row) {
-                    *o = (x * inv).to::<O>();
+                    *o = x * inv;
                 }
             }
         }
@@ -667,8 +639,8 @@ where
 
 /// Packs the scaled, transposed queries of head `h` and resets its running state.
 #[inline(always)]
-fn start_head<C: Real, E: FlashElement, B: FlashElement>(
-    args: &FlashArgs<'_, E, B>,
+fn start_head<C: TileReal, E: Element>(
+    args: &FlashArgs<'_, E>,
     rows: Rows,
     h: usize,
     s: &mut Scratch<C>,
@@ -698,8 +670,8 @@ fn start_head<C: Real, E: FlashElement, B: FlashElement>(
 
 /// Folds key block `block` (keys `j0..`) into the running state of head `h`.
 #[inline(always)]
-fn key_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
-    args: &FlashArgs<'_, E, B>,
+fn key_block<C: TileReal, E: Element, M: MulAdd>(
+    args: &FlashArgs<'_, E>,
     rows: Rows,
     h: usize,
     (block, j0): (usize, usize),
@@ -727,14 +699,15 @@ fn key_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
 
     // An explicit mask that is false on the whole block removes it.
     if let Some(mask) = &args.mask.explicit {
-        let base = mask.base(b, h);
         keep.clear();
+        keep.resize(cols * rows.count, false);
         let mut any = false;
-        for jj in 0..cols {
-            for r in 0..rows.count {
-                let k = mask.at(base, rows.first + r, j0 + jj);
+        for r in 0..rows.count {
+            let row = mask.row(b, h, rows.first + r);
+            for jj in 0..cols {
+                let k = row.get(j0 + jj);
                 any |= k;
-                keep.push(k);
+                keep[jj * rows.count + r] = k;
             }
         }
         if !any {
@@ -776,7 +749,7 @@ fn key_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
     );
 
     let per_head = rows.count * v_depth;
-    softmax_block::<C, E, B, M>(
+    softmax_block::<C, E, M>(
         args,
         (rows, h, j0, cols),
         scores,
@@ -826,8 +799,8 @@ fn key_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
 /// single query row. The products are matrix–vector products, bound by reading K and V, so
 /// keys and values are read row by row (all heads of a row are contiguous) in memory order.
 #[inline(always)]
-fn single_row_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
-    args: &FlashArgs<'_, E, B>,
+fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
+    args: &FlashArgs<'_, E>,
     rows: Rows,
     (block, j0): (usize, usize),
     s: &mut Scratch<C>,
@@ -835,6 +808,9 @@ fn single_row_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
     let d = args.dims;
     let (heads, depth, v_depth) = (d.heads, d.qk_depth, d.v_depth);
     let cols = KEY_BLOCK.min(d.kv_len - j0);
+    // Row stride of `scores` (heads × keys here); the scratch holds `min(KEY_BLOCK, kv_len)` rows
+    // of at least `heads` columns.
+    let stride = KEY_BLOCK.min(d.kv_len);
     let Scratch {
         query_t,
         acc,
@@ -855,9 +831,9 @@ fn single_row_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
     if let Some(mask) = &args.mask.explicit {
         keep.clear();
         for h in 0..heads {
-            let base = mask.base(rows.b, h);
+            let row = mask.row(rows.b, h, rows.first);
             let start = keep.len();
-            keep.extend((0..cols).map(|jj| mask.at(base, rows.first, j0 + jj)));
+            keep.extend((0..cols).map(|jj| row.get(j0 + jj)));
             if !keep[start..].contains(&true) {
                 skipped[h].push(block);
                 active[h] = false;
@@ -887,7 +863,7 @@ fn single_row_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
         for h in 0..heads {
             if active[h] {
                 let q = &query_t[h * depth..(h + 1) * depth];
-                scores[h * KEY_BLOCK + jj] = dot(q, &key_row[h * depth..(h + 1) * depth]);
+                scores[h * stride + jj] = dot(q, &key_row[h * depth..(h + 1) * depth]);
             }
         }
     }
@@ -899,10 +875,10 @@ fn single_row_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
             } else {
                 &keep[h * cols..(h + 1) * cols]
             };
-            softmax_block::<C, E, B, M>(
+            softmax_block::<C, E, M>(
                 args,
                 (rows, h, j0, cols),
-                &mut scores[h * KEY_BLOCK..h * KEY_BLOCK + cols],
+                &mut scores[h * stride..h * stride + cols],
                 keep_h,
                 Running {
                     max: &mut max[h..h + 1],
@@ -932,7 +908,7 @@ fn single_row_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
         };
         for h in 0..heads {
             if active[h] {
-                let p = scores[h * KEY_BLOCK + jj];
+                let p = scores[h * stride + jj];
                 let v = &value_row[h * v_depth..(h + 1) * v_depth];
                 for (a, &v) in acc[h * v_depth..(h + 1) * v_depth].iter_mut().zip(v) {
                     *a = *a + p * v;
@@ -944,7 +920,7 @@ fn single_row_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
 
 /// `Σ a[k]·b[k]`, accumulated in 16 interleaved partial sums so that it vectorizes.
 #[inline(always)]
-fn dot<C: Real>(a: &[C], b: &[C]) -> C {
+fn dot<C: TileReal>(a: &[C], b: &[C]) -> C {
     const LANES: usize = 16;
     let mut partial = [C::ZERO; LANES];
     let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
@@ -980,8 +956,8 @@ struct Running<'s, C> {
 /// updated running maximum, adds them to the running sum, applies dropout and rescales the
 /// accumulator. `keep` is the explicit mask of the block (`[cols][rows.count]`), if any.
 #[inline(always)]
-fn softmax_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
-    args: &FlashArgs<'_, E, B>,
+fn softmax_block<C: TileReal, E: Element, M: MulAdd>(
+    args: &FlashArgs<'_, E>,
     (rows, h, j0, cols): (Rows, usize, usize, usize),
     scores: &mut [C],
     keep: &[bool],
@@ -994,12 +970,15 @@ fn softmax_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
     let Running { max, sum, acc } = state;
     // Bias, then masks (a masked logit is replaced, whatever the bias).
     if let Some(bias) = &args.bias {
-        let base = bias.base(b, h);
-        for jj in 0..cols {
-            for r in 0..rows.count {
-                let x = &mut scores[jj * width + r];
-                *x = *x + C::of(bias.at(base, rows.first + r, j0 + jj));
-            }
+        for r in 0..rows.count {
+            C::add_bias(
+                *bias,
+                (b, h, rows.first + r),
+                j0,
+                cols,
+                &mut scores[r..],
+                width,
+            );
         }
     }
     if args.mask.causal && j0 + cols - 1 > rows.first {
@@ -1072,8 +1051,8 @@ fn softmax_block<C: Real, E: FlashElement, B: FlashElement, M: MulAdd>(
 /// the accumulator and the sum; this adds the skipped keys.
 #[inline(never)]
 #[cold]
-fn add_back_skipped_keys<C: Real, E: FlashElement, B: FlashElement>(
-    args: &FlashArgs<'_, E, B>,
+fn add_back_skipped_keys<C: TileReal, E: Element>(
+    args: &FlashArgs<'_, E>,
     rows: Rows,
     h: usize,
     s: &mut Scratch<C>,
@@ -1114,9 +1093,10 @@ fn add_back_skipped_keys<C: Real, E: FlashElement, B: FlashElement>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::{bf16, f16};
 
     /// Dense float64 reference with Flax's semantics (FLAX_SEMANTICS.md §1–2).
-    fn reference<E: FlashElement, B: FlashElement>(args: &FlashArgs<'_, E, B>) -> Vec<f64> {
+    fn reference<E: Element>(args: &FlashArgs<'_, E>) -> Vec<f64> {
         let d = args.dims;
         let mut out = vec![0.0; d.batch * d.q_len * d.heads * d.v_depth];
         for b in 0..d.batch {
@@ -1134,14 +1114,16 @@ mod tests {
                             })
                             .sum();
                         if let Some(bias) = &args.bias {
-                            x += bias.at(bias.base(b, h), i, j).to_f64();
+                            let mut value = [x];
+                            bias.add_f64((b, h, i), j, 1, &mut value, 1);
+                            x = value[0];
                         }
                         let causal_keep = !args.mask.causal || j <= i;
                         let explicit_keep = args
                             .mask
                             .explicit
                             .as_ref()
-                            .is_none_or(|m| m.at(m.base(b, h), i, j));
+                            .is_none_or(|m| m.row(b, h, i).get(j));
                         *logit = if causal_keep && explicit_keep {
                             x
                         } else {
@@ -1198,13 +1180,26 @@ mod tests {
         }
     }
 
+    /// `data` of `shape` broadcast to `[batch_shape..., heads, q_len, kv_len]`.
+    fn resolved<'a, T: Copy>(
+        data: &'a [T],
+        shape: &[usize],
+        batch_shape: &[usize],
+        heads: usize,
+        q_len: usize,
+        kv_len: usize,
+    ) -> Option<Resolved<'a, T>> {
+        let op = crate::kernel::Broadcast::new("operand", data, shape).ok()?;
+        Resolved::new(&op, batch_shape, heads, q_len, kv_len).ok()
+    }
+
     struct Inputs<E> {
         query: Vec<E>,
         key: Vec<E>,
         value: Vec<E>,
     }
 
-    fn inputs<E: FlashElement>(d: &Dims, seed: u64) -> Inputs<E> {
+    fn inputs<E: Element>(d: &Dims, seed: u64) -> Inputs<E> {
         let make = |n, s| data(n, s, 2.0).into_iter().map(E::from_f64).collect();
         Inputs {
             query: make(d.batch * d.q_len * d.heads * d.qk_depth, seed),
@@ -1213,7 +1208,7 @@ mod tests {
         }
     }
 
-    fn args<'a, E, B>(d: Dims, x: &'a Inputs<E>) -> FlashArgs<'a, E, B> {
+    fn args<'a, E>(d: Dims, x: &'a Inputs<E>) -> FlashArgs<'a, E> {
         FlashArgs {
             dims: d,
             query: &x.query,
@@ -1224,15 +1219,12 @@ mod tests {
             mask: FlashMask::default(),
             big_neg: f32::MIN as f64,
             dropout: None,
+            accumulate_f64: false,
         }
     }
 
     /// Runs every available instruction set and checks `|got - want| <= atol + rtol·|want|`.
-    fn check<E: FlashElement, B: FlashElement, O: FlashElement>(
-        args: &FlashArgs<'_, E, B>,
-        atol: f64,
-        rtol: f64,
-    ) {
+    fn check<E: Element, O: Element>(args: &FlashArgs<'_, E>, atol: f64, rtol: f64) {
         let want = reference(args);
         for isa in Isa::available() {
             let mut got = vec![O::from_f64(0.0); want.len()];
@@ -1251,7 +1243,7 @@ mod tests {
     fn unmasked_odd_sizes_cross_block_edges() {
         let d = dims(2, 37, 300, 3, 13, 20);
         let x = inputs::<f32>(&d, 1);
-        check::<f32, f32, f32>(&args::<f32, f32>(d, &x), 1e-6, 1e-5);
+        check::<f32, f32>(&args::<f32>(d, &x), 1e-6, 1e-5);
     }
 
     #[test]
@@ -1262,20 +1254,21 @@ mod tests {
             .iter()
             .map(|&v| v as f32)
             .collect();
-        let mut a = args::<f32, f32>(d, &x);
-        a.bias = Broadcast2d::new(&bias_data, &[2, 150, 150], &[1], 2, 150, 150);
+        let mut a = args::<f32>(d, &x);
+        let bias = resolved(&bias_data, &[2, 150, 150], &[1], 2, 150, 150).unwrap();
+        a.bias = Some(&bias);
         a.mask.causal = true;
         assert!(a.bias.is_some());
-        check::<f32, f32, f32>(&a, 1e-6, 1e-5);
+        check::<f32, f32>(&a, 1e-6, 1e-5);
     }
 
     #[test]
     fn causal_long_sequence_skips_blocks_and_matches() {
         let d = dims(1, 600, 600, 1, 16, 8);
         let x = inputs::<f32>(&d, 3);
-        let mut a = args::<f32, f32>(d, &x);
+        let mut a = args::<f32>(d, &x);
         a.mask.causal = true;
-        check::<f32, f32, f32>(&a, 1e-6, 1e-5);
+        check::<f32, f32>(&a, 1e-6, 1e-5);
     }
 
     #[test]
@@ -1286,11 +1279,11 @@ mod tests {
         let d = dims(1, q, k, 2, 8, 5);
         let x = inputs::<f32>(&d, 4);
         let keep: Vec<bool> = (0..q).map(|i| i != 3 && i != 500).collect();
-        let mut a = args::<f32, f32>(d, &x);
+        let mut a = args::<f32>(d, &x);
         a.mask.causal = true;
-        a.mask.explicit = Broadcast2d::new(&keep, &[q, 1], &[1], 2, q, k);
+        a.mask.explicit = resolved(&keep, &[q, 1], &[1], 2, q, k);
         assert!(a.mask.explicit.is_some());
-        check::<f32, f32, f32>(&a, 1e-6, 1e-5);
+        check::<f32, f32>(&a, 1e-6, 1e-5);
     }
 
     #[test]
@@ -1302,16 +1295,44 @@ mod tests {
         let keep: Vec<bool> = (0..2 * k)
             .map(|n| n >= k || !((256..512).contains(&n) || n >= 700))
             .collect();
-        let mut a = args::<f32, f32>(d, &x);
-        a.mask.explicit = Broadcast2d::new(&keep, &[2, 1, 1, k], &[2], 2, q, k);
-        check::<f32, f32, f32>(&a, 1e-6, 1e-5);
+        let mut a = args::<f32>(d, &x);
+        a.mask.explicit = resolved(&keep, &[2, 1, 1, k], &[2], 2, q, k);
+        check::<f32, f32>(&a, 1e-6, 1e-5);
     }
 
     #[test]
     fn decode_single_query_row() {
         let d = dims(3, 1, 1000, 4, 128, 128);
         let x = inputs::<f32>(&d, 6);
-        check::<f32, f32, f32>(&args::<f32, f32>(d, &x), 1e-6, 1e-5);
+        check::<f32, f32>(&args::<f32>(d, &x), 1e-6, 1e-5);
+    }
+
+    #[test]
+    fn single_rows_with_bias_masks_and_dropout() {
+        // q_len 1 takes the memory-streaming path; short and long kv, per-head bias and mask,
+        // a head whose mask is all false (uniform weights), dropout.
+        for kv in [5, 300, 700] {
+            let d = dims(3, 1, kv, 4, 16, 8);
+            let x = inputs::<f32>(&d, 13);
+            let bias_data: Vec<f32> = data(4 * kv, 14, 2.0).iter().map(|&v| v as f32).collect();
+            let keep: Vec<bool> = (0..3 * 4 * kv)
+                .map(|n| n / kv % 4 != 2 && (n % 7 != 3 || (n / kv) % 4 == 1))
+                .map(|k| k || kv == 5)
+                .collect();
+            let bias = resolved(&bias_data, &[4, 1, kv], &[3], 4, 1, kv).unwrap();
+            let mask = resolved(&keep, &[3, 4, 1, kv], &[3], 4, 1, kv).unwrap();
+            let mut a = args::<f32>(d, &x);
+            a.bias = Some(&bias);
+            a.mask.explicit = Some(mask);
+            a.mask.causal = kv == 5;
+            a.dropout = Some(FlashDropout {
+                rng: Pcg32::new(7, 0),
+                threshold: (0.6 * 2f64.powi(32)) as u64,
+                multiplier: (1.0f32 / 0.6) as f64,
+                broadcast: false,
+            });
+            check::<f32, f32>(&a, 1e-6, 1e-5);
+        }
     }
 
     #[test]
@@ -1319,24 +1340,26 @@ mod tests {
         let d = dims(2, 33, 70, 3, 16, 16);
         let x = inputs::<bf16>(&d, 7);
         let bias: Vec<f32> = data(70, 11, 1.0).iter().map(|&v| v as f32).collect();
-        let mut a = args::<bf16, f32>(d, &x);
-        a.bias = Broadcast2d::new(&bias, &[70], &[2], 3, 33, 70);
+        let mut a = args::<bf16>(d, &x);
+        let bias = resolved(&bias, &[70], &[2], 3, 33, 70).unwrap();
+        a.bias = Some(&bias);
         a.big_neg = bf16::MIN.to_f64();
-        check::<bf16, f32, f32>(&a, 1e-6, 1e-5);
+        check::<bf16, f32>(&a, 1e-6, 1e-5);
         // bf16 output: one rounding to bf16 (relative error 2^-9).
-        check::<bf16, f32, bf16>(&a, 1e-6, 4e-3);
+        check::<bf16, bf16>(&a, 1e-6, 4e-3);
     }
 
     #[test]
     fn f16_and_f64_inputs() {
         let d = dims(1, 17, 33, 2, 8, 4);
         let x = inputs::<f16>(&d, 8);
-        check::<f16, f16, f32>(&args::<f16, f16>(d, &x), 1e-6, 1e-5);
+        check::<f16, f32>(&args::<f16>(d, &x), 1e-6, 1e-5);
         let x = inputs::<f64>(&d, 8);
-        let mut a = args::<f64, f64>(d, &x);
+        let mut a = args::<f64>(d, &x);
         a.mask.causal = true;
         a.big_neg = f64::MIN;
-        check::<f64, f64, f64>(&a, 1e-14, 1e-12);
+        a.accumulate_f64 = true;
+        check::<f64, f64>(&a, 1e-14, 1e-12);
     }
 
     #[test]
@@ -1344,7 +1367,7 @@ mod tests {
         let d = dims(2, 70, 300, 2, 8, 8);
         let x = inputs::<f32>(&d, 9);
         for broadcast in [true, false] {
-            let mut a = args::<f32, f32>(d, &x);
+            let mut a = args::<f32>(d, &x);
             a.mask.causal = true;
             a.dropout = Some(FlashDropout {
                 rng: Pcg32::new(42, 0),
@@ -1352,7 +1375,7 @@ mod tests {
                 multiplier: (1.0f32 / 0.75) as f64,
                 broadcast,
             });
-            check::<f32, f32, f32>(&a, 1e-6, 1e-5);
+            check::<f32, f32>(&a, 1e-6, 1e-5);
         }
     }
 
@@ -1363,8 +1386,9 @@ mod tests {
         // Row 0: every bias -inf -> NaN. Row 1: one finite entry -> that value row.
         let mut bias = vec![f32::NEG_INFINITY; 40];
         bias[20 + 7] = 0.0;
-        let mut a = args::<f32, f32>(d, &x);
-        a.bias = Broadcast2d::new(&bias, &[2, 20], &[1], 1, 2, 20);
+        let mut a = args::<f32>(d, &x);
+        let bias = resolved(&bias, &[2, 20], &[1], 1, 2, 20).unwrap();
+        a.bias = Some(&bias);
         let mut got = vec![0.0f32; 6];
         flash_attention(&a, &mut got, Isa::detect());
         assert!(got[..3].iter().all(|x| x.is_nan()), "{got:?}");
@@ -1376,7 +1400,7 @@ mod tests {
     fn bit_identical_for_any_thread_count() {
         let d = dims(2, 200, 333, 3, 64, 64);
         let x = inputs::<f32>(&d, 12);
-        let mut a = args::<f32, f32>(d, &x);
+        let mut a = args::<f32>(d, &x);
         a.mask.causal = true;
         let run = |threads| {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -1397,16 +1421,6 @@ mod tests {
                 "{threads} threads differ from 1"
             );
         }
-    }
-
-    #[test]
-    fn broadcast_view_rejects_shapes_that_do_not_broadcast() {
-        let data = [true; 6];
-        assert!(Broadcast2d::new(&data, &[2, 3], &[], 1, 2, 3).is_some());
-        assert!(Broadcast2d::new(&data, &[3, 2], &[], 1, 2, 3).is_none());
-        assert!(Broadcast2d::new(&data, &[6], &[], 1, 2, 3).is_none());
-        assert!(Broadcast2d::new(&data[..5], &[2, 3], &[], 1, 2, 3).is_none());
-        assert!(Broadcast2d::new(&data, &[1, 1, 1, 2, 3], &[], 1, 2, 3).is_none());
     }
 }
 
@@ -1461,7 +1475,7 @@ mod timing {
             let query = fill(b * q * h * dd);
             let key = fill(b * k * h * dd);
             let value = fill(b * k * h * dd);
-            let args = FlashArgs::<f32, f32> {
+            let args = FlashArgs::<f32> {
                 dims,
                 query: &query,
                 key: &key,
@@ -1474,6 +1488,7 @@ mod timing {
                 },
                 big_neg: f32::MIN as f64,
                 dropout: None,
+                accumulate_f64: false,
             };
             let mut out = vec![0.0f32; b * q * h * dd];
             let mut times = vec![];

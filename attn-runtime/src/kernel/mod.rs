@@ -1,9 +1,333 @@
-//! Attention kernels.
+//! The kernel layer: typed, strided attention over `[batch..., len, heads, depth]` slices. This
+//! is what `attention!`-generated code calls; the Flax-style API ([`crate::flax`]) is built on it.
+//!
+//! Files: `broadcast.rs` (bias/mask operands), `plan.rs` (the dtype plan = Flax's rounding
+//! points), `rowpass.rs` (the fused bias/mask/softmax/dropout pass over one row of logits),
+//! `materialized.rs` (the per-(batch, head) driver that builds the `q × kv` logits matrix),
+//! `gemm.rs` (the only `unsafe` code: strided views and `matrixmultiply` calls), `real.rs`
+//! (f32/f64 arithmetic). Which driver computes a call is decided in one place: `choose_path`.
 
-// Not called yet: wired into the runtime's dispatch when its kernel layer lands.
-#[allow(dead_code)]
+mod broadcast;
 pub(crate) mod exp;
+// The output path's tiled kernel; not called by the dispatch yet (the performance engineer
+// wires it in).
 #[allow(dead_code)]
 pub(crate) mod flash;
+mod gemm;
+mod materialized;
+mod plan;
+mod real;
+mod rowpass;
 #[allow(dead_code)]
 pub(crate) mod simd;
+
+pub use broadcast::{Broadcast, Mask, broadcast_shapes};
+pub use plan::DTypePlan;
+
+use crate::context::Context;
+use crate::dim::Dim;
+use crate::element::{DType, Element};
+use crate::error::{AttnError, num_elements};
+use broadcast::Resolved;
+use plan::DropoutPlan;
+
+/// Sizes of one attention call. Dims are type parameters so that generated code can pass
+/// static sizes ([`Const<N>`](crate::Const)) or run-time sizes (`usize`) alike.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry<'b, H: Dim, Dk: Dim, Dv: Dim> {
+    /// Zero or more leading batch dims, shared by query, key, value and the results.
+    pub batch_shape: &'b [usize],
+    /// Query length.
+    pub q_len: usize,
+    /// Key/value length.
+    pub kv_len: usize,
+    /// Number of heads.
+    pub heads: H,
+    /// Depth of query and key per head.
+    pub qk_depth: Dk,
+    /// Depth of value per head (ignored by [`attention_weights`]).
+    pub v_depth: Dv,
+}
+
+/// `jax.lax.Precision`: accepted for parity with Flax; it has no effect on the CPU (as in JAX,
+/// where all values give bit-identical results on the CPU backend).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// `None` / `DEFAULT`
+    #[default]
+    Default,
+    /// `HIGH`
+    High,
+    /// `HIGHEST`
+    Highest,
+}
+
+/// The non-tensor options of an attention call. `Options::default()` has Flax's defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Options {
+    /// `None`: Flax's scaling, `query / round(sqrt(depth))` (as XLA computes it). `Some(s)`:
+    /// the query is multiplied by `s` (rounded to the computation dtype) instead.
+    pub scale: Option<f64>,
+    /// Flax's `dropout_rate`, in `[0, 1]`.
+    pub dropout_rate: f64,
+    /// Flax's `broadcast_dropout`: one dropout mask `[q, kv]` shared by batch and heads.
+    pub broadcast_dropout: bool,
+    /// Flax's `force_fp32_for_softmax`.
+    pub force_fp32_for_softmax: bool,
+    /// Flax's `precision` (no effect on the CPU).
+    pub precision: Precision,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            scale: None,
+            dropout_rate: 0.0,
+            broadcast_dropout: true,
+            force_fp32_for_softmax: false,
+            precision: Precision::Default,
+        }
+    }
+}
+
+/// The dtypes Flax gives the weights and the output for computation dtype `compute`, an
+/// optional bias dtype, the options and whether dropout is active (`!deterministic && rate > 0`).
+pub fn result_dtypes(
+    compute: DType,
+    bias: Option<DType>,
+    opts: &Options,
+    dropout_active: bool,
+) -> DTypePlan {
+    DTypePlan::new(compute, bias, opts.force_fp32_for_softmax, dropout_active)
+}
+
+/// `weights = softmax(mask(scale·q·kᵀ + bias))`, then dropout, written into `out`
+/// `[batch..., heads, q_len, kv_len]` (Flax's `dot_product_attention_weights`).
+///
+/// `query` is `[batch..., q_len, heads, qk_depth]`, `key` `[batch..., kv_len, heads, qk_depth]`,
+/// both of the computation dtype `E`. `W` must be the dtype Flax returns (see [`DTypePlan`]:
+/// `dropped_weights`), else an error says which dtype is expected.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_weights<E: Element, B: Element, W: Element, H: Dim, Dk: Dim, Dv: Dim>(
+    geom: &Geometry<'_, H, Dk, Dv>,
+    query: &[E],
+    key: &[E],
+    bias: Option<&Broadcast<'_, B>>,
+    mask: &Mask<'_>,
+    opts: &Options,
+    ctx: &mut Context<'_>,
+    out: &mut [W],
+) -> Result<(), AttnError> {
+    let call = Call::new(geom, query, key, None, bias, mask, opts, ctx)?;
+    call.check_dtype::<W>("weights", call.plan.dropped_weights)?;
+    call.check_len("weights", out.len(), &call.weights_shape())?;
+    run(&call, Some(out), None::<&mut [W]>, ctx)
+}
+
+/// `output = weights · value`, written into `out` `[batch..., q_len, heads, v_depth]` (Flax's
+/// `dot_product_attention`). `value` is `[batch..., kv_len, heads, v_depth]` of dtype `E`;
+/// `O` must be Flax's output dtype (see [`DTypePlan`]: `output`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention<E: Element, B: Element, O: Element, H: Dim, Dk: Dim, Dv: Dim>(
+    geom: &Geometry<'_, H, Dk, Dv>,
+    query: &[E],
+    key: &[E],
+    value: &[E],
+    bias: Option<&Broadcast<'_, B>>,
+    mask: &Mask<'_>,
+    opts: &Options,
+    ctx: &mut Context<'_>,
+    out: &mut [O],
+) -> Result<(), AttnError> {
+    let call = Call::new(geom, query, key, Some(value), bias, mask, opts, ctx)?;
+    call.check_dtype::<O>("output", call.plan.output)?;
+    call.check_len("output", out.len(), &call.output_shape())?;
+    run(&call, None::<&mut [O]>, Some(out), ctx)
+}
+
+/// A validated call: sizes, operands resolved against the logits shape, dtype and dropout plans.
+pub(crate) struct Call<'a, E, B> {
+    batch_shape: Vec<usize>,
+    batch: usize,
+    heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    qk_depth: usize,
+    v_depth: usize,
+    query: &'a [E],
+    key: &'a [E],
+    value: Option<&'a [E]>,
+    bias: Option<Resolved<'a, B>>,
+    mask: Option<Resolved<'a, bool>>,
+    causal: bool,
+    plan: DTypePlan,
+    query_scale: f64,
+    dropout: Option<(DropoutPlan, rand_pcg::Pcg32)>,
+}
+
+impl<'a, E: Element, B: Element> Call<'a, E, B> {
+    #[allow(clippy::too_many_arguments)]
+    fn new<H: Dim, Dk: Dim, Dv: Dim>(
+        geom: &Geometry<'_, H, Dk, Dv>,
+        query: &'a [E],
+        key: &'a [E],
+        value: Option<&'a [E]>,
+        bias: Option<&Broadcast<'a, B>>,
+        mask: &Mask<'a>,
+        opts: &Options,
+        ctx: &Context<'_>,
+    ) -> Result<Self, AttnError> {
+        let heads = geom.heads.size();
+        let qk_depth = geom.qk_depth.size();
+        let v_depth = geom.v_depth.size();
+        let (q_len, kv_len) = (geom.q_len, geom.kv_len);
+        let batch = num_elements("query", geom.batch_shape)?;
+        let shape = |len: usize, depth: usize| {
+            let mut s = geom.batch_shape.to_vec();
+            s.extend_from_slice(&[len, heads, depth]);
+            s
+        };
+        let check = |tensor: &'static str, len: usize, shape: Vec<usize>| {
+            let expected = num_elements(tensor, &shape)?;
+            if expected != len {
+                return Err(AttnError::Length {
+                    tensor,
+                    shape,
+                    expected,
+                    found: len,
+                });
+            }
+            Ok(())
+        };
+        check("query", query.len(), shape(q_len, qk_depth))?;
+        check("key", key.len(), shape(kv_len, qk_depth))?;
+        if let Some(v) = value {
+            check("value", v.len(), shape(kv_len, v_depth))?;
+        }
+        let mut logits_shape = geom.batch_shape.to_vec();
+        logits_shape.extend_from_slice(&[heads, q_len, kv_len]);
+        num_elements("weights", &logits_shape)?;
+        let dropout_plan = DropoutPlan::new(
+            opts.dropout_rate,
+            opts.broadcast_dropout,
+            ctx.deterministic,
+            ctx.dropout_rng.is_some(),
+            E::DTYPE,
+        )?;
+        let plan = DTypePlan::new(
+            E::DTYPE,
+            bias.map(|_| B::DTYPE),
+            opts.force_fp32_for_softmax,
+            dropout_plan.is_some(),
+        );
+        let resolve_bias = bias
+            .map(|b| Resolved::new(b, geom.batch_shape, heads, q_len, kv_len))
+            .transpose()?;
+        let resolve_mask = mask
+            .explicit()
+            .map(|m| Resolved::new(m, geom.batch_shape, heads, q_len, kv_len))
+            .transpose()?;
+        let dropout = match (dropout_plan, ctx.dropout_rng) {
+            (Some(p), Some(rng)) => Some((p, rng.generator())),
+            _ => None,
+        };
+        Ok(Call {
+            batch_shape: geom.batch_shape.to_vec(),
+            batch,
+            heads,
+            q_len,
+            kv_len,
+            qk_depth,
+            v_depth,
+            query,
+            key,
+            value,
+            bias: resolve_bias,
+            mask: resolve_mask,
+            causal: mask.is_causal(),
+            query_scale: plan.query_scale(qk_depth, opts.scale),
+            plan,
+            dropout,
+        })
+    }
+
+    fn check_dtype<T: Element>(
+        &self,
+        tensor: &'static str,
+        expected: DType,
+    ) -> Result<(), AttnError> {
+        if T::DTYPE != expected {
+            return Err(AttnError::DType {
+                tensor,
+                expected,
+                found: T::DTYPE,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_len(
+        &self,
+        tensor: &'static str,
+        len: usize,
+        shape: &[usize],
+    ) -> Result<(), AttnError> {
+        let expected = num_elements(tensor, shape)?;
+        if len != expected {
+            return Err(AttnError::Length {
+                tensor,
+                shape: shape.to_vec(),
+                expected,
+                found: len,
+            });
+        }
+        Ok(())
+    }
+
+    /// `[batch..., heads, q_len, kv_len]`
+    fn weights_shape(&self) -> Vec<usize> {
+        let mut s = self.batch_shape.clone();
+        s.extend_from_slice(&[self.heads, self.q_len, self.kv_len]);
+        s
+    }
+
+    /// `[batch..., q_len, heads, v_depth]`
+    fn output_shape(&self) -> Vec<usize> {
+        let mut s = self.batch_shape.clone();
+        s.extend_from_slice(&[self.q_len, self.heads, self.v_depth]);
+        s
+    }
+}
+
+/// The algorithms that can compute a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// Per (batch, head): the full `q × kv` logits matrix, the row pass, then `P·V`.
+    Materialized,
+}
+
+/// Picks the algorithm: the one place that decides between the weights path and an output path.
+/// A tiled online-softmax output path (no `q × kv` matrix) can be chosen here when neither the
+/// weights nor sowing are requested; today every call takes the materialized path.
+fn choose_path<E, B>(_call: &Call<'_, E, B>, _needs_weights: bool) -> Path {
+    Path::Materialized
+}
+
+/// Runs a validated call, computing in f64 when Flax's steps involve f64, else in f32.
+fn run<E: Element, B: Element, W: Element, O: Element>(
+    call: &Call<'_, E, B>,
+    weights: Option<&mut [W]>,
+    output: Option<&mut [O]>,
+    ctx: &mut Context<'_>,
+) -> Result<(), AttnError> {
+    let needs_weights = weights.is_some() || ctx.sow.is_some();
+    match choose_path(call, needs_weights) {
+        Path::Materialized => {
+            if call.plan.accumulate_f64() {
+                materialized::run::<E, B, W, O, f64>(call, weights, output, ctx)
+            } else {
+                materialized::run::<E, B, W, O, f32>(call, weights, output, ctx)
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! [`Context`]: the run-time arguments of an attention call that are not tensors
+//! (`deterministic`, `dropout_rng`, the sow sink and the thread pool).
+
+use core::fmt;
+
+use rand_pcg::Pcg32;
+
+use crate::sow::Sow;
+
+/// The stream (increment) of every dropout generator. One fixed stream: independence between
+/// seeds comes from scrambling the seed into the state, never from PCG stream numbers (the
+/// `rand_pcg` docs warn that different streams can be correlated).
+const DROPOUT_STREAM: u64 = 0xa02b_df6e_83c8_4b31;
+
+/// The randomness of dropout (Flax's `dropout_rng`): a seed for one `rand_pcg::Pcg32` stream.
+///
+/// The keep decision of the dropout mask element at logical (row-major) index `n` is the
+/// `n`-th 32-bit draw of that stream, so the mask depends only on the seed and the element's
+/// index: the same for any thread count or tiling.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct DropoutRng {
+    seed: u64,
+}
+
+impl DropoutRng {
+    /// A dropout RNG from a seed.
+    pub fn new(seed: u64) -> Self {
+        DropoutRng { seed }
+    }
+
+    /// The seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The generator positioned at draw 0. The state is the seed scrambled by SplitMix64, so
+    /// neighbouring seeds give unrelated masks.
+    pub fn generator(&self) -> Pcg32 {
+        let mut z = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        Pcg32::new(z, DROPOUT_STREAM)
+    }
+}
+
+/// The run-time context of an attention call: one argument of every generated method.
+///
+/// `Context::default()` has Flax's defaults: `deterministic = false`, no RNG, no sow sink, the
+/// global rayon pool (dropout is still off with the default rate 0).
+#[derive(Default)]
+pub struct Context<'a> {
+    /// Flax's `deterministic`: true turns dropout off.
+    pub deterministic: bool,
+    /// Flax's `dropout_rng`; required when dropout is active.
+    pub dropout_rng: Option<DropoutRng>,
+    /// Flax's `module`: receives the attention weights (after softmax, before dropout).
+    pub sow: Option<&'a mut dyn Sow>,
+    /// The rayon pool to run on; `None` = rayon's global pool.
+    pub pool: Option<&'a rayon::ThreadPool>,
+}
+
+impl Context<'static> {
+    /// Dropout off, nothing sown, global pool.
+    pub fn deterministic() -> Context<'static> {
+        Context {
+            deterministic: true,
+            ..Context::default()
+        }
+    }
+
+    /// Dropout on (at the layer's rate), drawn from `seed`.
+    pub fn with_dropout(seed: u64) -> Context<'static> {
+        Context {
+            deterministic: false,
+            dropout_rng: Some(DropoutRng::new(seed)),
+            ..Context::default()
+        }
+    }
+}
+
+impl<'a> Context<'a> {
+    /// Sets `deterministic`.
+    pub fn set_deterministic(mut self, deterministic: bool) -> Self {
+        self.deterministic = deterministic;
+        self
+    }
+
+    /// Sets the dropout RNG.
+    pub fn dropout_rng(mut self, rng: DropoutRng) -> Self {
+        self.dropout_rng = Some(rng);
+        self
+    }
+
+    /// Sows the attention weights into `sink`.
+    pub fn sow<'b>(self, sink: &'b mut dyn Sow) -> Context<'b>
+    where
+        'a: 'b,
+    {
+        Context {
+            deterministic: self.deterministic,
+            dropout_rng: self.dropout_rng,
+            sow: Some(sink),
+            pool: self.pool,
+        }
+    }
+
+    /// Runs on `pool` instead of rayon's global pool.
+    pub fn pool<'b>(self, pool: &'b rayon::ThreadPool) -> Context<'b>
+    where
+        'a: 'b,
+    {
+        Context {
+            deterministic: self.deterministic,
+            dropout_rng: self.dropout_rng,
+            sow: self.sow.map(|s| -> &'b mut dyn Sow { s }),
+            pool: Some(pool),
+        }
+    }
+
+    /// A context that borrows this one (for calling several layers with the same context).
+    pub fn reborrow(&mut self) -> Context<'_> {
+        Context {
+            deterministic: self.deterministic,
+            dropout_rng: self.dropout_rng,
+            sow: match &mut self.sow {
+                Some(s) => Some(&mut **s),
+                None => None,
+            },
+            pool: self.pool,
+        }
+    }
+
+    /// Runs `f` on the context's pool (or the current/global one).
+    pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+}
+
+impl fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("deterministic", &self.deterministic)
+            .field("dropout_rng", &self.dropout_rng)
+            .field("sow", &self.sow.is_some())
+            .field("pool", &self.pool.map(|p| p.current_num_threads()))
+            .finish()
+    }
+}

@@ -1,0 +1,461 @@
+//! The Flax-style API: `dot_product_attention_weights` and `dot_product_attention` over
+//! dynamically shaped [`Array`]s with every parameter of the Flax functions, and the mask
+//! utilities `make_attention_mask`, `make_causal_mask`, `combine_masks`.
+//!
+//! Semantics are those of flax 0.12.8 (see `docs/runtime.md` and the conformance suite):
+//! dtype promotion of query/key(/value), the bias and mask never cast, the query scaled by the
+//! rounded reciprocal of the dtype-rounded `sqrt(depth)`, masked logits replaced by
+//! `finfo(dtype).min`, the softmax dtype rules of `force_fp32_for_softmax`, NumPy broadcasting
+//! of bias and mask (a bias or mask of higher rank enlarges the result, as in Flax).
+
+mod expand;
+mod masks;
+
+use std::borrow::Cow;
+
+pub use masks::{PairwiseFn, combine_masks, make_attention_mask, make_causal_mask};
+
+use crate::array::Array;
+use crate::context::{Context, DropoutRng};
+use crate::element::{DType, Element};
+use crate::error::{AttnError, num_elements, try_filled};
+use crate::kernel::{self, Broadcast, Geometry, Mask, Options, Precision, broadcast_shapes};
+use crate::sow::Sow;
+use expand::{broadcast_to, cast};
+
+/// The keyword arguments of Flax's attention functions. `FlaxArgs::new()` (= `default()`) has
+/// Flax's defaults; the builder methods set one argument each.
+pub struct FlaxArgs<'a> {
+    /// `bias`: added to the logits, broadcast to `[batch..., heads, q, kv]`; never cast.
+    pub bias: Option<&'a Array>,
+    /// `mask`: nonzero keeps, broadcast to `[batch..., heads, q, kv]`.
+    pub mask: Option<&'a Array>,
+    /// `broadcast_dropout` (default true).
+    pub broadcast_dropout: bool,
+    /// `dropout_rng`.
+    pub dropout_rng: Option<DropoutRng>,
+    /// `dropout_rate` (default 0).
+    pub dropout_rate: f64,
+    /// `deterministic` (default false).
+    pub deterministic: bool,
+    /// `dtype`: the computation dtype; `None` infers it by promotion.
+    pub dtype: Option<DType>,
+    /// `precision` (no effect on the CPU).
+    pub precision: Option<Precision>,
+    /// `module`: receives the weights under ("intermediates", "attention_weights").
+    pub module: Option<&'a mut dyn Sow>,
+    /// `force_fp32_for_softmax`.
+    pub force_fp32_for_softmax: bool,
+    /// The rayon pool to run on (not a Flax argument); `None` = the global pool.
+    pub pool: Option<&'a rayon::ThreadPool>,
+}
+
+impl Default for FlaxArgs<'_> {
+    fn default() -> Self {
+        FlaxArgs {
+            bias: None,
+            mask: None,
+            broadcast_dropout: true,
+            dropout_rng: None,
+            dropout_rate: 0.0,
+            deterministic: false,
+            dtype: None,
+            precision: None,
+            module: None,
+            force_fp32_for_softmax: false,
+            pool: None,
+        }
+    }
+}
+
+impl<'a> FlaxArgs<'a> {
+    /// Flax's defaults: no bias or mask, `broadcast_dropout = true`, rate 0,
+    /// `deterministic = false`, dtype inferred, no module, no forced fp32 softmax.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets `bias`.
+    pub fn bias(mut self, bias: &'a Array) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+    /// Sets `mask`.
+    pub fn mask(mut self, mask: &'a Array) -> Self {
+        self.mask = Some(mask);
+        self
+    }
+    /// Sets `broadcast_dropout`.
+    pub fn broadcast_dropout(mut self, on: bool) -> Self {
+        self.broadcast_dropout = on;
+        self
+    }
+    /// Sets `dropout_rng`.
+    pub fn dropout_rng(mut self, rng: DropoutRng) -> Self {
+        self.dropout_rng = Some(rng);
+        self
+    }
+    /// Sets `dropout_rate`.
+    pub fn dropout_rate(mut self, rate: f64) -> Self {
+        self.dropout_rate = rate;
+        self
+    }
+    /// Sets `deterministic`.
+    pub fn deterministic(mut self, deterministic: bool) -> Self {
+        self.deterministic = deterministic;
+        self
+    }
+    /// Sets `dtype`.
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = Some(dtype);
+        self
+    }
+    /// Sets `precision`.
+    pub fn precision(mut self, precision: Precision) -> Self {
+        self.precision = Some(precision);
+        self
+    }
+    /// Sets `module` (the sow sink).
+    pub fn module(mut self, module: &'a mut dyn Sow) -> Self {
+        self.module = Some(module);
+        self
+    }
+    /// Sets `force_fp32_for_softmax`.
+    pub fn force_fp32_for_softmax(mut self, on: bool) -> Self {
+        self.force_fp32_for_softmax = on;
+        self
+    }
+    /// Runs on `pool`.
+    pub fn pool(mut self, pool: &'a rayon::ThreadPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+}
+
+/// Flax's `dot_product_attention_weights(query, key, ...)`: `query [batch..., q, heads, d]`,
+/// `key [batch..., kv, heads, d]` -> weights `[batch..., heads, q, kv]`.
+pub fn dot_product_attention_weights(
+    query: &Array,
+    key: &Array,
+    args: FlaxArgs<'_>,
+) -> Result<Array, AttnError> {
+    attend(query, key, None, args)
+}
+
+/// Flax's `dot_product_attention(query, key, value, ...)`: `value [batch..., kv, heads, dv]`
+/// -> output `[batch..., q, heads, dv]`.
+pub fn dot_product_attention(
+    query: &Array,
+    key: &Array,
+    value: &Array,
+    args: FlaxArgs<'_>,
+) -> Result<Array, AttnError> {
+    attend(query, key, Some(value), args)
+}
+
+/// Flax's `promote_dtype`: the `dtype=` argument, or the promotion of the inputs (an inexact
+/// result; `float32` if the promotion is bool/int).
+fn computation_dtype(inputs: &[&Array], dtype: Option<DType>) -> Result<DType, AttnError> {
+    if let Some(d) = dtype {
+        if !d.is_float() {
+            return Err(AttnError::InvalidArgument {
+                argument: "dtype",
+                reason: format!("must be a float dtype, found {d}"),
+            });
+        }
+        return Ok(d);
+    }
+    let promoted = inputs
+        .iter()
+        .map(|a| a.dtype())
+        .reduce(DType::promote)
+        .unwrap_or(DType::F32);
+    Ok(if promoted.is_float() {
+        promoted
+    } else {
+        DType::F32.promote(promoted)
+    })
+}
+
+/// The shape checks of Flax's asserts, with messages that name the axis.
+fn check_shapes(query: &Array, key: &Array, value: Option<&Array>) -> Result<(), AttnError> {
+    let rank_msg = "at least 3: [batch..., length, heads, depth]";
+    for (name, a) in [("query", Some(query)), ("key", Some(key)), ("value", value)] {
+        if let Some(a) = a.filter(|a| a.ndim() < 3) {
+            return Err(AttnError::Rank {
+                tensor: name,
+                expected: rank_msg.into(),
+                found: a.shape().to_vec(),
+            });
+        }
+    }
+    let (qs, ks) = (query.shape(), key.shape());
+    let rank = qs.len();
+    let others = [("key", Some(ks)), ("value", value.map(Array::shape))];
+    for (name, s) in others.into_iter().filter_map(|(n, s)| s.map(|s| (n, s))) {
+        if s.len() != rank {
+            return Err(AttnError::Rank {
+                tensor: name,
+                expected: format!("{rank}, the rank of query"),
+                found: s.to_vec(),
+            });
+        }
+        for a in 0..rank - 3 {
+            if s[a] != qs[a] {
+                return Err(AttnError::Axis {
+                    tensor: name,
+                    axis: format!("batch {a}"),
+                    expected: format!("{}, as in query", qs[a]),
+                    found: s[a],
+                });
+            }
+        }
+        if s[rank - 2] != qs[rank - 2] {
+            return Err(AttnError::Axis {
+                tensor: name,
+                axis: "heads (axis -2)".into(),
+                expected: format!("{}, as in query", qs[rank - 2]),
+                found: s[rank - 2],
+            });
+        }
+    }
+    if ks[rank - 1] != qs[rank - 1] {
+        return Err(AttnError::Axis {
+            tensor: "key",
+            axis: "depth (axis -1)".into(),
+            expected: format!("{}, the depth of query", qs[rank - 1]),
+            found: ks[rank - 1],
+        });
+    }
+    if let Some(v) = value {
+        let vs = v.shape();
+        if vs[rank - 3] != ks[rank - 3] {
+            return Err(AttnError::Axis {
+                tensor: "value",
+                axis: "kv_len (axis -3)".into(),
+                expected: format!("{}, the length of key", ks[rank - 3]),
+                found: vs[rank - 3],
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The sizes of a call after NumPy broadcasting with the bias and mask (which may enlarge the
+/// batch, heads, q or kv axes of the result, as in Flax).
+struct Layout {
+    batch_shape: Vec<usize>,
+    heads: usize,
+    q_len: usize,
+    kv_len: usize,
+}
+
+fn layout(
+    query: &Array,
+    key: &Array,
+    bias: Option<&Array>,
+    mask: Option<&Array>,
+    with_value: bool,
+) -> Result<Layout, AttnError> {
+    let (qs, ks) = (query.shape(), key.shape());
+    let rank = qs.len();
+    let mut logits = qs[..rank - 3].to_vec();
+    logits.extend_from_slice(&[qs[rank - 2], qs[rank - 3], ks[rank - 3]]);
+    let mut shapes: Vec<&[usize]> = vec![&logits];
+    let mut names = vec!["logits"];
+    for (name, a) in [("bias", bias), ("mask", mask)] {
+        if let Some(a) = a {
+            shapes.push(a.shape());
+            names.push(name);
+        }
+    }
+    let full = broadcast_shapes(&shapes).map_err(|k| {
+        // Name the first axis where the operand disagrees with what came before it.
+        let before = broadcast_shapes(&shapes[..k]).unwrap_or_default();
+        let s = shapes[k];
+        let r = before.len().max(s.len());
+        let axis = (0..s.len())
+            .find(|&a| {
+                let t = (r - s.len() + a)
+                    .checked_sub(r - before.len())
+                    .map_or(1, |i| before[i]);
+                s[a] != 1 && t != 1 && s[a] != t
+            })
+            .unwrap_or(0);
+        AttnError::Broadcast {
+            tensor: names[k],
+            shape: s.to_vec(),
+            target: before,
+            axis,
+        }
+    })?;
+    let n = full.len();
+    let out = Layout {
+        batch_shape: full[..n - 3].to_vec(),
+        heads: full[n - 3],
+        q_len: full[n - 2],
+        kv_len: full[n - 1],
+    };
+    if with_value && (out.heads != qs[rank - 2] || out.kv_len != ks[rank - 3]) {
+        return Err(AttnError::InvalidArgument {
+            argument: "bias/mask",
+            reason: format!(
+                "a bias or mask that enlarges the heads or kv_len axis of the logits (from {:?} to {:?}) \
+                 is not supported by dot_product_attention (the weights no longer match value)",
+                logits, full
+            ),
+        });
+    }
+    Ok(out)
+}
+
+fn attend(
+    query: &Array,
+    key: &Array,
+    value: Option<&Array>,
+    args: FlaxArgs<'_>,
+) -> Result<Array, AttnError> {
+    check_shapes(query, key, value)?;
+    let mut inputs = vec![query, key];
+    inputs.extend(value);
+    let compute = computation_dtype(&inputs, args.dtype)?;
+    let layout = layout(query, key, args.bias, args.mask, value.is_some())?;
+    let bias_dtype = args.bias.map(|b| {
+        if b.dtype().is_float() {
+            b.dtype()
+        } else {
+            // JAX promotes a bool/int bias to the logits' float dtype.
+            compute
+        }
+    });
+    macro_rules! with_float {
+        ($dtype:expr, $T:ident => $body:expr) => {
+            match $dtype {
+                DType::F32 => {
+                    type $T = f32;
+                    $body
+                }
+                DType::F64 => {
+                    type $T = f64;
+                    $body
+                }
+                DType::BF16 => {
+                    type $T = half::bf16;
+                    $body
+                }
+                _ => {
+                    type $T = half::f16;
+                    $body
+                }
+            }
+        };
+    }
+    with_float!(compute, E => with_float!(bias_dtype.unwrap_or(compute), B => {
+        let dropout_active = !args.deterministic && args.dropout_rate > 0.0;
+        let opts = options(&args);
+        let plan = kernel::result_dtypes(compute, bias_dtype, &opts, dropout_active);
+        let result = if value.is_some() { plan.output } else { plan.dropped_weights };
+        with_float!(result, R => run::<E, B, R>(query, key, value, &layout, args, opts))
+    }))
+}
+
+fn options(args: &FlaxArgs<'_>) -> Options {
+    Options {
+        scale: None,
+        dropout_rate: args.dropout_rate,
+        broadcast_dropout: args.broadcast_dropout,
+        force_fp32_for_softmax: args.force_fp32_for_softmax,
+        precision: args.precision.unwrap_or_default(),
+    }
+}
+
+/// Broadcasts a `[batch..., len, heads, depth]` input to the (possibly enlarged) layout.
+fn fit_input<'x, E: Element>(
+    name: &'static str,
+    data: Cow<'x, [E]>,
+    shape: &[usize],
+    layout: &Layout,
+    len: usize,
+) -> Result<Cow<'x, [E]>, AttnError> {
+    let rank = shape.len();
+    let mut target = layout.batch_shape.clone();
+    target.extend_from_slice(&[len, layout.heads, shape[rank - 1]]);
+    if target == shape {
+        return Ok(data);
+    }
+    Ok(Cow::Owned(broadcast_to(name, &data, shape, &target)?))
+}
+
+fn run<E: Element, B: Element, R: Element>(
+    query: &Array,
+    key: &Array,
+    value: Option<&Array>,
+    layout: &Layout,
+    args: FlaxArgs<'_>,
+    opts: Options,
+) -> Result<Array, AttnError> {
+    let rank = query.ndim();
+    let (qs, ks) = (query.shape(), key.shape());
+    let q = fit_input("query", cast::<E>(query), qs, layout, layout.q_len)?;
+    let k = fit_input("key", cast::<E>(key), ks, layout, layout.kv_len)?;
+    let v = value
+        .map(|v| fit_input("value", cast::<E>(v), v.shape(), layout, layout.kv_len))
+        .transpose()?;
+    let bias_data = args.bias.map(cast::<B>);
+    let bias = match (&bias_data, args.bias) {
+        (Some(d), Some(b)) => Some(Broadcast::new("bias", d, b.shape())?),
+        _ => None,
+    };
+    let mask_data = args.mask.map(Array::to_bool_vec);
+    let mask = match (&mask_data, args.mask) {
+        (Some(d), Some(m)) => Mask::Explicit(Broadcast::new("mask", d, m.shape())?),
+        _ => Mask::None,
+    };
+    let geom = Geometry {
+        batch_shape: &layout.batch_shape,
+        q_len: layout.q_len,
+        kv_len: layout.kv_len,
+        heads: layout.heads,
+        qk_depth: qs[rank - 1],
+        v_depth: value.map_or(0, |v| v.shape()[rank - 1]),
+    };
+    let mut ctx = Context {
+        deterministic: args.deterministic,
+        dropout_rng: args.dropout_rng,
+        sow: args.module,
+        pool: args.pool,
+    };
+    let mut shape = layout.batch_shape.clone();
+    match &v {
+        Some(v) => {
+            shape.extend_from_slice(&[layout.q_len, layout.heads, geom.v_depth]);
+            let mut out = try_filled("output", num_elements("output", &shape)?, R::default())?;
+            kernel::attention(
+                &geom,
+                &q,
+                &k,
+                v,
+                bias.as_ref(),
+                &mask,
+                &opts,
+                &mut ctx,
+                &mut out,
+            )?;
+            Array::new(out, shape)
+        }
+        None => {
+            shape.extend_from_slice(&[layout.heads, layout.q_len, layout.kv_len]);
+            let mut out = try_filled("weights", num_elements("weights", &shape)?, R::default())?;
+            kernel::attention_weights(
+                &geom,
+                &q,
+                &k,
+                bias.as_ref(),
+                &mask,
+                &opts,
+                &mut ctx,
+                &mut out,
+            )?;
+            Array::new(out, shape)
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Bias and mask operands: NumPy broadcasting to the logits shape `[batch..., heads, q, kv]`.
+
+use crate::error::{AttnError, num_elements};
+
+/// A bias or mask operand with its own shape, broadcast by NumPy rules to
+/// `[batch..., heads, q_len, kv_len]` (missing leading dims and size-1 dims repeat).
+#[derive(Clone, Debug)]
+pub struct Broadcast<'a, T> {
+    name: &'static str,
+    data: &'a [T],
+    shape: Vec<usize>,
+}
+
+impl<'a, T> Broadcast<'a, T> {
+    /// Wraps `data` (row-major) of `shape`; `name` (e.g. `"bias"`) is used in error messages.
+    /// The slice must hold exactly the shape's number of elements.
+    pub fn new(name: &'static str, data: &'a [T], shape: &[usize]) -> Result<Self, AttnError> {
+        let expected = num_elements(name, shape)?;
+        if expected != data.len() {
+            return Err(AttnError::Length {
+                tensor: name,
+                shape: shape.to_vec(),
+                expected,
+                found: data.len(),
+            });
+        }
+        Ok(Broadcast {
+            name,
+            data,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// The operand's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The operand's shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The elements, row-major.
+    pub fn data(&self) -> &'a [T] {
+        self.data
+    }
+}
+
+/// The mask of an attention call. `false` entries are replaced by `finfo(dtype).min` before the
+/// softmax (Flax's `jnp.where(mask, logits, big_neg)`).
+#[derive(Clone, Debug, Default)]
+pub enum Mask<'a> {
+    /// No mask.
+    #[default]
+    None,
+    /// Causal: query `i` sees keys `j <= i` (top-left aligned, as `make_causal_mask`).
+    Causal,
+    /// An explicit boolean mask, broadcast to `[batch..., heads, q_len, kv_len]`.
+    Explicit(Broadcast<'a, bool>),
+    /// Causal and an explicit mask (`combine_masks(causal, mask)`).
+    CausalAnd(Broadcast<'a, bool>),
+}
+
+impl<'a> Mask<'a> {
+    /// The explicit part, if any.
+    pub(crate) fn explicit(&self) -> Option<&Broadcast<'a, bool>> {
+        match self {
+            Mask::Explicit(b) | Mask::CausalAnd(b) => Some(b),
+            Mask::None | Mask::Causal => None,
+        }
+    }
+
+    /// Whether the causal rule applies.
+    pub(crate) fn is_causal(&self) -> bool {
+        matches!(self, Mask::Causal | Mask::CausalAnd(_))
+    }
+}
+
+/// One row (fixed batch, head, query) of a broadcast operand along the kv axis.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Row<'a, T> {
+    /// The operand has the kv axis: one value per key.
+    Values(&'a [T]),
+    /// The operand's kv axis is 1 or missing: one value for the whole row.
+    Splat(T),
+}
+
+impl<T: Copy> Row<'_, T> {
+    /// The value for key `j`.
+    #[inline(always)]
+    pub(crate) fn get(&self, j: usize) -> T {
+        match self {
+            Row::Values(v) => v[j],
+            Row::Splat(x) => *x,
+        }
+    }
+}
+
+/// A broadcast operand resolved against a concrete logits shape: the element offsets of each
+/// (batch, head, query) row.
+#[derive(Clone, Debug)]
+pub(crate) struct Resolved<'a, T> {
+    data: &'a [T],
+    /// Offset of each flattened batch index.
+    batch_offsets: Vec<usize>,
+    head_stride: usize,
+    q_stride: usize,
+    kv_len: usize,
+    /// Whether the operand has the kv axis (stride 1) or broadcasts it (stride 0).
+    has_kv: bool,
+}
+
+impl<'a, T: Copy> Resolved<'a, T> {
+    /// Resolves `op` against `[batch_shape..., heads, q_len, kv_len]`.
+    pub(crate) fn new(
+        op: &Broadcast<'a, T>,
+        batch_shape: &[usize],
+        heads: usize,
+        q_len: usize,
+        kv_len: usize,
+    ) -> Result<Self, AttnError> {
+        let mut target = batch_shape.to_vec();
+        target.extend_from_slice(&[heads, q_len, kv_len]);
+        let shape = &op.shape;
+        let err = |axis: usize| AttnError::Broadcast {
+            tensor: op.name,
+            shape: shape.clone(),
+            target: target.clone(),
+            axis,
+        };
+        if shape.len() > target.len() {
+            return Err(err(0));
+        }
+        let lead = target.len() - shape.len();
+        // Row-major strides of the operand, 0 where it broadcasts, aligned to the target axes.
+        let mut strides = vec![0usize; target.len()];
+        let mut stride = 1usize;
+        for (a, &n) in shape.iter().enumerate().rev() {
+            let t = target[lead + a];
+            if n != t && n != 1 {
+                return Err(err(a));
+            }
+            if n != 1 {
+                strides[lead + a] = stride;
+            }
+            // Cannot overflow: the product of the operand's shape was checked in `new`.
+            stride *= n;
+        }
+        let nb = batch_shape.len();
+        let batch_count = num_elements("logits", &target[..nb])?;
+        let mut batch_offsets = Vec::new();
+        batch_offsets
+            .try_reserve_exact(batch_count)
+            .map_err(|_| AttnError::Allocation {
+                tensor: op.name,
+                elements: batch_count,
+            })?;
+        // Offsets of the flattened batch indices, last batch axis fastest.
+        let mut index = vec![0usize; nb];
+        for _ in 0..batch_count {
+            batch_offsets.push(index.iter().zip(&strides).map(|(i, s)| i * s).sum());
+            for a in (0..nb).rev() {
+                index[a] += 1;
+                if index[a] < target[a] {
+                    break;
+                }
+                index[a] = 0;
+            }
+        }
+        Ok(Resolved {
+            data: op.data,
+            batch_offsets,
+            head_stride: strides[nb],
+            q_stride: strides[nb + 1],
+            kv_len,
+            has_kv: strides[nb + 2] == 1,
+        })
+    }
+
+    /// The row of flattened batch index `b`, head `h`, query `i`.
+    #[inline]
+    pub(crate) fn row(&self, b: usize, h: usize, i: usize) -> Row<'a, T> {
+        let start = self.batch_offsets[b] + h * self.head_stride + i * self.q_stride;
+        if self.has_kv {
+            Row::Values(&self.data[start..start + self.kv_len])
+        } else {
+            Row::Splat(self.data[start])
+        }
+    }
+}
+
+/// The NumPy broadcast of several shapes, or the index of the first shape that does not fit.
+pub fn broadcast_shapes(shapes: &[&[usize]]) -> Result<Vec<usize>, usize> {
+    let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut out = vec![1usize; rank];
+    for (k, s) in shapes.iter().enumerate() {
+        let lead = rank - s.len();
+        for (a, &n) in s.iter().enumerate() {
+            let o = &mut out[lead + a];
+            if *o == 1 {
+                *o = n;
+            } else if n != 1 && n != *o {
+                return Err(k);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_lower_rank_and_unit_dims() {
+        // bias [h=2, 1, k=3] against [b=2, h=2, q=4, k=3]
+        let data: Vec<i32> = (0..6).collect();
+        let op = Broadcast::new("bias", &data, &[2, 1, 3]).unwrap();
+        let r = Resolved::new(&op, &[2], 2, 4, 3).unwrap();
+        match r.row(1, 1, 3) {
+            Row::Values(v) => assert_eq!(v, &[3, 4, 5]),
+            Row::Splat(_) => panic!("expected values"),
+        }
+        let op = Broadcast::new("mask", &data[..2], &[2, 1, 1, 1]).unwrap();
+        let r = Resolved::new(&op, &[2], 2, 4, 3).unwrap();
+        assert!(matches!(r.row(1, 0, 2), Row::Splat(1)));
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let data = [0i32; 6];
+        let op = Broadcast::new("bias", &data, &[3, 2]).unwrap();
+        let e = Resolved::new(&op, &[], 2, 4, 2).unwrap_err();
+        assert!(
+            e.to_string().contains("axis 0 has size 3, expected 1 or 4"),
+            "{e}"
+        );
+        assert!(Broadcast::new("bias", &data, &[4, 2]).is_err());
+        assert_eq!(broadcast_shapes(&[&[2, 1, 3], &[4, 1]]), Ok(vec![2, 4, 3]));
+        assert_eq!(broadcast_shapes(&[&[2, 3], &[4, 1]]), Err(1));
+    }
+}

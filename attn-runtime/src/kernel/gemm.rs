@@ -1,0 +1,396 @@
+//! The only module with `unsafe` code: strided matrix views over slices and the calls into
+//! `matrixmultiply::{sgemm, dgemm}`.
+//!
+//! Every view is checked when it is built: all of its elements lie inside the slice it borrows
+//! (the largest offset is `offset + (rows-1)·rs + (cols-1)·cs`, strides are non-negative). So
+//! the `unsafe` calls below only ever touch memory the view borrows.
+
+use core::marker::PhantomData;
+
+/// An element type `matrixmultiply` has a kernel for.
+pub(crate) trait GemmScalar: Copy + Send + Sync + 'static {
+    /// `c ← alpha·a·b` (`beta = 0`): see [`gemm`].
+    ///
+    /// # Safety
+    /// `a`, `b` and `c` must be valid for the strided `m×k`, `k×n` and `m×n` matrices they
+    /// describe (reads for `a`, `b`; writes for `c`), and `c` must not alias `a` or `b` or itself.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    );
+}
+
+impl GemmScalar for f32 {
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
+    ) {
+        // SAFETY: forwarded from this function's contract. `beta = 0` means matrixmultiply
+        // never reads `c`, so `c` may be uninitialized garbage.
+        unsafe {
+            matrixmultiply::sgemm(
+                m, k, n, alpha, a, rsa, csa, b, rsb, csb, /* beta = */ 0.0, c, rsc, csc,
+            )
+        }
+    }
+}
+
+impl GemmScalar for f64 {
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f64,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        c: *mut f64,
+        rsc: isize,
+        csc: isize,
+    ) {
+        // SAFETY: forwarded from this function's contract (see the f32 impl).
+        unsafe {
+            matrixmultiply::dgemm(
+                m, k, n, alpha, a, rsa, csa, b, rsb, csb, /* beta = */ 0.0, c, rsc, csc,
+            )
+        }
+    }
+}
+
+/// The largest element offset of a strided `rows×cols` matrix starting at `offset`, if the
+/// matrix is non-empty and the offset computation does not overflow.
+fn last_offset(offset: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
+    if rows == 0 || cols == 0 {
+        return Some(offset);
+    }
+    (rows - 1)
+        .checked_mul(rs)?
+        .checked_add((cols - 1).checked_mul(cs)?)?
+        .checked_add(offset)
+}
+
+/// Checks that a strided matrix lies within a slice of `len` elements and that its strides
+/// fit in `isize`.
+fn fits(len: usize, offset: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    let empty = rows == 0 || cols == 0;
+    isize::try_from(rs).is_ok()
+        && isize::try_from(cs).is_ok()
+        && match last_offset(offset, rows, cols, rs, cs) {
+            Some(last) if empty => last <= len,
+            Some(last) => last < len,
+            None => false,
+        }
+}
+
+/// A read-only strided matrix inside a slice.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MatRef<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// Element `(i, j)` is `data[offset + i·rs + j·cs]`; `None` if some element lies outside
+    /// `data`.
+    pub(crate) fn new(
+        data: &'a [T],
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        rs: usize,
+        cs: usize,
+    ) -> Option<Self> {
+        fits(data.len(), offset, rows, cols, rs, cs).then_some(MatRef {
+            data,
+            offset,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
+    }
+
+    /// A contiguous row-major `rows×cols` matrix at the start of `data`.
+    pub(crate) fn row_major(data: &'a [T], rows: usize, cols: usize) -> Option<Self> {
+        Self::new(data, 0, rows, cols, cols, 1)
+    }
+}
+
+/// A mutable strided matrix: a unique borrow of the elements it describes (which need not be
+/// contiguous, so several `MatMut`s can borrow interleaved parts of one slice).
+#[derive(Debug)]
+pub(crate) struct MatMut<'a, T> {
+    ptr: *mut T,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+    _borrow: PhantomData<&'a mut T>,
+}
+
+// SAFETY: a `MatMut` is a unique borrow of its elements (no other `MatMut` or reference reaches
+// them while it lives), so moving it to another thread is like moving a `&mut [T]`.
+unsafe impl<T: Send> Send for MatMut<'_, T> {}
+
+impl<'a, T> MatMut<'a, T> {
+    /// Element `(i, j)` is `data[offset + i·rs + j·cs]`; `None` if some element lies outside
+    /// `data`, or if two elements would share a place (`rs`, `cs` must separate them: the
+    /// callers use `cs = 1` and `rs >= cols`).
+    pub(crate) fn new(
+        data: &'a mut [T],
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        rs: usize,
+        cs: usize,
+    ) -> Option<Self> {
+        let distinct = (cs == 1 && (rows <= 1 || rs >= cols)) || rows == 0 || cols == 0;
+        if !distinct || !fits(data.len(), offset, rows, cols, rs, cs) {
+            return None;
+        }
+        Some(MatMut {
+            // SAFETY: `offset <= data.len()` (checked by `fits`), so the pointer stays within
+            // (or one past the end of) the slice.
+            ptr: unsafe { data.as_mut_ptr().add(offset) },
+            rows,
+            cols,
+            rs,
+            cs,
+            _borrow: PhantomData,
+        })
+    }
+
+    /// A contiguous row-major `rows×cols` matrix at the start of `data`.
+    pub(crate) fn row_major(data: &'a mut [T], rows: usize, cols: usize) -> Option<Self> {
+        Self::new(data, 0, rows, cols, cols, 1)
+    }
+
+    /// The number of rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The number of columns.
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Writes row `i` from `values` (`values.len()` must equal `cols`, `i < rows`).
+    pub(crate) fn write_row(&mut self, i: usize, values: impl ExactSizeIterator<Item = T>) {
+        assert!(
+            i < self.rows && values.len() == self.cols,
+            "MatMut::write_row out of range"
+        );
+        for (j, v) in values.enumerate() {
+            // SAFETY: `i < rows` and `j < cols` (asserted above), and the constructor checked
+            // that every such element lies inside the borrowed slice.
+            unsafe { self.ptr.add(i * self.rs + j * self.cs).write(v) };
+        }
+    }
+}
+
+/// Splits `out`, laid out `[batch, rows, heads, cols]` row-major, into one `rows×cols` matrix
+/// per `(b, h)` (in the order `b·heads + h`): `out[b, :, h, :]`. `None` if `out` has the wrong
+/// length or an offset overflows.
+pub(crate) fn head_blocks_mut<T>(
+    out: &mut [T],
+    batch: usize,
+    rows: usize,
+    heads: usize,
+    cols: usize,
+) -> Option<Vec<MatMut<'_, T>>> {
+    let row_stride = heads.checked_mul(cols)?;
+    let batch_stride = rows.checked_mul(row_stride)?;
+    if batch.checked_mul(batch_stride)? != out.len() {
+        return None;
+    }
+    let mut blocks = Vec::new();
+    blocks.try_reserve_exact(batch.checked_mul(heads)?).ok()?;
+    let base = out.as_mut_ptr();
+    for b in 0..batch {
+        for h in 0..heads {
+            let offset = b * batch_stride + h * cols;
+            blocks.push(MatMut {
+                // SAFETY: `offset <= out.len()` because `b < batch`, `h < heads` and
+                // `out.len() == batch·rows·heads·cols`; for an empty block the pointer is
+                // never dereferenced.
+                ptr: unsafe { base.add(offset.min(out.len())) },
+                rows,
+                cols,
+                rs: row_stride,
+                cs: 1,
+                _borrow: PhantomData,
+            });
+        }
+    }
+    // SAFETY (of the borrows): element (i, j) of block (b, h) is `out[((b·rows + i)·heads + h)·cols + j]`
+    // with `i < rows`, `j < cols`, `h < heads`: a mixed-radix number, so distinct (b, h, i, j) give
+    // distinct elements, all inside `out`. The blocks are disjoint unique borrows of `out`,
+    // which stays mutably borrowed for `'_`.
+    Some(blocks)
+}
+
+/// `c ← alpha·a·b` (`c` is overwritten, never read). Panics if the shapes disagree (an
+/// internal invariant: callers build the views from validated geometry).
+pub(crate) fn gemm<T: GemmScalar>(
+    alpha: T,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    c: &mut MatMut<'_, T>,
+) {
+    assert!(
+        a.rows == c.rows && a.cols == b.rows && b.cols == c.cols,
+        "gemm: shape mismatch ({}x{}) · ({}x{}) -> ({}x{})",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols,
+        c.rows,
+        c.cols
+    );
+    if c.rows == 0 || c.cols == 0 {
+        return;
+    }
+    // Strides fit in isize: checked by the constructors.
+    let s = |x: usize| x as isize;
+    // SAFETY: `a`, `b` and `c` were checked at construction to lie within their slices for
+    // their full extents (rows×cols with strides rs, cs); `a.offset`/`b.offset` are within the
+    // slices; `c` uniquely borrows its elements, so it aliases neither `a` nor `b` (shared
+    // borrows) nor itself (distinct elements, checked by the constructors); `beta = 0` so `c`
+    // is only written.
+    unsafe {
+        T::gemm_raw(
+            a.rows,
+            a.cols,
+            b.cols,
+            alpha,
+            a.data.as_ptr().add(a.offset),
+            s(a.rs),
+            s(a.cs),
+            b.data.as_ptr().add(b.offset),
+            s(b.rs),
+            s(b.cs),
+            c.ptr,
+            s(c.rs),
+            s(c.cs),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn views_are_bounds_checked() {
+        let d = [0.0f32; 10];
+        assert!(MatRef::new(&d, 0, 2, 5, 5, 1).is_some());
+        assert!(MatRef::new(&d, 1, 2, 5, 5, 1).is_none());
+        assert!(MatRef::new(&d, 10, 0, 5, 5, 1).is_some());
+        assert!(MatRef::new(&d, 0, usize::MAX, 2, usize::MAX, 1).is_none());
+        let mut m = [0.0f32; 10];
+        assert!(
+            MatMut::new(&mut m, 0, 2, 5, 4, 1).is_none(),
+            "overlapping rows"
+        );
+    }
+
+    #[test]
+    fn strided_heads_match_naive() {
+        // q: [rows=3, heads=2, depth=4]; k: [kv=5, heads=2, depth=4].
+        let (rows, heads, depth, kv) = (3, 2, 4, 5);
+        let q: Vec<f64> = (0..rows * heads * depth)
+            .map(|x| (x as f64 * 0.37).sin())
+            .collect();
+        let k: Vec<f64> = (0..kv * heads * depth)
+            .map(|x| (x as f64 * 0.11).cos())
+            .collect();
+        for h in 0..heads {
+            let a = MatRef::new(&q, h * depth, rows, depth, heads * depth, 1).unwrap();
+            let b = MatRef::new(&k, h * depth, depth, kv, 1, heads * depth).unwrap();
+            let mut out = vec![f64::NAN; rows * kv];
+            gemm(
+                1.0,
+                a,
+                b,
+                &mut MatMut::row_major(&mut out, rows, kv).unwrap(),
+            );
+            let qa: Vec<f64> = (0..rows)
+                .flat_map(|i| (0..depth).map(move |d| (i, d)))
+                .map(|(i, d)| q[(i * heads + h) * depth + d])
+                .collect();
+            let kt: Vec<f64> = (0..depth)
+                .flat_map(|d| (0..kv).map(move |j| (d, j)))
+                .map(|(d, j)| k[(j * heads + h) * depth + d])
+                .collect();
+            let want = naive(&qa, &kt, rows, depth, kv);
+            for (x, y) in out.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-12);
+            }
+        }
+    }
+
+    #[test]
+    fn head_blocks_are_disjoint_and_complete() {
+        let (batch, rows, heads, cols) = (2, 3, 4, 2);
+        let mut out = vec![0u32; batch * rows * heads * cols];
+        let mut blocks = head_blocks_mut(&mut out, batch, rows, heads, cols).unwrap();
+        for (bh, blk) in blocks.iter_mut().enumerate() {
+            for i in 0..rows {
+                blk.write_row(i, (0..cols).map(|j| (bh * 100 + i * 10 + j) as u32 + 1));
+            }
+        }
+        drop(blocks);
+        for b in 0..batch {
+            for i in 0..rows {
+                for h in 0..heads {
+                    for j in 0..cols {
+                        let got = out[((b * rows + i) * heads + h) * cols + j];
+                        assert_eq!(got, ((b * heads + h) * 100 + i * 10 + j) as u32 + 1);
+                    }
+                }
+            }
+        }
+        assert!(head_blocks_mut(&mut out, batch, rows, heads, cols + 1).is_none());
+    }
+}

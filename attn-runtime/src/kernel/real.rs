@@ -1,0 +1,119 @@
+//! The two internal arithmetic types of the kernels (`f32`, `f64`) and rounding to a dtype.
+
+use core::ops::{Add, Mul, Sub};
+
+use half::{bf16, f16};
+
+use super::gemm::GemmScalar;
+use crate::element::{DType, Element};
+
+/// The type the kernels compute in: `f32` (for f32/bf16/f16 inputs) or `f64`.
+pub(crate) trait Real:
+    GemmScalar
+    + Default
+    + PartialOrd
+    + core::fmt::Debug
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+{
+    /// 0
+    const ZERO: Self;
+    /// 1
+    const ONE: Self;
+    /// Converts from `f64` (rounds for `f32`).
+    fn from_f64(x: f64) -> Self;
+    /// Widens an element (exact: every element type fits the `Real` chosen for it).
+    fn from_elem<E: Element>(e: E) -> Self;
+    /// Narrows to an element, rounding to nearest.
+    fn to_elem<E: Element>(self) -> E;
+    /// `e^self`.
+    fn exp(self) -> Self;
+    /// `1 / self`.
+    fn recip(self) -> Self;
+    /// Rounds to the nearest value of `dtype` (a float dtype no wider than `Self`).
+    fn round_to(self, dtype: DType) -> Self;
+    /// Views a slice of elements as a slice of `Self`, if the element type is `Self`.
+    fn same_slice<E: Element>(s: &[E]) -> Option<&[Self]>;
+    /// Views a mutable slice of elements as a slice of `Self`, if the element type is `Self`.
+    fn same_slice_mut<E: Element>(s: &mut [E]) -> Option<&mut [Self]>;
+}
+
+impl Real for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    #[inline(always)]
+    fn from_f64(x: f64) -> f32 {
+        x as f32
+    }
+    #[inline(always)]
+    fn from_elem<E: Element>(e: E) -> f32 {
+        e.to_f32()
+    }
+    #[inline(always)]
+    fn to_elem<E: Element>(self) -> E {
+        E::from_f32(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> f32 {
+        f32::exp(self)
+    }
+    #[inline(always)]
+    fn recip(self) -> f32 {
+        1.0 / self
+    }
+    #[inline(always)]
+    fn round_to(self, dtype: DType) -> f32 {
+        match dtype {
+            DType::BF16 => bf16::from_f32(self).to_f32(),
+            DType::F16 => f16::from_f32(self).to_f32(),
+            _ => self,
+        }
+    }
+    fn same_slice<E: Element>(s: &[E]) -> Option<&[f32]> {
+        E::as_f32_slice(s)
+    }
+    fn same_slice_mut<E: Element>(s: &mut [E]) -> Option<&mut [f32]> {
+        E::as_f32_slice_mut(s)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    #[inline(always)]
+    fn from_f64(x: f64) -> f64 {
+        x
+    }
+    #[inline(always)]
+    fn from_elem<E: Element>(e: E) -> f64 {
+        e.to_f64()
+    }
+    #[inline(always)]
+    fn to_elem<E: Element>(self) -> E {
+        E::from_f64(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn recip(self) -> f64 {
+        1.0 / self
+    }
+    #[inline(always)]
+    fn round_to(self, dtype: DType) -> f64 {
+        match dtype {
+            DType::F32 => self as f32 as f64,
+            DType::BF16 => bf16::from_f64(self).to_f64(),
+            DType::F16 => f16::from_f64(self).to_f64(),
+            _ => self,
+        }
+    }
+    fn same_slice<E: Element>(s: &[E]) -> Option<&[f64]> {
+        E::as_f64_slice(s)
+    }
+    fn same_slice_mut<E: Element>(s: &mut [E]) -> Option<&mut [f64]> {
+        E::as_f64_slice_mut(s)
+    }
+}

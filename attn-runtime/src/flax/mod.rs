@@ -240,8 +240,10 @@ fn check_shapes(query: &Array, key: &Array, value: Option<&Array>) -> Result<(),
     Ok(())
 }
 
-/// The sizes of a call after NumPy broadcasting with the bias and mask (which may enlarge the
-/// batch, heads, q or kv axes of the result, as in Flax).
+/// The sizes of a call after NumPy broadcasting with the bias and mask. A bias or mask may
+/// enlarge the batch, heads, q or kv axes of the result, as in Flax (whose einsums broadcast
+/// query, key and value along them); such inputs are then broadcast (copied) to the result's
+/// layout before the kernel runs.
 struct Layout {
     batch_shape: Vec<usize>,
     heads: usize,
@@ -254,7 +256,6 @@ fn layout(
     key: &Array,
     bias: Option<&Array>,
     mask: Option<&Array>,
-    with_value: bool,
 ) -> Result<Layout, AttnError> {
     let (qs, ks) = (query.shape(), key.shape());
     let rank = qs.len();
@@ -295,16 +296,6 @@ fn layout(
         q_len: full[n - 2],
         kv_len: full[n - 1],
     };
-    if with_value && (out.heads != qs[rank - 2] || out.kv_len != ks[rank - 3]) {
-        return Err(AttnError::InvalidArgument {
-            argument: "bias/mask",
-            reason: format!(
-                "a bias or mask that enlarges the heads or kv_len axis of the logits (from {:?} to {:?}) \
-                 is not supported by dot_product_attention (the weights no longer match value)",
-                logits, full
-            ),
-        });
-    }
     Ok(out)
 }
 
@@ -318,7 +309,7 @@ fn attend(
     let mut inputs = vec![query, key];
     inputs.extend(value);
     let compute = computation_dtype(&inputs, args.dtype)?;
-    let layout = layout(query, key, args.bias, args.mask, value.is_some())?;
+    let layout = layout(query, key, args.bias, args.mask)?;
     let bias_dtype = args.bias.map(|b| {
         if b.dtype().is_float() {
             b.dtype()

@@ -431,6 +431,11 @@ pub(crate) fn flash_attention<E: Element, O: Element>(
     if out.is_empty() {
         return;
     }
+    if d.kv_len == 0 {
+        // Every output element is an empty sum (Flax gives 0).
+        out.fill(O::from_f32(0.0));
+        return;
+    }
     if args.accumulate_f64 {
         run::<f64, E, O>(args, out, Isa::Portable);
     } else {
@@ -1298,6 +1303,15 @@ mod tests {
         let mut a = args::<f32>(d, &x);
         a.mask.explicit = resolved(&keep, &[2, 1, 1, k], &[2], 2, q, k);
         check::<f32, f32>(&a, 1e-6, 1e-5);
+    }
+
+    #[test]
+    fn no_keys_give_zeros() {
+        let d = dims(2, 3, 0, 2, 4, 5);
+        let x = inputs::<f32>(&d, 15);
+        let mut out = vec![f32::NAN; 2 * 3 * 2 * 5];
+        flash_attention(&args::<f32>(d, &x), &mut out, Isa::detect());
+        assert!(out.iter().all(|&v| v == 0.0), "{out:?}");
     }
 
     #[test]

@@ -90,7 +90,15 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
     } else {
         Vec::new()
     };
-    if tasks_n > 0 && q > 0 {
+    // No keys: the weights are empty and each output element is an empty sum, 0 (as in Flax).
+    let output = match output {
+        Some(out) if kv == 0 => {
+            out.fill(O::default());
+            None
+        }
+        other => other,
+    };
+    if tasks_n > 0 && q > 0 && kv > 0 {
         let widen = T::same_slice(call.query).is_none();
         let mut tasks: Vec<Task<'_, W, O, T>> = Vec::new();
         tasks

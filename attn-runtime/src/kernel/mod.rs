@@ -8,10 +8,10 @@
 //! `flash.rs` (the tiled online-softmax output path that never builds the `q × kv` matrix),
 //! `exp.rs` (a vectorizable `exp`), `simd.rs` (CPU feature detection and AVX-512
 //! micro-kernels). `unsafe` code lives in `gemm.rs` and `simd.rs` only. Which driver computes a
-//! call is decided in one place: [`choose_path`].
+//! call is decided in one place: `choose_path`.
 
 mod broadcast;
-mod exp;
+pub(crate) mod exp;
 mod flash;
 mod gemm;
 mod materialized;
@@ -202,14 +202,6 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
         check("key", key.len(), shape(kv_len, qk_depth))?;
         if let Some(v) = value {
             check("value", v.len(), shape(kv_len, v_depth))?;
-        }
-        if kv_len == 0 {
-            return Err(AttnError::Axis {
-                tensor: "key",
-                axis: "kv_len (axis -3)".into(),
-                expected: "at least 1 (a softmax over no keys has no maximum; Flax raises)".into(),
-                found: 0,
-            });
         }
         let mut logits_shape = geom.batch_shape.to_vec();
         logits_shape.extend_from_slice(&[heads, q_len, kv_len]);

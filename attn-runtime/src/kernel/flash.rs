@@ -14,8 +14,8 @@
 //!    (Flax sums before dropout too);
 //! 4. `O += P · V_blk`.
 //!
-//! Blocks that a mask removes entirely (above the causal diagonal, or an explicit mask that is
-//! false on the whole block) are skipped. A skipped entry would have weight
+//! Keys that a mask removes for every row of a task (above the causal diagonal, or a block on
+//! which an explicit mask is false) are skipped. A skipped entry would have weight
 //! `exp(big_neg - m) = 0` unless the whole row is masked; for such rows Flax returns uniform
 //! weights over *all* keys, so the skipped keys are added back with weight 1 at the end.
 //!
@@ -28,7 +28,7 @@
 //! conformance tolerances were calibrated against exact math, so computing 16-bit softmaxes in
 //! `f32` stays inside them (see `conformance/README.md`, "How the tolerances were chosen").
 
-use std::ops::{Add, Mul, Sub};
+use std::ops::{Add, Mul, Range, Sub};
 
 use rand_core::RngCore;
 use rand_pcg::Pcg32;
@@ -43,7 +43,7 @@ use crate::element::Element;
 /// Query rows per task (fewer when that would leave fewer than [`MIN_TASKS`] tasks).
 pub(crate) const QUERY_BLOCK: usize = 64;
 /// Keys per inner block.
-pub(crate) const KEY_BLOCK: usize = 256;
+pub(crate) const KEY_BLOCK: usize = 128;
 /// The query block shrinks (down to 16 rows) until there are at least this many tasks.
 const MIN_TASKS: usize = 4;
 
@@ -510,8 +510,8 @@ struct Scratch<C> {
     /// Per head: running maximum and running sum per query column `[width]`.
     max: Vec<C>,
     sum: Vec<C>,
-    /// Per head: key blocks skipped because a mask removes them entirely.
-    skipped: Vec<Vec<usize>>,
+    /// Per head: ranges of keys skipped because a mask removes them entirely.
+    skipped: Vec<Vec<Range<usize>>>,
     /// Logits, then probabilities, of one block, transposed: `[KEY_BLOCK][width]`.
     scores: Vec<C>,
     /// Rescale factor, exponent shift and block maximum of one block `[width]`.
@@ -609,19 +609,28 @@ where
             start_head(args, rows, h, scratch);
         }
         let last_row = first_row + count - 1;
-        for (block, j0) in (0..d.kv_len).step_by(KEY_BLOCK).enumerate() {
-            if args.mask.causal && j0 > last_row {
-                // Above the diagonal for every row of the task.
+        for j0 in (0..d.kv_len).step_by(KEY_BLOCK) {
+            let end = (j0 + KEY_BLOCK).min(d.kv_len);
+            // Keys after the last row are above the causal diagonal for every row of the task.
+            let computed_end = if args.mask.causal {
+                end.min(last_row + 1).max(j0)
+            } else {
+                end
+            };
+            if computed_end < end {
                 for skipped in &mut scratch.skipped {
-                    skipped.push(block);
+                    skipped.push(computed_end..end);
                 }
+            }
+            if computed_end == j0 {
                 continue;
             }
+            let keys = j0..computed_end;
             if count == 1 {
-                single_row_block::<C, E, M>(args, rows, (block, j0), scratch);
+                single_row_block::<C, E, M>(args, rows, keys, scratch);
             } else {
                 for h in 0..d.heads {
-                    key_block::<C, E, M>(args, rows, h, (block, j0), scratch, isa);
+                    key_block::<C, E, M>(args, rows, h, keys.clone(), scratch, isa);
                 }
             }
         }
@@ -679,13 +688,13 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
     args: &FlashArgs<'_, E>,
     rows: Rows,
     h: usize,
-    (block, j0): (usize, usize),
+    keys_range: Range<usize>,
     s: &mut Scratch<C>,
     isa: Isa,
 ) {
     let d = args.dims;
     let (depth, v_depth, width, b) = (d.qk_depth, d.v_depth, rows.width, rows.b);
-    let cols = KEY_BLOCK.min(d.kv_len - j0);
+    let (j0, cols) = (keys_range.start, keys_range.len());
     let Scratch {
         query_t,
         acc,
@@ -716,7 +725,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
             }
         }
         if !any {
-            skipped[h].push(block);
+            skipped[h].push(keys_range);
             return;
         }
     }
@@ -807,12 +816,12 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
 fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
     args: &FlashArgs<'_, E>,
     rows: Rows,
-    (block, j0): (usize, usize),
+    keys_range: Range<usize>,
     s: &mut Scratch<C>,
 ) {
     let d = args.dims;
     let (heads, depth, v_depth) = (d.heads, d.qk_depth, d.v_depth);
-    let cols = KEY_BLOCK.min(d.kv_len - j0);
+    let (j0, cols) = (keys_range.start, keys_range.len());
     // Row stride of `scores` (heads × keys here); the scratch holds `min(KEY_BLOCK, kv_len)` rows
     // of at least `heads` columns.
     let stride = KEY_BLOCK.min(d.kv_len);
@@ -840,7 +849,7 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
             let start = keep.len();
             keep.extend((0..cols).map(|jj| row.get(j0 + jj)));
             if !keep[start..].contains(&true) {
-                skipped[h].push(block);
+                skipped[h].push(keys_range.clone());
                 active[h] = false;
             }
         }
@@ -1073,9 +1082,8 @@ fn add_back_skipped_keys<C: TileReal, E: Element>(
         }
         // With a maximum of -inf everything computed had weight 0; the masked keys now hold it.
         *max = big_neg;
-        for &block in &s.skipped[h] {
-            let j0 = block * KEY_BLOCK;
-            let cols = KEY_BLOCK.min(d.kv_len - j0);
+        for range in &s.skipped[h] {
+            let (j0, cols) = (range.start, range.len());
             let mut weights = vec![C::ONE; cols];
             if let Some(dropout) = &args.dropout {
                 dropout.for_run::<C>(&d, (rows.b, h, rows.first + r), j0, cols, |jj, keep| {
@@ -1456,8 +1464,9 @@ mod timing {
     #[test]
     #[ignore]
     fn grid() {
+        let threads = std::env::var("TIMING_THREADS").map_or(2, |t| t.parse().unwrap());
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
+            .num_threads(threads)
             .build()
             .unwrap();
         for &(b, h, q, k, dd, causal) in &[

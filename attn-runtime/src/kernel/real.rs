@@ -37,6 +37,26 @@ pub(crate) trait Real:
     fn same_slice<E: Element>(s: &[E]) -> Option<&[Self]>;
     /// Views a mutable slice of elements as a slice of `Self`, if the element type is `Self`.
     fn same_slice_mut<E: Element>(s: &mut [E]) -> Option<&mut [Self]>;
+    /// The largest value of `values`, ignoring NaN (−∞ for an empty slice).
+    fn max_of(values: &[Self]) -> Self {
+        let mut max = Self::from_f64(f64::NEG_INFINITY);
+        for &x in values {
+            if x > max {
+                max = x;
+            }
+        }
+        max
+    }
+    /// Replaces every `x` of `values` by `exp(x - shift)` (no rounding) and returns their sum,
+    /// added in any order.
+    fn exp_shift_sum(values: &mut [Self], shift: Self) -> Self {
+        let mut sum = Self::ZERO;
+        for x in values {
+            *x = (*x - shift).exp();
+            sum = sum + *x;
+        }
+        sum
+    }
 }
 
 impl Real for f32 {
@@ -75,6 +95,12 @@ impl Real for f32 {
     }
     fn same_slice_mut<E: Element>(s: &mut [E]) -> Option<&mut [f32]> {
         E::as_f32_slice_mut(s)
+    }
+    fn max_of(values: &[f32]) -> f32 {
+        super::exp::max_f32(values)
+    }
+    fn exp_shift_sum(values: &mut [f32], shift: f32) -> f32 {
+        super::exp::exp_shift_sum_f32(values, shift)
     }
 }
 

@@ -94,8 +94,16 @@ impl<T: Real> RowPass<T> {
         bias: Option<Row<'_, B>>,
         mask: MaskRow<'_>,
     ) {
+        // When rounding to the softmax dtype is the identity (an f32 softmax in f32, an f64
+        // softmax in f64), the maximum and `exp` run as vectorized slice operations.
+        let unrounded = match self.softmax {
+            DType::F64 => true,
+            DType::F32 => core::mem::size_of::<T>() == 4,
+            _ => false,
+        };
         let mut max = T::from_f64(f64::NEG_INFINITY);
         match (bias, mask.is_some()) {
+            (None, false) if unrounded => max = T::max_of(row),
             (None, false) => {
                 for x in row.iter_mut() {
                     *x = x.round_to(self.softmax);
@@ -114,20 +122,30 @@ impl<T: Real> RowPass<T> {
             }
         }
         let mut sum = T::ZERO;
-        for x in row.iter_mut() {
-            let u = (*x - max)
-                .round_to(self.softmax)
-                .exp()
-                .round_to(self.softmax);
-            *x = u;
-            sum = sum + u;
+        if unrounded {
+            sum = T::exp_shift_sum(row, max);
+        } else {
+            for x in row.iter_mut() {
+                let u = (*x - max)
+                    .round_to(self.softmax)
+                    .exp()
+                    .round_to(self.softmax);
+                *x = u;
+                sum = sum + u;
+            }
         }
         let scale = sum
             .round_to(self.softmax)
             .recip()
             .round_to(self.softmax_recip);
-        for x in row.iter_mut() {
-            *x = (*x * scale).round_to(self.softmax).round_to(self.weights);
+        if unrounded && self.weights == self.softmax {
+            for x in row.iter_mut() {
+                *x = *x * scale;
+            }
+        } else {
+            for x in row.iter_mut() {
+                *x = (*x * scale).round_to(self.softmax).round_to(self.weights);
+            }
         }
     }
 

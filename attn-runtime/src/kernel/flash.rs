@@ -94,6 +94,8 @@ pub(crate) trait TileReal:
     );
     /// Runs `K` compiled for `isa` (`f32`) or portably (`f64`, which has no SIMD kernels).
     fn dispatch<K: Body>(isa: Isa, input: K::Input) -> K::Output;
+    /// Calls `f` with this thread's scratch cell for this arithmetic.
+    fn with_thread_scratch<R>(f: impl FnOnce(&ScratchCell<Self>) -> R) -> R;
 }
 
 impl TileReal for f32 {
@@ -153,6 +155,14 @@ impl TileReal for f32 {
     fn dispatch<K: Body>(isa: Isa, input: K::Input) -> K::Output {
         simd::with_features::<K>(isa, input)
     }
+    fn with_thread_scratch<R>(f: impl FnOnce(&ScratchCell<Self>) -> R) -> R {
+        thread_local! {
+            static SCRATCH: ScratchCell<f32> = const {
+                std::cell::RefCell::new((Scratch::empty(), Vec::new()))
+            };
+        }
+        SCRATCH.with(f)
+    }
 }
 
 impl TileReal for f64 {
@@ -207,6 +217,14 @@ impl TileReal for f64 {
     }
     fn dispatch<K: Body>(_isa: Isa, input: K::Input) -> K::Output {
         K::run::<Unfused>(input)
+    }
+    fn with_thread_scratch<R>(f: impl FnOnce(&ScratchCell<Self>) -> R) -> R {
+        thread_local! {
+            static SCRATCH: ScratchCell<f64> = const {
+                std::cell::RefCell::new((Scratch::empty(), Vec::new()))
+            };
+        }
+        SCRATCH.with(f)
     }
 }
 
@@ -466,9 +484,9 @@ fn run<C: TileReal, E: Element, O: Element>(args: &FlashArgs<'_, E>, out: &mut [
                 .map(move |(qb, rows)| (b, qb * block, rows))
         })
         .collect();
-    tasks.into_par_iter().for_each_init(
-        || (Scratch::<C>::new(&d, block), Vec::<C>::new()),
-        |(scratch, converted), (b, first_row, out_rows)| {
+    tasks.into_par_iter().for_each(|(b, first_row, out_rows)| {
+        with_thread_scratch::<C, ()>(|scratch, converted| {
+            scratch.prepare(&d, block);
             // The body writes `C`; other output types go through a buffer, so that the body
             // is not compiled once per output type.
             let direct = C::direct_mut(&mut *out_rows).is_some();
@@ -494,15 +512,15 @@ fn run<C: TileReal, E: Element, O: Element>(args: &FlashArgs<'_, E>, out: &mut [
                     *o = x.to::<O>();
                 }
             }
-        },
-    );
+        })
+    });
 }
 
 /// Per-task buffers, reused across the tasks a rayon job runs. The task keeps the state of every
 /// head and walks the key blocks in the outer loop: a block of keys of all heads is one
 /// contiguous stretch of memory (`[kv, heads, depth]`), so each page of it is touched for all
 /// heads at once instead of once per head.
-struct Scratch<C> {
+pub(crate) struct Scratch<C> {
     /// Per head: scaled queries, transposed, `[qk_depth][width]`.
     query_t: Vec<C>,
     /// Per head: output accumulator `[rows][v_depth]`.
@@ -528,26 +546,59 @@ struct Scratch<C> {
 }
 
 impl<C: TileReal> Scratch<C> {
-    fn new(d: &Dims, block: usize) -> Self {
-        let width = block.next_multiple_of(16);
-        let key_rows = KEY_BLOCK.min(d.kv_len);
+    const fn empty() -> Self {
         Self {
-            query_t: vec![C::ZERO; d.heads * d.qk_depth * width],
-            acc: vec![C::ZERO; d.heads * block * d.v_depth],
-            max: vec![C::ZERO; d.heads * width],
-            sum: vec![C::ZERO; d.heads * width],
-            skipped: vec![Vec::new(); d.heads],
-            scores: vec![C::ZERO; key_rows * width.max(d.heads)],
-            alpha: vec![C::ZERO; width],
-            shift: vec![C::ZERO; width],
-            block_max: vec![C::ZERO; width],
+            query_t: Vec::new(),
+            acc: Vec::new(),
+            max: Vec::new(),
+            sum: Vec::new(),
+            skipped: Vec::new(),
+            scores: Vec::new(),
+            alpha: Vec::new(),
+            shift: Vec::new(),
+            block_max: Vec::new(),
             keys: Vec::new(),
             values: Vec::new(),
             keep: Vec::new(),
-            active: vec![true; d.heads],
+            active: Vec::new(),
         }
     }
+
+    /// Sizes the buffers for tasks of `block` query rows of a call of sizes `d`. Each task
+    /// resets what it reads, so the contents need not be cleared.
+    fn prepare(&mut self, d: &Dims, block: usize) {
+        let width = block.next_multiple_of(16);
+        let key_rows = KEY_BLOCK.min(d.kv_len);
+        self.query_t.resize(d.heads * d.qk_depth * width, C::ZERO);
+        self.acc.resize(d.heads * block * d.v_depth, C::ZERO);
+        self.max.resize(d.heads * width, C::ZERO);
+        self.sum.resize(d.heads * width, C::ZERO);
+        self.skipped.resize_with(d.heads, Vec::new);
+        self.scores.resize(key_rows * width.max(d.heads), C::ZERO);
+        self.alpha.resize(width, C::ZERO);
+        self.shift.resize(width, C::ZERO);
+        self.block_max.resize(width, C::ZERO);
+        self.active.resize(d.heads, true);
+    }
 }
+
+/// The scratch of the current thread for arithmetic `C`, kept between calls: allocating (and
+/// page-faulting) a few hundred KiB per call costs more than a small call computes. Its size
+/// follows the largest shape this thread has run (`heads × depth × QUERY_BLOCK` elements, not
+/// `q_len × kv_len`).
+fn with_thread_scratch<C: TileReal, R>(f: impl FnOnce(&mut Scratch<C>, &mut Vec<C>) -> R) -> R {
+    C::with_thread_scratch(|cell| match cell.try_borrow_mut() {
+        Ok(mut held) => {
+            let (scratch, converted) = &mut *held;
+            f(scratch, converted)
+        }
+        // Only if a task ran inside another task on this thread: use a fresh scratch.
+        Err(_) => f(&mut Scratch::empty(), &mut Vec::new()),
+    })
+}
+
+/// A thread's scratch and output-conversion buffer.
+pub(crate) type ScratchCell<C> = std::cell::RefCell<(Scratch<C>, Vec<C>)>;
 
 /// One (batch element, query block) task.
 struct Task<'t, 'a, C, E> {
@@ -884,7 +935,7 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
 
     for h in 0..heads {
         if active[h] {
-            let keep_h = if keep.is_empty() {
+            let keep_h = if args.mask.explicit.is_none() {
                 &[][..]
             } else {
                 &keep[h * cols..(h + 1) * cols]

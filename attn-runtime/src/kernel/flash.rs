@@ -474,46 +474,64 @@ fn run<C: TileReal, E: Element, O: Element>(args: &FlashArgs<'_, E>, out: &mut [
     let d = args.dims;
     let block = query_block(&d);
     let row_len = d.heads * d.v_depth;
-    let tasks: Vec<(usize, usize, &mut [O])> = out
-        .chunks_mut(d.q_len * row_len)
-        .enumerate()
-        .flat_map(|(b, per_batch)| {
-            per_batch
-                .chunks_mut(block * row_len)
-                .enumerate()
-                .map(move |(qb, rows)| (b, qb * block, rows))
-        })
-        .collect();
-    tasks.into_par_iter().for_each(|(b, first_row, out_rows)| {
-        with_thread_scratch::<C, ()>(|scratch, converted| {
-            scratch.prepare(&d, block);
-            // The body writes `C`; other output types go through a buffer, so that the body
-            // is not compiled once per output type.
-            let direct = C::direct_mut(&mut *out_rows).is_some();
-            if !direct {
-                converted.clear();
-                converted.resize(out_rows.len(), C::ZERO);
-            }
-            let out_c = match C::direct_mut(&mut *out_rows) {
-                Some(out_c) => out_c,
-                None => &mut converted[..],
-            };
-            let task = Task {
-                args,
-                b,
-                first_row,
-                out: out_c,
-                scratch,
-                isa,
-            };
-            C::dispatch::<TaskBody<'_, '_, C, E>>(isa, task);
-            if !direct {
-                for (o, &x) in out_rows.iter_mut().zip(converted.iter()) {
-                    *o = x.to::<O>();
+    // Tasks: (batch element, first query row, first head, output rows). With one query row
+    // (decoding) the output row of a batch element is split by groups of heads instead, so
+    // that a small batch still has work for every thread.
+    let tasks: Vec<(usize, usize, usize, &mut [O])> = if d.q_len == 1 {
+        let groups = MIN_TASKS.div_ceil(d.batch).clamp(1, d.heads);
+        let per_group = d.heads.div_ceil(groups);
+        out.chunks_mut(row_len)
+            .enumerate()
+            .flat_map(|(b, row)| {
+                row.chunks_mut(per_group * d.v_depth)
+                    .enumerate()
+                    .map(move |(g, heads)| (b, 0, g * per_group, heads))
+            })
+            .collect()
+    } else {
+        out.chunks_mut(d.q_len * row_len)
+            .enumerate()
+            .flat_map(|(b, per_batch)| {
+                per_batch
+                    .chunks_mut(block * row_len)
+                    .enumerate()
+                    .map(move |(qb, rows)| (b, qb * block, 0, rows))
+            })
+            .collect()
+    };
+    tasks
+        .into_par_iter()
+        .for_each(|(b, first_row, first_head, out_rows)| {
+            with_thread_scratch::<C, ()>(|scratch, converted| {
+                scratch.prepare(&d, block);
+                // The body writes `C`; other output types go through a buffer, so that the body
+                // is not compiled once per output type.
+                let direct = C::direct_mut(&mut *out_rows).is_some();
+                if !direct {
+                    converted.clear();
+                    converted.resize(out_rows.len(), C::ZERO);
                 }
-            }
-        })
-    });
+                let out_c = match C::direct_mut(&mut *out_rows) {
+                    Some(out_c) => out_c,
+                    None => &mut converted[..],
+                };
+                let task = Task {
+                    args,
+                    b,
+                    first_row,
+                    first_head,
+                    out: out_c,
+                    scratch,
+                    isa,
+                };
+                C::dispatch::<TaskBody<'_, '_, C, E>>(isa, task);
+                if !direct {
+                    for (o, &x) in out_rows.iter_mut().zip(converted.iter()) {
+                        *o = x.to::<O>();
+                    }
+                }
+            })
+        });
 }
 
 /// Per-task buffers, reused across the tasks a rayon job runs. The task keeps the state of every
@@ -605,19 +623,29 @@ struct Task<'t, 'a, C, E> {
     args: &'t FlashArgs<'a, E>,
     b: usize,
     first_row: usize,
+    first_head: usize,
+    /// `[rows][heads of the task][v_depth]`.
     out: &'t mut [C],
     scratch: &'t mut Scratch<C>,
     isa: Isa,
 }
 
 /// Where one task works: batch element, first query row, rows, padded width (a multiple of
-/// 16: the query columns of the transposed tiles).
+/// 16: the query columns of the transposed tiles; 1 for a single row), and its heads.
 #[derive(Clone, Copy)]
 struct Rows {
     b: usize,
     first: usize,
     count: usize,
     width: usize,
+    first_head: usize,
+    heads: usize,
+}
+
+impl Rows {
+    fn heads(&self) -> Range<usize> {
+        self.first_head..self.first_head + self.heads
+    }
 }
 
 /// The task body, compiled per instruction set by [`simd::with_features`].
@@ -638,12 +666,17 @@ where
             args,
             b,
             first_row,
+            first_head,
             out,
             scratch,
             isa,
         } = task;
         let d = args.dims;
-        let count = out.len() / (d.heads * d.v_depth);
+        let (count, heads) = if d.q_len == 1 {
+            (1, out.len() / d.v_depth)
+        } else {
+            (out.len() / (d.heads * d.v_depth), d.heads)
+        };
         // A single query row (decoding) is laid out one column wide and takes the
         // memory-streaming path; blocks of rows use the tiled products.
         let rows = Rows {
@@ -655,8 +688,10 @@ where
             } else {
                 count.next_multiple_of(16)
             },
+            first_head,
+            heads,
         };
-        for h in 0..d.heads {
+        for h in rows.heads() {
             start_head(args, rows, h, scratch);
         }
         let last_row = first_row + count - 1;
@@ -669,7 +704,7 @@ where
                 end
             };
             if computed_end < end {
-                for skipped in &mut scratch.skipped {
+                for skipped in &mut scratch.skipped[rows.heads()] {
                     skipped.push(computed_end..end);
                 }
             }
@@ -680,12 +715,12 @@ where
             if count == 1 {
                 single_row_block::<C, E, M>(args, rows, keys, scratch);
             } else {
-                for h in 0..d.heads {
+                for h in rows.heads() {
                     key_block::<C, E, M>(args, rows, h, keys.clone(), scratch, isa);
                 }
             }
         }
-        for h in 0..d.heads {
+        for h in rows.heads() {
             if !scratch.skipped[h].is_empty() {
                 add_back_skipped_keys(args, rows, h, scratch);
             }
@@ -693,7 +728,7 @@ where
             let sum = &scratch.sum[h * rows.width..];
             for (r, acc_row) in acc.chunks_exact(d.v_depth).enumerate() {
                 let inv = sum[r].recip();
-                let out_row = &mut out[(r * d.heads + h) * d.v_depth..][..d.v_depth];
+                let out_row = &mut out[(r * heads + h - first_head) * d.v_depth..][..d.v_depth];
                 for (o, &x) in out_row.iter_mut().zip(acc_row) {
                     *o = x * inv;
                 }
@@ -872,6 +907,7 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
 ) {
     let d = args.dims;
     let (heads, depth, v_depth) = (d.heads, d.qk_depth, d.v_depth);
+    let task_heads = rows.heads();
     let (j0, cols) = (keys_range.start, keys_range.len());
     // Row stride of `scores` (heads × keys here); the scratch holds `min(KEY_BLOCK, kv_len)` rows
     // of at least `heads` columns.
@@ -895,7 +931,7 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
     active.fill(true);
     if let Some(mask) = &args.mask.explicit {
         keep.clear();
-        for h in 0..heads {
+        for h in task_heads.clone() {
             let row = mask.row(rows.b, h, rows.first);
             let start = keep.len();
             keep.extend((0..cols).map(|jj| row.get(j0 + jj)));
@@ -904,7 +940,7 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
                 active[h] = false;
             }
         }
-        if !active.contains(&true) {
+        if !active[task_heads.clone()].contains(&true) {
             return;
         }
     }
@@ -925,7 +961,7 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
                 keys
             }
         };
-        for h in 0..heads {
+        for h in task_heads.clone() {
             if active[h] {
                 let q = &query_t[h * depth..(h + 1) * depth];
                 scores[h * stride + jj] = dot(q, &key_row[h * depth..(h + 1) * depth]);
@@ -933,12 +969,12 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
         }
     }
 
-    for h in 0..heads {
+    for h in task_heads.clone() {
         if active[h] {
             let keep_h = if args.mask.explicit.is_none() {
                 &[][..]
             } else {
-                &keep[h * cols..(h + 1) * cols]
+                &keep[(h - rows.first_head) * cols..][..cols]
             };
             softmax_block::<C, E, M>(
                 args,
@@ -971,7 +1007,7 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
                 values
             }
         };
-        for h in 0..heads {
+        for h in task_heads.clone() {
             if active[h] {
                 let p = scores[h * stride + jj];
                 let v = &value_row[h * v_depth..(h + 1) * v_depth];
@@ -1378,6 +1414,14 @@ mod tests {
         let d = dims(3, 1, 1000, 4, 128, 128);
         let x = inputs::<f32>(&d, 6);
         check::<f32, f32>(&args::<f32>(d, &x), 1e-6, 1e-5);
+        // One batch element: its heads are split into groups of 2, 2 and 1 (3 tasks).
+        let d = dims(1, 1, 300, 5, 16, 8);
+        let x = inputs::<f32>(&d, 16);
+        let mut a = args::<f32>(d, &x);
+        a.mask.causal = true;
+        check::<f32, f32>(&a, 1e-6, 1e-5);
+        a.mask.causal = false;
+        check::<f32, f32>(&a, 1e-6, 1e-5);
     }
 
     #[test]

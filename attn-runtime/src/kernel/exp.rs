@@ -14,8 +14,6 @@
 //! `exp(x) = +inf` above `ln(f32::MAX)`, and results that would be subnormal (`x` below
 //! `ln(f32::MIN_POSITIVE)`) are flushed to `0`, as XLA does.
 
-use super::simd::{self, Body, Isa};
-
 /// How the polynomial's multiply–adds are evaluated.
 ///
 /// `f32::mul_add` is one instruction where the FMA feature is enabled (the SIMD variants of the
@@ -97,74 +95,6 @@ pub(crate) fn exp_in_place<M: MulAdd>(values: &mut [f32]) {
     }
 }
 
-/// Lanes of the partial maxima and sums below (one AVX-512 vector).
-const LANES: usize = 16;
-
-/// The largest value of `values`, ignoring NaN (−∞ for an empty slice), vectorized for the
-/// CPU's instruction set.
-pub(crate) fn max_f32(values: &[f32]) -> f32 {
-    simd::with_features::<MaxBody<'_>>(Isa::detect(), values)
-}
-
-/// Replaces every `x` of `values` by `exp(x - shift)` and returns their sum (accumulated in 16
-/// interleaved partial sums), vectorized for the CPU's instruction set.
-pub(crate) fn exp_shift_sum_f32(values: &mut [f32], shift: f32) -> f32 {
-    simd::with_features::<ExpSumBody<'_>>(Isa::detect(), (values, shift))
-}
-
-struct MaxBody<'v>(std::marker::PhantomData<&'v ()>);
-
-impl<'v> Body for MaxBody<'v> {
-    type Input = &'v [f32];
-    type Output = f32;
-
-    #[inline(always)]
-    fn run<M: MulAdd>(values: &'v [f32]) -> f32 {
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        let mut chunks = values.chunks_exact(LANES);
-        for chunk in &mut chunks {
-            for (m, &x) in lanes.iter_mut().zip(chunk) {
-                *m = m.max(x);
-            }
-        }
-        for (m, &x) in lanes.iter_mut().zip(chunks.remainder()) {
-            *m = m.max(x);
-        }
-        lanes.into_iter().fold(f32::NEG_INFINITY, f32::max)
-    }
-}
-
-struct ExpSumBody<'v>(std::marker::PhantomData<&'v ()>);
-
-impl<'v> Body for ExpSumBody<'v> {
-    type Input = (&'v mut [f32], f32);
-    type Output = f32;
-
-    #[inline(always)]
-    fn run<M: MulAdd>((values, shift): (&'v mut [f32], f32)) -> f32 {
-        let mut lanes = [0.0f32; LANES];
-        let mut chunks = values.chunks_exact_mut(LANES);
-        for chunk in &mut chunks {
-            for (l, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
-                *x = exp_f32::<M>(*x - shift);
-                *l += *x;
-            }
-        }
-        for (l, x) in lanes.iter_mut().zip(chunks.into_remainder()) {
-            *x = exp_f32::<M>(*x - shift);
-            *l += *x;
-        }
-        let mut width = LANES;
-        while width > 1 {
-            width /= 2;
-            for l in 0..width {
-                lanes[l] += lanes[l + width];
-            }
-        }
-        lanes[0]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,35 +153,6 @@ mod tests {
             assert_eq!(f(-1.0e30), 0.0);
             assert!(f(FLUSH_BELOW) >= f32::MIN_POSITIVE);
         }
-    }
-
-    #[test]
-    fn row_helpers_match_scalar_math() {
-        for n in [0, 1, 15, 16, 17, 100, 1000] {
-            let mut v: Vec<f32> = (0..n)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-                .collect();
-            let max = max_f32(&v);
-            let want_max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            assert_eq!(max, want_max, "n = {n}");
-            // The difference is rounded to f32 first, as in the kernel.
-            let want: Vec<f64> = v.iter().map(|&x| ((x - max) as f64).exp()).collect();
-            let sum = exp_shift_sum_f32(&mut v, max);
-            let want_sum: f64 = want.iter().sum();
-            assert!(
-                (sum as f64 - want_sum).abs() <= 1e-6 * want_sum.max(1.0),
-                "n = {n}"
-            );
-            for (got, want) in v.iter().zip(&want) {
-                assert!((*got as f64 - want).abs() <= 2.5e-7 * want, "n = {n}");
-            }
-        }
-        let mut with_nan = vec![1.0, f32::NAN, 3.0];
-        assert_eq!(max_f32(&with_nan), 3.0, "NaN is ignored by the maximum");
-        assert!(
-            exp_shift_sum_f32(&mut with_nan, 3.0).is_nan(),
-            "and propagates through exp"
-        );
     }
 
     #[test]

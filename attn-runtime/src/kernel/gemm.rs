@@ -219,44 +219,52 @@ impl<'a, T> MatMut<'a, T> {
     }
 }
 
-/// Splits `out`, laid out `[batch, rows, heads, cols]` row-major, into one `rows×cols` matrix
-/// per `(b, h)` (in the order `b·heads + h`): `out[b, :, h, :]`. `None` if `out` has the wrong
-/// length or an offset overflows.
+/// Splits `out`, laid out `[batch, rows, heads, cols]` row-major, into matrices of at most
+/// `block_rows` consecutive rows of each `out[b, :, h, :]`, in the order (b, h, row block): block
+/// `k` of (b, h) holds rows `k·block_rows ..`. `None` if `out` has the wrong length, `block_rows`
+/// is 0 or an offset overflows.
 pub(crate) fn head_blocks_mut<T>(
     out: &mut [T],
     batch: usize,
     rows: usize,
     heads: usize,
     cols: usize,
+    block_rows: usize,
 ) -> Option<Vec<MatMut<'_, T>>> {
     let row_stride = heads.checked_mul(cols)?;
     let batch_stride = rows.checked_mul(row_stride)?;
-    if batch.checked_mul(batch_stride)? != out.len() {
+    if batch.checked_mul(batch_stride)? != out.len() || block_rows == 0 {
         return None;
     }
     let mut blocks = Vec::new();
-    blocks.try_reserve_exact(batch.checked_mul(heads)?).ok()?;
+    let per_head = rows.div_ceil(block_rows);
+    blocks
+        .try_reserve_exact(batch.checked_mul(heads)?.checked_mul(per_head)?)
+        .ok()?;
     let base = out.as_mut_ptr();
     for b in 0..batch {
         for h in 0..heads {
-            let offset = b * batch_stride + h * cols;
-            blocks.push(MatMut {
-                // SAFETY: `offset <= out.len()` because `b < batch`, `h < heads` and
-                // `out.len() == batch·rows·heads·cols`; for an empty block the pointer is
-                // never dereferenced.
-                ptr: unsafe { base.add(offset.min(out.len())) },
-                rows,
-                cols,
-                rs: row_stride,
-                cs: 1,
-                _borrow: PhantomData,
-            });
+            for first in (0..rows).step_by(block_rows) {
+                let offset = b * batch_stride + first * row_stride + h * cols;
+                blocks.push(MatMut {
+                    // SAFETY: `offset <= out.len()` because `b < batch`, `first < rows`,
+                    // `h < heads` and `out.len() == batch·rows·heads·cols`; for an empty block
+                    // the pointer is never dereferenced.
+                    ptr: unsafe { base.add(offset.min(out.len())) },
+                    rows: block_rows.min(rows - first),
+                    cols,
+                    rs: row_stride,
+                    cs: 1,
+                    _borrow: PhantomData,
+                });
+            }
         }
     }
-    // SAFETY (of the borrows): element (i, j) of block (b, h) is `out[((b·rows + i)·heads + h)·cols + j]`
-    // with `i < rows`, `j < cols`, `h < heads`: a mixed-radix number, so distinct (b, h, i, j) give
-    // distinct elements, all inside `out`. The blocks are disjoint unique borrows of `out`,
-    // which stays mutably borrowed for `'_`.
+    // SAFETY (of the borrows): element (i, j) of row block k of (b, h) is
+    // `out[((b·rows + k·block_rows + i)·heads + h)·cols + j]` with `i < block_rows`,
+    // `k·block_rows + i < rows`, `j < cols`, `h < heads`: a mixed-radix number, so distinct
+    // (b, h, k, i, j) give distinct elements, all inside `out`. The blocks are disjoint unique
+    // borrows of `out`, which stays mutably borrowed for `'_`.
     Some(blocks)
 }
 
@@ -372,25 +380,33 @@ mod tests {
 
     #[test]
     fn head_blocks_are_disjoint_and_complete() {
-        let (batch, rows, heads, cols) = (2, 3, 4, 2);
-        let mut out = vec![0u32; batch * rows * heads * cols];
-        let mut blocks = head_blocks_mut(&mut out, batch, rows, heads, cols).unwrap();
-        for (bh, blk) in blocks.iter_mut().enumerate() {
-            for i in 0..rows {
-                blk.write_row(i, (0..cols).map(|j| (bh * 100 + i * 10 + j) as u32 + 1));
+        let (batch, rows, heads, cols) = (2, 5, 4, 2);
+        for block_rows in [1, 2, 5, 7] {
+            let mut out = vec![0u32; batch * rows * heads * cols];
+            let mut blocks =
+                head_blocks_mut(&mut out, batch, rows, heads, cols, block_rows).unwrap();
+            assert_eq!(blocks.len(), batch * heads * rows.div_ceil(block_rows));
+            for (n, blk) in blocks.iter_mut().enumerate() {
+                let per_head = rows.div_ceil(block_rows);
+                let (bh, first) = (n / per_head, (n % per_head) * block_rows);
+                for i in 0..blk.rows() {
+                    let row = first + i;
+                    blk.write_row(i, (0..cols).map(|j| (bh * 100 + row * 10 + j) as u32 + 1));
+                }
             }
-        }
-        drop(blocks);
-        for b in 0..batch {
-            for i in 0..rows {
-                for h in 0..heads {
-                    for j in 0..cols {
-                        let got = out[((b * rows + i) * heads + h) * cols + j];
-                        assert_eq!(got, ((b * heads + h) * 100 + i * 10 + j) as u32 + 1);
+            drop(blocks);
+            for b in 0..batch {
+                for i in 0..rows {
+                    for h in 0..heads {
+                        for j in 0..cols {
+                            let got = out[((b * rows + i) * heads + h) * cols + j];
+                            assert_eq!(got, ((b * heads + h) * 100 + i * 10 + j) as u32 + 1);
+                        }
                     }
                 }
             }
+            assert!(head_blocks_mut(&mut out, batch, rows, heads, cols + 1, block_rows).is_none());
         }
-        assert!(head_blocks_mut(&mut out, batch, rows, heads, cols + 1).is_none());
+        assert!(head_blocks_mut(&mut [0u32; 8], 1, 2, 2, 2, 0).is_none());
     }
 }

@@ -1,8 +1,13 @@
-//! The materialized driver: for each (batch, head), in parallel, the `q × kv` logits matrix by
-//! one GEMM, the row pass over each row, the weights written out and/or `P·V` by a second GEMM.
+//! The materialized driver: tasks of (batch, head, block of queries), in parallel. Each task
+//! computes its rows of the `q × kv` logits by one GEMM — straight into the weights output when
+//! the weights have the arithmetic type — runs the row pass over each row, then writes the
+//! weights (converted if needed), the sown weights and/or its rows of `P·V` by a second GEMM.
 //!
-//! Bits do not depend on the thread count: each (batch, head) is computed by one task with the
-//! same operations whatever thread runs it, and dropout draws depend only on logical indices.
+//! Bits do not depend on the thread count: the tasks are fixed by the call's sizes alone (see
+//! [`query_block_rows`]), each is computed with the same operations whatever thread runs it,
+//! and dropout draws depend only on logical indices.
+
+use std::borrow::Cow;
 
 use rayon::prelude::*;
 
@@ -16,7 +21,26 @@ use crate::element::{DType, Element};
 use crate::error::{AttnError, try_filled};
 use crate::sow::{ATTENTION_WEIGHTS, INTERMEDIATES};
 
-/// Where one (batch, head) task writes `P·V`.
+/// Logits elements a task aims at (256 KiB of f32): its rows stay in the core's L2 cache between
+/// the GEMM and the row pass.
+const BLOCK_ELEMENTS: usize = 64 * 1024;
+
+/// Queries per task for `kv_len` keys: about [`BLOCK_ELEMENTS`] logits, a multiple of 8 rows
+/// between 64 (fewer rows would not amortize the GEMM's packing of the keys, which every task
+/// repeats) and 256. It depends only on `kv_len`, never on the thread count.
+fn query_block_rows(kv_len: usize) -> usize {
+    (BLOCK_ELEMENTS / kv_len.max(1)).clamp(64, 256) / 8 * 8
+}
+
+/// Where one task writes its rows of the weights.
+enum WeightsBlock<'o, W, T> {
+    /// Straight into the output (`W` is `T`): the GEMM and the row pass run in place.
+    Direct(&'o mut [T]),
+    /// Computed in scratch, then converted into the output.
+    Convert(&'o mut [W]),
+}
+
+/// Where one task writes its rows of `P·V`.
 enum OutBlock<'o, O, T> {
     /// Straight into the output (`O` is `T`).
     Direct(MatMut<'o, T>),
@@ -24,48 +48,87 @@ enum OutBlock<'o, O, T> {
     Convert(MatMut<'o, O>),
 }
 
-/// One (batch, head) task and the disjoint parts of the results it writes.
+/// One (batch, head, query block) task and the disjoint parts of the results it writes.
 struct Task<'o, W, O, T> {
+    /// `batch · heads + head`
     bh: usize,
-    weights: Option<&'o mut [W]>,
+    /// The block's first query.
+    first_row: usize,
+    /// Queries in the block.
+    rows: usize,
+    weights: Option<WeightsBlock<'o, W, T>>,
     sow: Option<&'o mut [T]>,
     output: Option<OutBlock<'o, O, T>>,
 }
 
-/// Per-thread buffers.
-struct Scratch<T> {
-    logits: Vec<T>,
-    query: Vec<T>,
-    key: Vec<T>,
-    value: Vec<T>,
-    output: Vec<T>,
+/// Query, key and value in the arithmetic type `T`: borrowed when the inputs are `T`, else
+/// widened once per call (the query scaled and rounded as Flax does, `round(q · scale)`).
+struct Operands<'a, T: Clone> {
+    query: Cow<'a, [T]>,
+    key: Cow<'a, [T]>,
+    value: Option<Cow<'a, [T]>>,
+    /// GEMM's alpha for the logits: the scale for borrowed inputs, 1 for the scaled query.
+    alpha: T,
+    /// Whether each logit must be rounded to the computation dtype after the GEMM.
+    round_logits: bool,
 }
 
-impl<T: Real> Scratch<T> {
-    fn new<E: Element, B>(
-        call: &Call<'_, E, B>,
-        widen: bool,
-        convert_out: bool,
-    ) -> Result<Self, AttnError> {
-        let (q, kv, dk, dv) = (call.q_len, call.kv_len, call.qk_depth, call.v_depth);
-        // Products cannot overflow: each is at most the size of a validated tensor.
-        let has_value = call.value.is_some();
-        Ok(Scratch {
-            logits: try_filled("logits scratch", q * kv, T::ZERO)?,
-            query: try_filled("query panel", if widen { q * dk } else { 0 }, T::ZERO)?,
-            key: try_filled("key panel", if widen { kv * dk } else { 0 }, T::ZERO)?,
-            value: try_filled(
-                "value panel",
-                if widen && has_value { kv * dv } else { 0 },
-                T::ZERO,
-            )?,
-            output: try_filled(
-                "output scratch",
-                if convert_out { q * dv } else { 0 },
-                T::ZERO,
-            )?,
+impl<'a, T: Real> Operands<'a, T> {
+    fn new<E: Element, B>(call: &Call<'a, E, B>, ctx: &Context<'_>) -> Result<Self, AttnError> {
+        let scale = T::from_f64(call.query_scale);
+        let compute = call.plan.compute;
+        if let (Some(query), Some(key)) = (T::same_slice(call.query), T::same_slice(call.key)) {
+            return Ok(Operands {
+                query: Cow::Borrowed(query),
+                key: Cow::Borrowed(key),
+                value: call.value.and_then(T::same_slice).map(Cow::Borrowed),
+                alpha: scale,
+                round_logits: false,
+            });
+        }
+        let query = widen(call.query, "widened query", ctx, |e| {
+            (T::from_elem(e) * scale).round_to(compute)
+        })?;
+        let key = widen(call.key, "widened key", ctx, T::from_elem)?;
+        let value = call
+            .value
+            .map(|v| widen(v, "widened value", ctx, T::from_elem))
+            .transpose()?;
+        Ok(Operands {
+            query: Cow::Owned(query),
+            key: Cow::Owned(key),
+            value: value.map(Cow::Owned),
+            alpha: T::ONE,
+            round_logits: true,
         })
     }
+}
+
+/// `f` applied to every element of `src`, in parallel.
+fn widen<E: Element, T: Real>(
+    src: &[E],
+    tensor: &'static str,
+    ctx: &Context<'_>,
+    f: impl Fn(E) -> T + Sync,
+) -> Result<Vec<T>, AttnError> {
+    const CHUNK: usize = 16 * 1024;
+    let mut out = try_filled(tensor, src.len(), T::ZERO)?;
+    ctx.install(|| {
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(dst, src)| {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = f(*s);
+                }
+            })
+    });
+    Ok(out)
+}
+
+/// Per-thread buffers of one task's rows.
+struct Scratch<T> {
+    logits: Vec<T>,
+    output: Vec<T>,
 }
 
 /// An internal invariant failed (a bug, not a caller error): views are built from validated sizes.
@@ -83,10 +146,10 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
     ctx: &mut Context<'_>,
 ) -> Result<(), AttnError> {
     let (nb, heads, q, kv) = (call.batch, call.heads, call.q_len, call.kv_len);
-    let tasks_n = nb * heads;
+    let heads_n = nb * heads;
     let sow_wanted = ctx.sow.is_some();
     let mut sow_buf: Vec<T> = if sow_wanted {
-        try_filled("sown weights", tasks_n * q * kv, T::ZERO)?
+        try_filled("sown weights", heads_n * q * kv, T::ZERO)?
     } else {
         Vec::new()
     };
@@ -98,8 +161,11 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
         }
         other => other,
     };
-    if tasks_n > 0 && q > 0 && kv > 0 {
-        let widen = T::same_slice(call.query).is_none();
+    if heads_n > 0 && q > 0 && kv > 0 {
+        let operands = Operands::<T>::new(call, ctx)?;
+        let block_rows = query_block_rows(kv);
+        let per_head = q.div_ceil(block_rows);
+        let tasks_n = heads_n * per_head;
         let mut tasks: Vec<Task<'_, W, O, T>> = Vec::new();
         tasks
             .try_reserve_exact(tasks_n)
@@ -107,21 +173,41 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
                 tensor: "tasks",
                 elements: tasks_n,
             })?;
-        for bh in 0..tasks_n {
-            tasks.push(Task {
-                bh,
-                weights: None,
-                sow: None,
-                output: None,
-            });
+        for bh in 0..heads_n {
+            for first_row in (0..q).step_by(block_rows) {
+                tasks.push(Task {
+                    bh,
+                    first_row,
+                    rows: block_rows.min(q - first_row),
+                    weights: None,
+                    sow: None,
+                    output: None,
+                });
+            }
         }
+        // Each (b, h) owns a contiguous `q × kv` part of the weights (and of the sown weights);
+        // its row blocks are consecutive chunks of it, in task order.
+        let block_chunks =
+            |len: usize| (0..heads_n).flat_map(move |_| chunk_lens(q, block_rows, len));
+        let mut weights_direct = false;
         if let Some(w) = weights {
-            for (t, chunk) in tasks.iter_mut().zip(w.chunks_mut(q * kv)) {
-                t.weights = Some(chunk);
+            match T::same_slice_mut(&mut *w) {
+                Some(_) => {
+                    weights_direct = true;
+                    let direct = T::same_slice_mut(w).ok_or_else(view_bug)?;
+                    for (t, chunk) in tasks.iter_mut().zip(split(direct, block_chunks(kv))) {
+                        t.weights = Some(WeightsBlock::Direct(chunk));
+                    }
+                }
+                None => {
+                    for (t, chunk) in tasks.iter_mut().zip(split(w, block_chunks(kv))) {
+                        t.weights = Some(WeightsBlock::Convert(chunk));
+                    }
+                }
             }
         }
         if sow_wanted {
-            for (t, chunk) in tasks.iter_mut().zip(sow_buf.chunks_mut(q * kv)) {
+            for (t, chunk) in tasks.iter_mut().zip(split(&mut sow_buf, block_chunks(kv))) {
                 t.sow = Some(chunk);
             }
         }
@@ -130,25 +216,39 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
             let dv = call.v_depth;
             if T::same_slice_mut(&mut *out).is_some() {
                 let direct = T::same_slice_mut(out).ok_or_else(view_bug)?;
-                let blocks = head_blocks_mut(direct, nb, q, heads, dv).ok_or_else(view_bug)?;
+                let blocks =
+                    head_blocks_mut(direct, nb, q, heads, dv, block_rows).ok_or_else(view_bug)?;
                 for (t, blk) in tasks.iter_mut().zip(blocks) {
                     t.output = Some(OutBlock::Direct(blk));
                 }
             } else {
                 convert_out = true;
-                let blocks = head_blocks_mut(out, nb, q, heads, dv).ok_or_else(view_bug)?;
+                let blocks =
+                    head_blocks_mut(out, nb, q, heads, dv, block_rows).ok_or_else(view_bug)?;
                 for (t, blk) in tasks.iter_mut().zip(blocks) {
                     t.output = Some(OutBlock::Convert(blk));
                 }
             }
         }
         let pass = RowPass::<T>::new(&call.plan);
+        let scratch_logits = if weights_direct { 0 } else { block_rows * kv };
+        let scratch_output = if convert_out {
+            block_rows * call.v_depth
+        } else {
+            0
+        };
+        let operands = &operands;
         ctx.install(|| {
             tasks.into_par_iter().try_for_each_init(
-                || Scratch::<T>::new(call, widen, convert_out),
+                || -> Result<Scratch<T>, AttnError> {
+                    Ok(Scratch {
+                        logits: try_filled("logits scratch", scratch_logits, T::ZERO)?,
+                        output: try_filled("output scratch", scratch_output, T::ZERO)?,
+                    })
+                },
                 |scratch, task| {
                     let scratch = scratch.as_mut().map_err(|e| e.clone())?;
-                    run_head(call, &pass, scratch, task)
+                    run_block(call, operands, &pass, scratch, task)
                 },
             )
         })?;
@@ -165,6 +265,26 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
     Ok(())
 }
 
+/// The element counts of the row blocks of one head: `rows` rows of `row_len` elements, in
+/// blocks of `block_rows` rows.
+fn chunk_lens(rows: usize, block_rows: usize, row_len: usize) -> impl Iterator<Item = usize> {
+    (0..rows)
+        .step_by(block_rows)
+        .map(move |first| block_rows.min(rows - first) * row_len)
+}
+
+/// Splits `s` into consecutive chunks of the given lengths.
+fn split<T>(mut s: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+    let mut chunks = Vec::new();
+    for len in lens {
+        let rest = std::mem::take(&mut s);
+        let (head, tail) = rest.split_at_mut(len.min(rest.len()));
+        chunks.push(head);
+        s = tail;
+    }
+    chunks
+}
+
 /// The sown weights as an array of `dtype` (the values are already rounded to it).
 fn to_array<T: Real>(dtype: DType, values: &[T], shape: Vec<usize>) -> Result<Array, AttnError> {
     fn conv<T: Real, X: Element>(v: &[T]) -> Vec<X> {
@@ -178,71 +298,78 @@ fn to_array<T: Real>(dtype: DType, values: &[T], shape: Vec<usize>) -> Result<Ar
     }
 }
 
-/// Computes one (batch, head).
-fn run_head<E: Element, B: Element, W: Element, O: Element, T: Real>(
+/// Computes one (batch, head, query block).
+fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
     call: &Call<'_, E, B>,
+    operands: &Operands<'_, T>,
     pass: &RowPass<T>,
     scratch: &mut Scratch<T>,
-    mut task: Task<'_, W, O, T>,
+    task: Task<'_, W, O, T>,
 ) -> Result<(), AttnError> {
-    let (heads, q, kv) = (call.heads, call.q_len, call.kv_len);
+    let (heads, q, kv, dk) = (call.heads, call.q_len, call.kv_len, call.qk_depth);
     let (b, h) = (task.bh / heads, task.bh % heads);
-    logits(call, b, h, scratch)?;
-    let logits = &mut scratch.logits[..q * kv];
-    for (i, row) in logits.chunks_mut(kv).enumerate() {
+    let (first, rows) = (task.first_row, task.rows);
+    let (logits, convert_to) = match task.weights {
+        Some(WeightsBlock::Direct(w)) => (w, None),
+        Some(WeightsBlock::Convert(w)) => (&mut scratch.logits[..rows * kv], Some(w)),
+        None => (&mut scratch.logits[..rows * kv], None),
+    };
+    let q_off = ((b * q + first) * heads + h) * dk;
+    let k_off = b * kv * heads * dk + h * dk;
+    let a = MatRef::new(&operands.query, q_off, rows, dk, heads * dk, 1).ok_or_else(view_bug)?;
+    let bt = MatRef::new(&operands.key, k_off, dk, kv, 1, heads * dk).ok_or_else(view_bug)?;
+    gemm(
+        operands.alpha,
+        a,
+        bt,
+        &mut MatMut::row_major(logits, rows, kv).ok_or_else(view_bug)?,
+    );
+    if operands.round_logits {
+        T::round_slice(logits, call.plan.compute);
+    }
+    pass.softmax_rows(logits, kv, |r| {
+        let i = first + r;
         let mask = MaskRow {
             causal_limit: call.causal.then_some(i),
             explicit: call.mask.as_ref().map(|m| m.row(b, h, i)),
         };
-        pass.softmax(row, call.bias.as_ref().map(|r| r.row(b, h, i)), mask);
-        // Sow before dropout (Flax order).
-        if let Some(sow) = task.sow.as_deref_mut() {
-            sow[i * kv..(i + 1) * kv].copy_from_slice(row);
-        }
-        if let Some((plan, base)) = &call.dropout {
+        (call.bias.as_ref().map(|r| r.row(b, h, i)), mask)
+    });
+    // Sow before dropout (Flax order).
+    if let Some(sow) = task.sow {
+        sow.copy_from_slice(logits);
+    }
+    if let Some((plan, base)) = &call.dropout {
+        for (r, row) in logits.chunks_mut(kv).enumerate() {
             // The row's first element has logical index `index` in the dropout mask
             // (`[q, kv]` when broadcast, else `[batch..., heads, q, kv]`).
+            let i = first + r;
             let index = if plan.broadcast { i } else { task.bh * q + i } * kv;
             let mut rng = base.clone();
             rng.advance(index as u64);
             pass.dropout(row, &mut rng, plan);
         }
     }
-    if let Some(w) = task.weights {
+    if let Some(w) = convert_to {
         for (o, x) in w.iter_mut().zip(logits.iter()) {
             *o = x.to_elem::<W>();
         }
     }
     if let Some(out) = task.output {
         let dv = call.v_depth;
-        let p = MatRef::row_major(&scratch.logits[..q * kv], q, kv).ok_or_else(view_bug)?;
-        let value = call.value.ok_or_else(view_bug)?;
-        let v = match T::same_slice(value) {
-            Some(vs) => MatRef::new(vs, b * kv * heads * dv + h * dv, kv, dv, heads * dv, 1),
-            None => {
-                let panel = &mut scratch.value[..kv * dv];
-                for j in 0..kv {
-                    let src = (b * kv + j) * heads * dv + h * dv;
-                    for (x, e) in panel[j * dv..(j + 1) * dv]
-                        .iter_mut()
-                        .zip(&value[src..src + dv])
-                    {
-                        *x = T::from_elem(*e);
-                    }
-                }
-                MatRef::row_major(&scratch.value[..kv * dv], kv, dv)
-            }
-        }
-        .ok_or_else(view_bug)?;
+        let p = MatRef::row_major(logits, rows, kv).ok_or_else(view_bug)?;
+        let value = operands.value.as_deref().ok_or_else(view_bug)?;
+        let v_off = b * kv * heads * dv + h * dv;
+        let v = MatRef::new(value, v_off, kv, dv, heads * dv, 1).ok_or_else(view_bug)?;
         match out {
             OutBlock::Direct(mut c) => gemm(T::ONE, p, v, &mut c),
             OutBlock::Convert(mut c) => {
-                let buf = &mut scratch.output[..q * dv];
+                let buf = &mut scratch.output[..rows * dv];
                 gemm(
                     T::ONE,
                     p,
                     v,
-                    &mut MatMut::row_major(buf, q, dv).ok_or_else(view_bug)?,
+                    &mut MatMut::row_major(buf, rows, dv).ok_or_else(view_bug)?,
                 );
                 for i in 0..c.rows() {
                     let cols = c.cols();
@@ -253,56 +380,6 @@ fn run_head<E: Element, B: Element, W: Element, O: Element, T: Real>(
                             .map(|x| x.to_elem::<O>()),
                     );
                 }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Fills `scratch.logits` (`q × kv`) with the scaled logits of (b, h), rounded to the
-/// computation dtype: straight from the strided inputs when `E` is the arithmetic type (the
-/// scale is GEMM's alpha), else from widened panels with the query scaled and rounded as Flax
-/// does (`round(q · scale)`) and each logit rounded once.
-fn logits<E: Element, B, T: Real>(
-    call: &Call<'_, E, B>,
-    b: usize,
-    h: usize,
-    scratch: &mut Scratch<T>,
-) -> Result<(), AttnError> {
-    let (heads, q, kv, dk) = (call.heads, call.q_len, call.kv_len, call.qk_depth);
-    let out = &mut scratch.logits[..q * kv];
-    let q_off = b * q * heads * dk + h * dk;
-    let k_off = b * kv * heads * dk + h * dk;
-    match (T::same_slice(call.query), T::same_slice(call.key)) {
-        (Some(qs), Some(ks)) => {
-            let a = MatRef::new(qs, q_off, q, dk, heads * dk, 1).ok_or_else(view_bug)?;
-            let bt = MatRef::new(ks, k_off, dk, kv, 1, heads * dk).ok_or_else(view_bug)?;
-            let mut c = MatMut::row_major(out, q, kv).ok_or_else(view_bug)?;
-            gemm(T::from_f64(call.query_scale), a, bt, &mut c);
-        }
-        _ => {
-            let scale = T::from_f64(call.query_scale);
-            let compute = call.plan.compute;
-            let qp = &mut scratch.query[..q * dk];
-            for i in 0..q {
-                let src = &call.query[q_off + i * heads * dk..][..dk];
-                for (x, e) in qp[i * dk..(i + 1) * dk].iter_mut().zip(src) {
-                    *x = (T::from_elem(*e) * scale).round_to(compute);
-                }
-            }
-            let kp = &mut scratch.key[..kv * dk];
-            for j in 0..kv {
-                let src = &call.key[k_off + j * heads * dk..][..dk];
-                for (x, e) in kp[j * dk..(j + 1) * dk].iter_mut().zip(src) {
-                    *x = T::from_elem(*e);
-                }
-            }
-            let a = MatRef::row_major(&scratch.query[..q * dk], q, dk).ok_or_else(view_bug)?;
-            let bt = MatRef::new(&scratch.key[..kv * dk], 0, dk, kv, 1, dk).ok_or_else(view_bug)?;
-            let mut c = MatMut::row_major(out, q, kv).ok_or_else(view_bug)?;
-            gemm(T::ONE, a, bt, &mut c);
-            for x in out.iter_mut() {
-                *x = x.round_to(compute);
             }
         }
     }

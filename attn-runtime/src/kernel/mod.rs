@@ -17,6 +17,7 @@ mod gemm;
 mod materialized;
 mod plan;
 mod real;
+mod round;
 mod rowpass;
 mod simd;
 

@@ -5,6 +5,7 @@ use core::ops::{Add, Mul, Sub};
 use half::{bf16, f16};
 
 use super::gemm::GemmScalar;
+use super::round::{self, Narrow, ToBf16, ToF16};
 use crate::element::{DType, Element};
 
 /// The type the kernels compute in: `f32` (for f32/bf16/f16 inputs) or `f64`.
@@ -33,30 +34,21 @@ pub(crate) trait Real:
     fn recip(self) -> Self;
     /// Rounds to the nearest value of `dtype` (a float dtype no wider than `Self`).
     fn round_to(self, dtype: DType) -> Self;
+    /// Rounds every value of `values` to `dtype` ([`Real::round_to`]).
+    fn round_slice(values: &mut [Self], dtype: DType) {
+        for x in values {
+            *x = x.round_to(dtype);
+        }
+    }
+    /// The slice as `&mut [f32]` if `Self` is `f32` (for the `f32`-only fast row pass).
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = s;
+        None
+    }
     /// Views a slice of elements as a slice of `Self`, if the element type is `Self`.
     fn same_slice<E: Element>(s: &[E]) -> Option<&[Self]>;
     /// Views a mutable slice of elements as a slice of `Self`, if the element type is `Self`.
     fn same_slice_mut<E: Element>(s: &mut [E]) -> Option<&mut [Self]>;
-    /// The largest value of `values`, ignoring NaN (−∞ for an empty slice).
-    fn max_of(values: &[Self]) -> Self {
-        let mut max = Self::from_f64(f64::NEG_INFINITY);
-        for &x in values {
-            if x > max {
-                max = x;
-            }
-        }
-        max
-    }
-    /// Replaces every `x` of `values` by `exp(x - shift)` (no rounding) and returns their sum,
-    /// added in any order.
-    fn exp_shift_sum(values: &mut [Self], shift: Self) -> Self {
-        let mut sum = Self::ZERO;
-        for x in values {
-            *x = (*x - shift).exp();
-            sum = sum + *x;
-        }
-        sum
-    }
 }
 
 impl Real for f32 {
@@ -85,22 +77,22 @@ impl Real for f32 {
     #[inline(always)]
     fn round_to(self, dtype: DType) -> f32 {
         match dtype {
-            DType::BF16 => bf16::from_f32(self).to_f32(),
-            DType::F16 => f16::from_f32(self).to_f32(),
+            DType::BF16 => ToBf16::round(self),
+            DType::F16 => ToF16::round(self),
             _ => self,
         }
+    }
+    fn round_slice(values: &mut [f32], dtype: DType) {
+        round::round_slice(values, dtype);
+    }
+    fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
+        Some(s)
     }
     fn same_slice<E: Element>(s: &[E]) -> Option<&[f32]> {
         E::as_f32_slice(s)
     }
     fn same_slice_mut<E: Element>(s: &mut [E]) -> Option<&mut [f32]> {
         E::as_f32_slice_mut(s)
-    }
-    fn max_of(values: &[f32]) -> f32 {
-        super::exp::max_f32(values)
-    }
-    fn exp_shift_sum(values: &mut [f32], shift: f32) -> f32 {
-        super::exp::exp_shift_sum_f32(values, shift)
     }
 }
 

@@ -1,18 +1,29 @@
-//! The fused pass over one row of logits: bias, mask, softmax (and, separately, dropout), with
-//! the rounding points of Flax (FLAX_SEMANTICS.md §1 steps 6–10).
+//! The pass over rows of logits: bias, mask, softmax (and, separately, dropout), with the
+//! rounding points of Flax (FLAX_SEMANTICS.md §1 steps 6–10).
 //!
-//! Interface: the caller fills a row with the scaled logits `q·kᵀ` (already rounded to the
-//! computation dtype) and calls [`RowPass::softmax`]; the row then holds the weights, rounded
-//! to the weights dtype. [`RowPass::dropout`] applies dropout to such a row in place. Other
-//! kernels (e.g. a tiled online-softmax path) can reuse [`RowPass::logit`] for the per-element
-//! part.
+//! Interface: the caller fills rows with the scaled logits `q·kᵀ` (already rounded to the
+//! computation dtype) and calls [`RowPass::softmax_rows`]; the rows then hold the weights,
+//! rounded to the weights dtype. [`RowPass::dropout`] applies dropout to such a row in place.
+//! Other kernels (e.g. a tiled online-softmax path) can reuse [`RowPass::logit`] for the
+//! per-element part.
+//!
+//! The softmax of `f32` rows (every call whose steps are f32, bf16 or f16) runs in
+//! [`normalize_f32`]: loops the compiler vectorizes, compiled for the CPU's vector width by
+//! [`simd::with_features`], with the fast [`exp_f32`] and 16 running maxima and sums per row
+//! (a fixed order, so bits do not depend on the thread count). 16-bit rounding points are
+//! emulated in `f32` by [`Narrow`] bit operations; for f32 they are no-ops and compile away.
+
+use std::marker::PhantomData;
 
 use rand_core::RngCore;
 use rand_pcg::Pcg32;
 
 use super::broadcast::Row;
+use super::exp::{MulAdd, exp_f32};
 use super::plan::{DTypePlan, DropoutPlan};
 use super::real::Real;
+use super::round::{KeepF32, Narrow, ToBf16, ToF16};
+use super::simd::{self, Body, Isa};
 use crate::element::{DType, Element};
 
 /// The mask of one row: causal limit and/or an explicit row of booleans.
@@ -82,70 +93,69 @@ impl<T: Real> RowPass<T> {
         x.round_to(self.softmax)
     }
 
-    /// Turns a row of logits into weights: bias, mask, then `jax.nn.softmax` with its rounding
+    /// Turns rows of logits (`rows.len() / kv` rows of `kv` values) into weights: bias and
+    /// mask (`operands(r)` gives those of row `r`), then `jax.nn.softmax` with its rounding
     /// points (`x - max`, `exp`, the sum, `1/sum`, the product, each rounded to the softmax
     /// dtype; the sum of 16-bit values in f32), then the cast to the weights dtype.
     ///
     /// A fully masked row becomes uniform (every entry is `big_neg`). NaN in a row makes the
     /// row NaN, as in Flax.
-    pub(crate) fn softmax<B: Element>(
+    pub(crate) fn softmax_rows<'o, B: Element>(
         &self,
-        row: &mut [T],
-        bias: Option<Row<'_, B>>,
-        mask: MaskRow<'_>,
+        rows: &mut [T],
+        kv: usize,
+        operands: impl Fn(usize) -> (Option<Row<'o, B>>, MaskRow<'o>),
     ) {
-        // When rounding to the softmax dtype is the identity (an f32 softmax in f32, an f64
-        // softmax in f64), the maximum and `exp` run as vectorized slice operations.
-        let unrounded = match self.softmax {
-            DType::F64 => true,
-            DType::F32 => core::mem::size_of::<T>() == 4,
-            _ => false,
-        };
-        let mut max = T::from_f64(f64::NEG_INFINITY);
-        match (bias, mask.is_some()) {
-            (None, false) if unrounded => max = T::max_of(row),
-            (None, false) => {
-                for x in row.iter_mut() {
-                    *x = x.round_to(self.softmax);
-                    if *x > max {
-                        max = *x;
-                    }
-                }
-            }
-            _ => {
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = self.logit(*x, bias.map(|b| b.get(j)), mask.keeps(j));
-                    if *x > max {
-                        max = *x;
+        if kv == 0 {
+            return;
+        }
+        for (r, row) in rows.chunks_mut(kv).enumerate() {
+            match operands(r) {
+                (None, mask) if !mask.is_some() => T::round_slice(row, self.softmax),
+                (bias, mask) => {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = self.logit(*x, bias.map(|b| b.get(j)), mask.keeps(j));
                     }
                 }
             }
         }
-        let mut sum = T::ZERO;
-        if unrounded {
-            sum = T::exp_shift_sum(row, max);
-        } else {
-            for x in row.iter_mut() {
-                let u = (*x - max)
-                    .round_to(self.softmax)
-                    .exp()
-                    .round_to(self.softmax);
-                *x = u;
-                sum = sum + u;
+        match T::as_f32_mut(rows) {
+            Some(rows) => normalize_f32(rows, kv, self.softmax, self.softmax_recip),
+            None => {
+                for row in rows.chunks_mut(kv) {
+                    self.normalize(row);
+                }
             }
+        }
+        if self.weights != self.softmax {
+            T::round_slice(rows, self.weights);
+        }
+    }
+
+    /// One row's softmax ([`RowPass::softmax_rows`] after bias and mask), scalar code for any
+    /// `Real` (the `f64` computations).
+    fn normalize(&self, row: &mut [T]) {
+        let mut max = T::from_f64(f64::NEG_INFINITY);
+        for &x in row.iter() {
+            if x > max {
+                max = x;
+            }
+        }
+        let mut sum = T::ZERO;
+        for x in row.iter_mut() {
+            let u = (*x - max)
+                .round_to(self.softmax)
+                .exp()
+                .round_to(self.softmax);
+            *x = u;
+            sum = sum + u;
         }
         let scale = sum
             .round_to(self.softmax)
             .recip()
             .round_to(self.softmax_recip);
-        if unrounded && self.weights == self.softmax {
-            for x in row.iter_mut() {
-                *x = *x * scale;
-            }
-        } else {
-            for x in row.iter_mut() {
-                *x = (*x * scale).round_to(self.softmax).round_to(self.weights);
-            }
+        for x in row.iter_mut() {
+            *x = (*x * scale).round_to(self.softmax);
         }
     }
 
@@ -165,6 +175,85 @@ impl<T: Real> RowPass<T> {
     }
 }
 
+/// Running maxima and sums per row: one vector of `f32` on AVX-512.
+const LANES: usize = 16;
+
+/// [`RowPass::normalize`] for `f32` rows, vectorized (see the module docs), each row rounded at
+/// the points of softmax dtype `softmax` and its reciprocal at `recip`.
+fn normalize_f32(rows: &mut [f32], kv: usize, softmax: DType, recip: DType) {
+    fn with<N: Narrow>(rows: &mut [f32], kv: usize, recip: DType) {
+        let input = RowsInput { rows, kv, recip };
+        // `with_features` evaluates the fast `exp` with FMA wherever the SIMD builds run.
+        simd::with_features::<NormalizeRows<N>>(Isa::detect(), input);
+    }
+    match softmax {
+        DType::BF16 => with::<ToBf16>(rows, kv, recip),
+        DType::F16 => with::<ToF16>(rows, kv, recip),
+        _ => with::<KeepF32>(rows, kv, recip),
+    }
+}
+
+/// What [`NormalizeRows`] works on.
+struct RowsInput<'r> {
+    rows: &'r mut [f32],
+    kv: usize,
+    recip: DType,
+}
+
+/// The body [`simd::with_features`] compiles per instruction set: [`normalize_row`] over rows.
+struct NormalizeRows<'r, N>(PhantomData<(&'r mut [f32], N)>);
+
+impl<'r, N: Narrow> Body for NormalizeRows<'r, N> {
+    type Input = RowsInput<'r>;
+    type Output = ();
+
+    #[inline(always)]
+    fn run<M: MulAdd>(input: RowsInput<'r>) {
+        for row in input.rows.chunks_mut(input.kv) {
+            normalize_row::<N, M>(row, input.recip);
+        }
+    }
+}
+
+/// One row's softmax: `max`, `u = N(exp(N(x - max)))`, `sum`, `scale = R(1 / N(sum))`,
+/// `N(u · scale)`, with `N` the softmax dtype's rounding and `R` the reciprocal's.
+#[inline(always)]
+fn normalize_row<N: Narrow, M: MulAdd>(row: &mut [f32], recip: DType) {
+    // A comparison select (not `f32::max`) skips NaN like a scalar `if x > max` and compiles to
+    // one vector max instruction; NaN still reaches the sum below and makes the row NaN.
+    let larger = |a: f32, b: f32| if b > a { b } else { a };
+    let mut maxima = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (m, &x) in maxima.iter_mut().zip(chunk) {
+            *m = larger(*m, x);
+        }
+    }
+    for (m, &x) in maxima.iter_mut().zip(chunks.remainder()) {
+        *m = larger(*m, x);
+    }
+    let max = maxima.into_iter().fold(f32::NEG_INFINITY, larger);
+    let mut sums = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (s, x) in sums.iter_mut().zip(chunk.iter_mut()) {
+            let u = N::round(exp_f32::<M>(N::round(*x - max)));
+            *x = u;
+            *s += u;
+        }
+    }
+    for (s, x) in sums.iter_mut().zip(chunks.into_remainder()) {
+        let u = N::round(exp_f32::<M>(N::round(*x - max)));
+        *x = u;
+        *s += u;
+    }
+    let sum = sums.into_iter().fold(0.0, |a, b| a + b);
+    let scale = (1.0 / N::round(sum)).round_to(recip);
+    for x in row.iter_mut() {
+        *x = N::round(*x * scale);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,7 +264,7 @@ mod tests {
         let plan = DTypePlan::new(DType::F64, None, false, false);
         let pass = RowPass::<f64>::new(&plan);
         let mut row = vec![1.0, 2.0, 3.0];
-        pass.softmax::<f64>(&mut row, None, MaskRow::NONE);
+        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, MaskRow::NONE));
         let e: Vec<f64> = [1.0f64, 2.0, 3.0]
             .iter()
             .map(|x| (x - 3.0f64).exp())
@@ -189,7 +278,7 @@ mod tests {
             causal_limit: Some(0),
             explicit: None,
         };
-        pass.softmax::<f64>(&mut row, None, mask);
+        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, mask));
         assert_eq!(row, vec![1.0, 0.0, 0.0]);
         let keep = [false, false, false];
         let mut row = vec![5.0, -1.0, 7.0];
@@ -197,7 +286,7 @@ mod tests {
             causal_limit: None,
             explicit: Some(Row::Values(&keep)),
         };
-        pass.softmax::<f64>(&mut row, None, mask);
+        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, mask));
         assert!(
             row.iter().all(|&w| (w - 1.0 / 3.0).abs() < 1e-16),
             "{row:?}"
@@ -214,7 +303,7 @@ mod tests {
             causal_limit: None,
             explicit: Some(Row::Values(&keep)),
         };
-        pass.softmax::<bf16>(&mut row, None, mask);
+        pass.softmax_rows::<bf16>(&mut row, 6, |_| (None, mask));
         // FLAX_SEMANTICS.md §1 step 8: 0.16662598 for k = 6.
         assert!(row.iter().all(|&w| w == 0.16662598), "{row:?}");
     }

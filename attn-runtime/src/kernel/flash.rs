@@ -1,11 +1,12 @@
 //! The output path: tiled online-softmax attention in the manner of FlashAttention.
 //!
 //! When neither the weights are requested nor sown, the `q_len × kv_len` matrix is never built.
-//! Each task takes one block of up to [`QUERY_BLOCK`] query rows of one batch element and, for
-//! every head, walks the keys in blocks of [`KEY_BLOCK`]:
+//! Each task takes one block of up to [`QUERY_BLOCK`] query rows of one batch element, keeps the
+//! running state of every head, and walks the keys in blocks of [`KEY_BLOCK`] (the keys of all
+//! heads of a block are one contiguous stretch of memory). Per head and key block:
 //!
 //! 1. `Sᵀ = K_blk · Q_blkᵀ` (keys as rows, queries as contiguous columns) with the query block
-//!    packed once, scaled and transposed; keys are read in place (`f32`) or widened per tile
+//!    packed once, scaled and transposed; keys are read in place (`f32`) or widened per block
 //!    (`bf16`, `f16`);
 //! 2. bias added, masked logits replaced by `finfo(dtype).min` (Flax's `big_neg`), exactly as
 //!    the weights path does;
@@ -14,19 +15,23 @@
 //!    (Flax sums before dropout too);
 //! 4. `O += P · V_blk`.
 //!
+//! A single query row (decoding) is a matrix–vector product: such tasks cover a group of heads
+//! and read keys and values row by row in memory order instead ([`single_row_block`]).
+//!
 //! Keys that a mask removes for every row of a task (above the causal diagonal, or a block on
 //! which an explicit mask is false) are skipped. A skipped entry would have weight
 //! `exp(big_neg - m) = 0` unless the whole row is masked; for such rows Flax returns uniform
 //! weights over *all* keys, so the skipped keys are added back with weight 1 at the end.
 //!
-//! Scratch per task is `O((QUERY_BLOCK + KEY_BLOCK) · depth)`, independent of `q_len × kv_len`.
-//! Tasks are (batch element, query block) pairs run in parallel with rayon; every output row is
-//! computed by the same sequence of operations whatever the thread count, so results are
-//! bit-identical for any number of threads.
+//! Scratch is one per thread, `O(heads · depth · QUERY_BLOCK + KEY_BLOCK · QUERY_BLOCK)`,
+//! independent of `q_len × kv_len`. Tasks run in parallel with rayon; block boundaries depend
+//! on the shape only and every output row is computed by the same sequence of operations
+//! whatever the thread count, so results are bit-identical for any number of threads.
 //!
-//! Arithmetic is `f32` for `f32`, `bf16` and `f16` inputs and `f64` for `f64` inputs. The
-//! conformance tolerances were calibrated against exact math, so computing 16-bit softmaxes in
-//! `f32` stays inside them (see `conformance/README.md`, "How the tolerances were chosen").
+//! Arithmetic is `f32` for `f32`, `bf16` and `f16` inputs and `f64` when Flax computes in
+//! `f64`. The conformance tolerances were calibrated against exact math, so computing 16-bit
+//! softmaxes in `f32` stays inside them (see `conformance/README.md`, "How the tolerances were
+//! chosen"); `tests/conformance_output_path.rs` checks every case.
 
 use std::ops::{Add, Mul, Range, Sub};
 
@@ -1537,174 +1542,6 @@ mod tests {
                     .all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{threads} threads differ from 1"
             );
-        }
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use std::time::Instant;
-
-    /// CPU time of all threads of this process (from /proc), in seconds.
-    fn cpu_seconds() -> f64 {
-        std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-            .map(|s| s.split_whitespace().next().unwrap().parse::<f64>().unwrap() * 1e-9)
-            .sum()
-    }
-
-    /// Rough GFLOP/s of the grid (`cargo test --release --lib timing -- --ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn grid() {
-        let threads = std::env::var("TIMING_THREADS").map_or(2, |t| t.parse().unwrap());
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        for &(b, h, q, k, dd, causal) in &[
-            (1, 8, 128, 128, 64, false),
-            (4, 8, 512, 512, 64, false),
-            (4, 8, 512, 512, 64, true),
-            (1, 16, 2048, 2048, 64, false),
-            (1, 16, 2048, 2048, 64, true),
-            (2, 12, 1024, 1024, 128, false),
-            (8, 8, 1, 4096, 128, false),
-        ] {
-            let name = format!("b{b}_h{h}_q{q}_k{k}_d{dd}_{causal}");
-            if std::env::var("TIMING_CASE").is_ok_and(|c| !name.contains(&c)) {
-                continue;
-            }
-            let dims = Dims {
-                batch: b,
-                q_len: q,
-                kv_len: k,
-                heads: h,
-                qk_depth: dd,
-                v_depth: dd,
-            };
-            let fill = |n: usize| {
-                (0..n)
-                    .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-                    .collect::<Vec<f32>>()
-            };
-            let query = fill(b * q * h * dd);
-            let key = fill(b * k * h * dd);
-            let value = fill(b * k * h * dd);
-            let args = FlashArgs::<f32> {
-                dims,
-                query: &query,
-                key: &key,
-                value: &value,
-                query_scale: 0.125,
-                bias: None,
-                mask: FlashMask {
-                    causal,
-                    explicit: None,
-                },
-                big_neg: f32::MIN as f64,
-                dropout: None,
-                accumulate_f64: false,
-            };
-            let mut out = vec![0.0f32; b * q * h * dd];
-            let mut times = vec![];
-            let mut cpu = vec![];
-            for _ in 0..12 {
-                let c = cpu_seconds();
-                let t = Instant::now();
-                pool.install(|| flash_attention(&args, &mut out, Isa::detect()));
-                times.push(t.elapsed().as_secs_f64());
-                cpu.push(cpu_seconds() - c);
-            }
-            times.sort_by(f64::total_cmp);
-            cpu.sort_by(f64::total_cmp);
-            let med = times[times.len() / 2];
-            let med_cpu = cpu[cpu.len() / 2];
-            let flops = 4.0 * (b * h * q * k * dd) as f64;
-            println!(
-                "b{b} h{h} q{q} k{k} d{dd} causal={causal}: {:.3} ms, {:.1} GFLOP/s wall, {:.1} GFLOP per CPU-s",
-                med * 1e3,
-                flops / med / 1e9,
-                flops / med_cpu / 1e9
-            );
-        }
-    }
-}
-
-#[cfg(test)]
-mod product_timing {
-    use super::*;
-    use std::time::Instant;
-
-    fn time(label: &str, flops: f64, mut f: impl FnMut()) {
-        let mut best = f64::MAX;
-        for _ in 0..100 {
-            let t = Instant::now();
-            for _ in 0..10 {
-                f();
-            }
-            best = best.min(t.elapsed().as_secs_f64() / 10.0);
-        }
-        println!("{label}: {:.1} GFLOP/s", flops / best / 1e9);
-    }
-
-    #[test]
-    #[ignore]
-    fn products() {
-        let (w, d) = (64, 64);
-        for kb in [128, 256] {
-            println!("key block {kb}");
-            for stride in [64, 1024] {
-                let keys = vec![0.5f32; kb * stride];
-                let qt = vec![0.25f32; d * w];
-                let mut scores = vec![0.0f32; kb * w];
-                time(
-                    &format!("QK stride {stride}"),
-                    2.0 * (kb * w * d) as f64,
-                    || {
-                        simd::product_avx512(
-                            &Product {
-                                a: &keys,
-                                a_row: stride,
-                                a_step: 1,
-                                b: &qt,
-                                b_step: w,
-                                rows: kb,
-                                cols: w,
-                                depth: d,
-                                accumulate: false,
-                            },
-                            &mut scores,
-                            w,
-                        )
-                    },
-                );
-                let values = vec![0.5f32; kb * stride];
-                let mut acc = vec![0.0f32; w * d];
-                time(
-                    &format!("PV stride {stride}"),
-                    2.0 * (kb * w * d) as f64,
-                    || {
-                        simd::product_avx512(
-                            &Product {
-                                a: &scores,
-                                a_row: 1,
-                                a_step: w,
-                                b: &values,
-                                b_step: stride,
-                                rows: w,
-                                cols: d,
-                                depth: kb,
-                                accumulate: true,
-                            },
-                            &mut acc,
-                            d,
-                        )
-                    },
-                );
-            }
         }
     }
 }

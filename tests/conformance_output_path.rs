@@ -3,8 +3,6 @@
 //! `tests/conformance.rs` runs every case with a sink, through the weights path; together every
 //! case passes through both paths. Fails when no case file is found.
 
-// Shared with tests/conformance.rs; this test uses only the output route.
-#[allow(dead_code)]
 #[path = "support/conformance.rs"]
 mod conformance;
 

@@ -6,12 +6,13 @@
 //!
 //! Prints, per shape and dtype, the median over RUNS calls (default 7, after one warm-up call)
 //! in GFLOP/s with flops = 2·B·H·L·L·D (the `q·kᵀ` product only), on a pool of THREADS threads
-//! (default 2). Bias, mask and dropout are off.
+//! (default 2). Bias, mask and dropout are off, then f32 rows with a causal mask, a `[B,1,1,L]`
+//! key-padding mask (the last eighth of each batch's keys masked) and a `[H,L,L]` bias.
 
 use std::time::Instant;
 
 use attn_runtime::half::bf16;
-use attn_runtime::kernel::{Geometry, Mask, Options, attention_weights};
+use attn_runtime::kernel::{Broadcast, Geometry, Mask, Options, attention_weights};
 use attn_runtime::{Context, Element};
 
 /// Deterministic inputs in [-2, 2) (a fixed LCG; the values do not matter for the timing).
@@ -27,11 +28,22 @@ fn inputs<E: Element>(n: usize, seed: u64) -> Vec<E> {
         .collect()
 }
 
-/// Median seconds of `runs` weight computations at `(b, h, l, d)`.
+/// Median seconds of `runs` weight computations at `(b, h, l, d)`, without bias or mask.
 fn median_seconds<E: Element>(
     pool: &attn_runtime::rayon::ThreadPool,
     shape: [usize; 4],
     runs: usize,
+) -> f64 {
+    median_seconds_with::<E>(pool, shape, runs, None, &Mask::None)
+}
+
+/// Median seconds of `runs` weight computations at `(b, h, l, d)` with a bias and a mask.
+fn median_seconds_with<E: Element>(
+    pool: &attn_runtime::rayon::ThreadPool,
+    shape: [usize; 4],
+    runs: usize,
+    bias: Option<&Broadcast<'_, E>>,
+    mask: &Mask<'_>,
 ) -> f64 {
     let [b, h, l, d] = shape;
     let query = inputs::<E>(b * l * h * d, 1);
@@ -57,8 +69,8 @@ fn median_seconds<E: Element>(
             &geom,
             &query,
             &key,
-            None,
-            &Mask::None,
+            bias,
+            mask,
             &Options::default(),
             &mut ctx,
             &mut out,
@@ -94,4 +106,35 @@ fn main() {
             bf16_s * 1e3
         );
     }
+    let report = |what: &str, shape: [usize; 4], seconds: f64| {
+        let flops = 2.0 * (shape[0] * shape[1] * shape[2] * shape[2] * shape[3]) as f64;
+        println!(
+            "B,H,L,D = {shape:?}: f32 {what:<16} {:7.1} GFLOP/s ({:.2} ms)",
+            flops / seconds / 1e9,
+            seconds * 1e3
+        );
+    };
+    let big = [1, 16, 2048, 64];
+    report(
+        "causal",
+        big,
+        median_seconds_with::<f32>(&pool, big, runs, None, &Mask::Causal),
+    );
+    let [b, h, l, _] = [4, 8, 512, 64];
+    let padding: Vec<bool> = (0..b * l).map(|k| k % l < l - l / 8).collect();
+    let padding = Broadcast::new("mask", &padding, &[b, 1, 1, l]).expect("mask shape");
+    let mask = Mask::Explicit(padding);
+    let shape = [b, h, l, 64];
+    report(
+        "key padding",
+        shape,
+        median_seconds_with::<f32>(&pool, shape, runs, None, &mask),
+    );
+    let bias = inputs::<f32>(h * l * l, 3);
+    let bias = Broadcast::new("bias", &bias, &[h, l, l]).expect("bias shape");
+    report(
+        "bias [H,L,L]",
+        shape,
+        median_seconds_with::<f32>(&pool, shape, runs, Some(&bias), &Mask::None),
+    );
 }

@@ -12,8 +12,15 @@ pub trait Dim: Copy + Eq + Debug + Send + Sync + 'static {
 }
 
 /// A dimension whose size `N` is known at compile time.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Const<const N: usize>;
+
+/// Prints the size, as the type is written: `Const<12>`.
+impl<const N: usize> Debug for Const<N> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Const<{N}>")
+    }
+}
 
 impl<const N: usize> Dim for Const<N> {
     #[inline(always)]
@@ -136,5 +143,11 @@ mod tests {
         assert_eq!(<(usize, usize)>::RANK, 2);
         assert_eq!((usize::MAX, 2usize).num_elements(), None);
         assert_eq!(().num_elements(), Some(1));
+    }
+
+    #[test]
+    fn const_debug_prints_its_size() {
+        assert_eq!(format!("{:?}", Const::<12>), "Const<12>");
+        assert_eq!(format!("{:?}", (4usize, Const::<64>)), "(4, Const<64>)");
     }
 }

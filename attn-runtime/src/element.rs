@@ -1,6 +1,7 @@
 //! Element types: the dtypes of Flax that attn understands, and the float element trait.
 
 use core::fmt;
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use crate::array::ArrayData;
@@ -119,6 +120,13 @@ pub trait Element: Scalar {
     fn to_f32(self) -> f32;
     /// Converts from `f32`, rounding to nearest.
     fn from_f32(x: f32) -> Self;
+    /// Converts `src` into `dst` element by element ([`Element::from_f32`]); the 16-bit types
+    /// use `half`'s vectorized slice conversions. The slices must have the same length.
+    fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(s);
+        }
+    }
     /// The slice as `&[f32]` if `Self` is `f32` (lets the kernels skip widening copies).
     fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
         let _ = s;
@@ -225,6 +233,9 @@ impl Element for bf16 {
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
     }
+    fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
+        dst.convert_from_f32_slice(src);
+    }
 }
 
 impl Element for f16 {
@@ -239,6 +250,9 @@ impl Element for f16 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
+    }
+    fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
+        dst.convert_from_f32_slice(src);
     }
 }
 

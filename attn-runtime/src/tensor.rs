@@ -82,6 +82,8 @@ impl<E: Scalar, S: Shape> Tensor<E, S> {
 }
 
 /// A row-major tensor borrowed from a slice (a `Vec`, an `ndarray` array, a memory map, ...).
+///
+/// `Copy`, like the shared borrow it holds: the same view can be passed as query, key and value.
 #[derive(Debug)]
 pub struct TensorView<'a, E, S: Shape> {
     data: &'a [E],

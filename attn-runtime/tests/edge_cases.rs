@@ -341,3 +341,66 @@ fn mask_helper_errors() {
     let m = make_causal_mask(&[2, 3], 1, DType::Bool).unwrap();
     assert_eq!(m.shape(), &[1, 2, 1, 3, 3]);
 }
+
+/// The weights path computes only the causally visible logits of each query block; the rest
+/// must still be exact: 0, or — in a row whose visible keys an explicit mask hides — Flax's
+/// uniform `1/kv` over all keys, the causally masked ones included (every logit is `big_neg`).
+fn causal_and_fully_masked_row<E: attn_runtime::Element>(eps: f64) {
+    let (q_len, kv_len) = (5, 7);
+    let geom = Geometry {
+        batch_shape: &[],
+        q_len,
+        kv_len,
+        heads: 1usize,
+        qk_depth: 2usize,
+        v_depth: 2usize,
+    };
+    let q: Vec<E> = (0..q_len * 2)
+        .map(|i| E::from_f32(i as f32 * 0.3 - 1.0))
+        .collect();
+    let k: Vec<E> = (0..kv_len * 2)
+        .map(|i| E::from_f32(0.7 - i as f32 * 0.2))
+        .collect();
+    // Row 2 hides its visible keys 0..=2 (and keeps keys 3.., which the causal rule hides).
+    let mut keep = vec![true; q_len * kv_len];
+    for j in 0..kv_len {
+        keep[2 * kv_len + j] = j > 2;
+    }
+    let mask = Mask::CausalAnd(Broadcast::new("mask", &keep, &[q_len, kv_len]).unwrap());
+    // Every weight must be written, whatever the buffer held.
+    let mut out = vec![E::from_f32(f32::NAN); q_len * kv_len];
+    let mut ctx = Context::deterministic();
+    kernel::attention_weights(
+        &geom,
+        &q,
+        &k,
+        None::<&Broadcast<'_, E>>,
+        &mask,
+        &Options::default(),
+        &mut ctx,
+        &mut out,
+    )
+    .unwrap();
+    let w: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
+    for (i, row) in w.chunks(kv_len).enumerate() {
+        if i == 2 {
+            for &x in row {
+                assert!((x - 1.0 / kv_len as f64).abs() <= eps, "row {i}: {row:?}");
+            }
+            continue;
+        }
+        assert!(row[i + 1..].iter().all(|&x| x == 0.0), "row {i}: {row:?}");
+        assert!(row[..=i].iter().all(|&x| x > 0.0), "row {i}: {row:?}");
+        assert!(
+            (row.iter().sum::<f64>() - 1.0).abs() <= eps * 8.0,
+            "{row:?}"
+        );
+    }
+}
+
+#[test]
+fn causal_rows_skip_hidden_logits_exactly() {
+    causal_and_fully_masked_row::<f32>(1e-7);
+    causal_and_fully_masked_row::<f64>(1e-15);
+    causal_and_fully_masked_row::<attn_runtime::half::bf16>(4e-3);
+}

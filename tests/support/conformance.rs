@@ -4,6 +4,11 @@
 //! element. Shared by `tests/conformance.rs` and `examples/conformance.rs`.
 //!
 //! `grads` are skipped: attn has no backward pass yet.
+//!
+//! `tests/layers.rs` runs cases through `attention!`-generated layers instead, with
+//! [`load`], [`Case::input`] and [`run_case_with`]; items one user of this file does not need
+//! are allowed to be unused there.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -134,6 +139,12 @@ pub fn case_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
+/// Reads and parses one case file.
+pub fn load(path: &Path) -> Result<Case, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str::<Case>(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Which kernel path a case goes through. The runtime picks the path from what a call needs,
 /// so the route forces it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,15 +156,32 @@ pub enum Route {
     Output,
 }
 
-/// Loads and runs one case file through the weights path.
-pub fn run_file(path: &Path) -> Outcome {
-    run_file_via(path, Route::Weights)
-        .unwrap_or_else(|| unreachable!("every case has a weights route"))
-}
-
 /// Loads and runs one case file through `route`; `None` if the case has no such route (a
 /// function other than `dot_product_attention` on [`Route::Output`]).
 pub fn run_file_via(path: &Path, route: Route) -> Option<Outcome> {
+    let case = match load(path) {
+        Ok(case) => case,
+        Err(e) => {
+            return Some(Outcome {
+                name: path.display().to_string(),
+                checks: Vec::new(),
+                error: Some(e),
+            });
+        }
+    };
+    match route {
+        Route::Weights => Some(run_case(&case)),
+        Route::Output if case.function == "dot_product_attention" => Some(run_case_checking(
+            &case,
+            |c| c.actual_via(Route::Output),
+            |name| name == "output",
+        )),
+        Route::Output => None,
+    }
+}
+
+/// Loads and runs one case file.
+pub fn run_file(path: &Path) -> Outcome {
     let stem = path
         .file_stem()
         .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
@@ -161,12 +189,12 @@ pub fn run_file_via(path: &Path, route: Route) -> Option<Outcome> {
         .map_err(|e| e.to_string())
         .and_then(|text| serde_json::from_str::<Case>(&text).map_err(|e| e.to_string()));
     match loaded {
-        Ok(case) => run_case_via(&case, route),
-        Err(e) => Some(Outcome {
+        Ok(case) => run_case(&case),
+        Err(e) => Outcome {
             name: stem,
             checks: Vec::new(),
             error: Some(e),
-        }),
+        },
     }
 }
 
@@ -179,23 +207,37 @@ fn to_array(t: &TensorJson) -> Result<Array, String> {
 }
 
 impl Case {
-    fn input(&self, name: &str) -> Result<Option<Array>, String> {
+    /// The case name (the file stem).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `"dot_product_attention"`, `"dot_product_attention_weights"`, ...
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
+    /// An input as an array of its stored dtype (`None` if absent or null).
+    pub fn input(&self, name: &str) -> Result<Option<Array>, String> {
         match self.inputs.get(name) {
             Some(Some(t)) => to_array(t).map(Some),
             _ => Ok(None),
         }
     }
 
-    fn required(&self, name: &str) -> Result<Array, String> {
+    /// An input that must be present.
+    pub fn required(&self, name: &str) -> Result<Array, String> {
         self.input(name)?
             .ok_or_else(|| format!("input {name:?} missing"))
     }
 
-    fn param_str(&self, key: &str) -> Option<&str> {
+    /// A string parameter (`None` if absent or null).
+    pub fn param_str(&self, key: &str) -> Option<&str> {
         self.params.get(key).and_then(|v| v.as_str())
     }
 
-    fn param_bool(&self, key: &str) -> Result<bool, String> {
+    /// A boolean parameter that must be present.
+    pub fn param_bool(&self, key: &str) -> Result<bool, String> {
         self.params
             .get(key)
             .and_then(|v| v.as_bool())
@@ -211,9 +253,13 @@ impl Case {
     }
 
     /// Runs the case's function; returns name -> actual tensor (None for an expected null).
-    /// On [`Route::Output`], `dot_product_attention` runs without a sow sink and only `output`
-    /// is returned.
-    fn actual(&self, route: Route) -> Result<BTreeMap<String, Option<Array>>, String> {
+    fn actual(&self) -> Result<BTreeMap<String, Option<Array>>, String> {
+        self.actual_via(Route::Weights)
+    }
+
+    /// [`Case::actual`] through `route`: on [`Route::Output`], `dot_product_attention` runs
+    /// without a sow sink and only `output` is returned.
+    fn actual_via(&self, route: Route) -> Result<BTreeMap<String, Option<Array>>, String> {
         let mut out = BTreeMap::new();
         let err = |e: attn::AttnError| e.to_string();
         match self.function.as_str() {
@@ -386,24 +432,38 @@ fn compare(
     check
 }
 
-/// Runs one parsed case through `route` and compares the expected tensors that route produces;
-/// `None` if the case has no such route.
-pub fn run_case_via(case: &Case, route: Route) -> Option<Outcome> {
-    if route == Route::Output && case.function != "dot_product_attention" {
-        return None;
-    }
+/// Runs one parsed case and compares every expected tensor.
+pub fn run_case(case: &Case) -> Outcome {
+    run_case_with(case, Case::actual)
+}
+
+/// The actual tensors of a case by expected name (`None` for an expected null).
+pub type Actual = BTreeMap<String, Option<Array>>;
+
+/// Compares every expected tensor of `case` with what `compute` returns for it (used to run the
+/// cases through other implementations, such as `attention!`-generated layers).
+pub fn run_case_with(
+    case: &Case,
+    compute: impl FnOnce(&Case) -> Result<Actual, String>,
+) -> Outcome {
+    run_case_checking(case, compute, |_| true)
+}
+
+/// [`run_case_with`], comparing only the expected tensors whose name `checked` accepts.
+fn run_case_checking(
+    case: &Case,
+    compute: impl FnOnce(&Case) -> Result<Actual, String>,
+    checked: impl Fn(&str) -> bool,
+) -> Outcome {
     let mut outcome = Outcome {
         name: case.name.clone(),
         checks: Vec::new(),
         error: None,
     };
-    match case.actual(route) {
+    match compute(case) {
         Err(e) => outcome.error = Some(e),
         Ok(actual) => {
-            for (name, expected) in &case.expected {
-                if route == Route::Output && name != "output" {
-                    continue;
-                }
+            for (name, expected) in case.expected.iter().filter(|(n, _)| checked(n)) {
                 let got = actual.get(name).and_then(Option::as_ref);
                 if !actual.contains_key(name) {
                     outcome.checks.push(Check {
@@ -422,5 +482,5 @@ pub fn run_case_via(case: &Case, route: Route) -> Option<Outcome> {
             }
         }
     }
-    Some(outcome)
+    outcome
 }

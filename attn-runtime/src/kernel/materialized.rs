@@ -61,11 +61,14 @@ struct Task<'o, W, O, T> {
     output: Option<OutBlock<'o, O, T>>,
 }
 
-/// Query, key and value in the arithmetic type `T`: borrowed when the inputs are `T`, else
-/// widened once per call (the query scaled and rounded as Flax does, `round(q · scale)`).
+/// Query, key and value in the arithmetic type `T`. The query and value are borrowed when the
+/// inputs are `T`, else widened once per call (the query scaled and rounded as Flax does,
+/// `round(q · scale)`). The key is always copied, transposed to `[batch·heads, depth, kv]`:
+/// every query block multiplies by the same `kᵀ`, and a contiguous `kᵀ` makes the GEMM's
+/// packing of it a plain copy instead of a gather across the heads.
 struct Operands<'a, T: Clone> {
     query: Cow<'a, [T]>,
-    key: Cow<'a, [T]>,
+    key_t: Vec<T>,
     value: Option<Cow<'a, [T]>>,
     /// GEMM's alpha for the logits: the scale for borrowed inputs, 1 for the scaled query.
     alpha: T,
@@ -77,10 +80,11 @@ impl<'a, T: Real> Operands<'a, T> {
     fn new<E: Element, B>(call: &Call<'a, E, B>, ctx: &Context<'_>) -> Result<Self, AttnError> {
         let scale = T::from_f64(call.query_scale);
         let compute = call.plan.compute;
-        if let (Some(query), Some(key)) = (T::same_slice(call.query), T::same_slice(call.key)) {
+        let key_t = transpose_key(call, ctx)?;
+        if let Some(query) = T::same_slice(call.query) {
             return Ok(Operands {
                 query: Cow::Borrowed(query),
-                key: Cow::Borrowed(key),
+                key_t,
                 value: call.value.and_then(T::same_slice).map(Cow::Borrowed),
                 alpha: scale,
                 round_logits: false,
@@ -89,19 +93,46 @@ impl<'a, T: Real> Operands<'a, T> {
         let query = widen(call.query, "widened query", ctx, |e| {
             (T::from_elem(e) * scale).round_to(compute)
         })?;
-        let key = widen(call.key, "widened key", ctx, T::from_elem)?;
         let value = call
             .value
             .map(|v| widen(v, "widened value", ctx, T::from_elem))
             .transpose()?;
         Ok(Operands {
             query: Cow::Owned(query),
-            key: Cow::Owned(key),
+            key_t,
             value: value.map(Cow::Owned),
             alpha: T::ONE,
             round_logits: true,
         })
     }
+}
+
+/// The key `[batch, kv, heads, depth]` as `T`, transposed to `[batch·heads, depth, kv]`, one
+/// (batch, head) per parallel task.
+fn transpose_key<E: Element, B, T: Real>(
+    call: &Call<'_, E, B>,
+    ctx: &Context<'_>,
+) -> Result<Vec<T>, AttnError> {
+    let (heads, kv, dk) = (call.heads, call.kv_len, call.qk_depth);
+    let mut key_t = try_filled("transposed key", call.key.len(), T::ZERO)?;
+    if key_t.is_empty() {
+        return Ok(key_t);
+    }
+    ctx.install(|| {
+        key_t
+            .par_chunks_mut(dk * kv)
+            .enumerate()
+            .for_each(|(bh, panel)| {
+                let (b, h) = (bh / heads, bh % heads);
+                for j in 0..kv {
+                    let src = &call.key[((b * kv + j) * heads + h) * dk..][..dk];
+                    for (d, &e) in src.iter().enumerate() {
+                        panel[d * kv + j] = T::from_elem(e);
+                    }
+                }
+            })
+    });
+    Ok(key_t)
 }
 
 /// `f` applied to every element of `src`, in parallel.
@@ -314,18 +345,27 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         Some(WeightsBlock::Convert(w)) => (&mut scratch.logits[..rows * kv], Some(w)),
         None => (&mut scratch.logits[..rows * kv], None),
     };
+    // Causal: no query of the block sees a key past its last query, so those logits are not
+    // computed (the row pass neither reads them nor needs them, see `RowPass::softmax_rows`).
+    let cols = if call.causal {
+        kv.min(first + rows)
+    } else {
+        kv
+    };
     let q_off = ((b * q + first) * heads + h) * dk;
-    let k_off = b * kv * heads * dk + h * dk;
     let a = MatRef::new(&operands.query, q_off, rows, dk, heads * dk, 1).ok_or_else(view_bug)?;
-    let bt = MatRef::new(&operands.key, k_off, dk, kv, 1, heads * dk).ok_or_else(view_bug)?;
+    let bt =
+        MatRef::new(&operands.key_t, task.bh * dk * kv, dk, cols, kv, 1).ok_or_else(view_bug)?;
     gemm(
         operands.alpha,
         a,
         bt,
-        &mut MatMut::row_major(logits, rows, kv).ok_or_else(view_bug)?,
+        &mut MatMut::new(logits, 0, rows, cols, kv, 1).ok_or_else(view_bug)?,
     );
     if operands.round_logits {
-        T::round_slice(logits, call.plan.compute);
+        for row in logits.chunks_mut(kv) {
+            T::round_slice(&mut row[..cols], call.plan.compute);
+        }
     }
     pass.softmax_rows(logits, kv, |r| {
         let i = first + r;
@@ -351,8 +391,13 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         }
     }
     if let Some(w) = convert_to {
-        for (o, x) in w.iter_mut().zip(logits.iter()) {
-            *o = x.to_elem::<W>();
+        match T::as_f32_mut(logits) {
+            Some(values) => W::from_f32_slice(w, values),
+            None => {
+                for (o, x) in w.iter_mut().zip(logits.iter()) {
+                    *o = x.to_elem::<W>();
+                }
+            }
         }
     }
     if let Some(out) = task.output {

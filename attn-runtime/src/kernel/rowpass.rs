@@ -48,12 +48,6 @@ impl MaskRow<'_> {
     pub(crate) fn keeps(&self, j: usize) -> bool {
         self.causal_limit.is_none_or(|l| j <= l) && self.explicit.is_none_or(|r| r.get(j))
     }
-
-    /// Whether this row has any mask.
-    #[inline(always)]
-    pub(crate) fn is_some(&self) -> bool {
-        self.causal_limit.is_some() || self.explicit.is_some()
-    }
 }
 
 /// The constants of the row pass of one call.
@@ -98,6 +92,13 @@ impl<T: Real> RowPass<T> {
     /// points (`x - max`, `exp`, the sum, `1/sum`, the product, each rounded to the softmax
     /// dtype; the sum of 16-bit values in f32), then the cast to the weights dtype.
     ///
+    /// A row with a causal limit `l` needs only its logits `0..=l`: the others are masked
+    /// whatever their value, and are neither read nor computed (the caller may skip them).
+    /// They are `big_neg` in Flax, so their weight is `exp(big_neg - max)` times the scale:
+    /// exactly 0 unless the row's maximum is within `exp`'s range of `big_neg` (e.g. a fully
+    /// masked row, uniform over all `kv` keys); then they are filled with `big_neg` and the
+    /// whole row is normalized.
+    ///
     /// A fully masked row becomes uniform (every entry is `big_neg`). NaN in a row makes the
     /// row NaN, as in Flax.
     pub(crate) fn softmax_rows<'o, B: Element>(
@@ -109,9 +110,14 @@ impl<T: Real> RowPass<T> {
         if kv == 0 {
             return;
         }
+        let mut prefixes = Vec::with_capacity(rows.len() / kv);
         for (r, row) in rows.chunks_mut(kv).enumerate() {
-            match operands(r) {
-                (None, mask) if !mask.is_some() => T::round_slice(row, self.softmax),
+            let (bias, mask) = operands(r);
+            let prefix = mask.causal_limit.map_or(kv, |l| kv.min(l + 1));
+            prefixes.push(prefix);
+            let row = &mut row[..prefix];
+            match (bias, mask) {
+                (None, mask) if mask.explicit.is_none() => T::round_slice(row, self.softmax),
                 (bias, mask) => {
                     for (j, x) in row.iter_mut().enumerate() {
                         *x = self.logit(*x, bias.map(|b| b.get(j)), mask.keeps(j));
@@ -119,11 +125,21 @@ impl<T: Real> RowPass<T> {
                 }
             }
         }
+        let big_neg = self.big_neg.round_to(self.softmax);
         match T::as_f32_mut(rows) {
-            Some(rows) => normalize_f32(rows, kv, self.softmax, self.softmax_recip),
+            Some(rows) => normalize_f32(
+                RowsInput {
+                    rows,
+                    kv,
+                    prefixes: &prefixes,
+                    big_neg: big_neg.to_elem::<f32>(),
+                    recip: self.softmax_recip,
+                },
+                self.softmax,
+            ),
             None => {
-                for row in rows.chunks_mut(kv) {
-                    self.normalize(row);
+                for (row, &prefix) in rows.chunks_mut(kv).zip(&prefixes) {
+                    self.normalize(row, prefix, big_neg);
                 }
             }
         }
@@ -132,21 +148,37 @@ impl<T: Real> RowPass<T> {
         }
     }
 
-    /// One row's softmax ([`RowPass::softmax_rows`] after bias and mask), scalar code for any
-    /// `Real` (the `f64` computations).
-    fn normalize(&self, row: &mut [T]) {
-        let mut max = T::from_f64(f64::NEG_INFINITY);
-        for &x in row.iter() {
-            if x > max {
-                max = x;
+    /// One row's softmax ([`RowPass::softmax_rows`] after bias and mask, the logits
+    /// `prefix..` masked and not yet written), scalar code for any `Real` (the `f64`
+    /// computations).
+    fn normalize(&self, row: &mut [T], prefix: usize, big_neg: T) {
+        let max_of = |row: &[T]| {
+            let mut max = T::from_f64(f64::NEG_INFINITY);
+            for &x in row {
+                if x > max {
+                    max = x;
+                }
             }
-        }
-        let mut sum = T::ZERO;
-        for x in row.iter_mut() {
-            let u = (*x - max)
+            max
+        };
+        let unit = |x: T, max: T| {
+            (x - max)
                 .round_to(self.softmax)
                 .exp()
-                .round_to(self.softmax);
+                .round_to(self.softmax)
+        };
+        let mut prefix = prefix;
+        let mut max = max_of(&row[..prefix]);
+        if prefix < row.len() && unit(big_neg, max) != T::ZERO {
+            // The masked logits have a nonzero weight: normalize the whole row.
+            row[prefix..].fill(big_neg);
+            prefix = row.len();
+            max = max_of(row);
+        }
+        let (head, tail) = row.split_at_mut(prefix);
+        let mut sum = T::ZERO;
+        for x in head.iter_mut() {
+            let u = unit(*x, max);
             *x = u;
             sum = sum + u;
         }
@@ -154,9 +186,11 @@ impl<T: Real> RowPass<T> {
             .round_to(self.softmax)
             .recip()
             .round_to(self.softmax_recip);
-        for x in row.iter_mut() {
+        for x in head.iter_mut() {
             *x = (*x * scale).round_to(self.softmax);
         }
+        // `exp(big_neg - max)` is 0: the masked weights are `0 · scale` (NaN if the row is).
+        tail.fill((T::ZERO * scale).round_to(self.softmax));
     }
 
     /// Dropout on a row of weights: element `j` keeps its weight (times the multiplier,
@@ -179,17 +213,16 @@ impl<T: Real> RowPass<T> {
 const LANES: usize = 16;
 
 /// [`RowPass::normalize`] for `f32` rows, vectorized (see the module docs), each row rounded at
-/// the points of softmax dtype `softmax` and its reciprocal at `recip`.
-fn normalize_f32(rows: &mut [f32], kv: usize, softmax: DType, recip: DType) {
-    fn with<N: Narrow>(rows: &mut [f32], kv: usize, recip: DType) {
-        let input = RowsInput { rows, kv, recip };
+/// the points of softmax dtype `softmax` and its reciprocal at `input.recip`.
+fn normalize_f32(input: RowsInput<'_>, softmax: DType) {
+    fn with<N: Narrow>(input: RowsInput<'_>) {
         // `with_features` evaluates the fast `exp` with FMA wherever the SIMD builds run.
         simd::with_features::<NormalizeRows<N>>(Isa::detect(), input);
     }
     match softmax {
-        DType::BF16 => with::<ToBf16>(rows, kv, recip),
-        DType::F16 => with::<ToF16>(rows, kv, recip),
-        _ => with::<KeepF32>(rows, kv, recip),
+        DType::BF16 => with::<ToBf16>(input),
+        DType::F16 => with::<ToF16>(input),
+        _ => with::<KeepF32>(input),
     }
 }
 
@@ -197,6 +230,10 @@ fn normalize_f32(rows: &mut [f32], kv: usize, softmax: DType, recip: DType) {
 struct RowsInput<'r> {
     rows: &'r mut [f32],
     kv: usize,
+    /// Per row: its logits `prefix..kv` are masked and not yet written.
+    prefixes: &'r [usize],
+    /// The masked logit, in the softmax dtype.
+    big_neg: f32,
     recip: DType,
 }
 
@@ -209,18 +246,30 @@ impl<'r, N: Narrow> Body for NormalizeRows<'r, N> {
 
     #[inline(always)]
     fn run<M: MulAdd>(input: RowsInput<'r>) {
-        for row in input.rows.chunks_mut(input.kv) {
-            normalize_row::<N, M>(row, input.recip);
+        for (row, &prefix) in input.rows.chunks_mut(input.kv).zip(input.prefixes) {
+            let max = row_max(&row[..prefix]);
+            if prefix == row.len() {
+                normalize_row::<N, M>(row, max, input.recip);
+            } else if N::round(exp_f32::<M>(N::round(input.big_neg - max))) != 0.0 {
+                // The masked logits have a nonzero weight: normalize the whole row.
+                row[prefix..].fill(input.big_neg);
+                normalize_row::<N, M>(row, row_max(row), input.recip);
+            } else {
+                let (head, tail) = row.split_at_mut(prefix);
+                let scale = normalize_row::<N, M>(head, max, input.recip);
+                // `exp(big_neg - max)` is 0: the masked weights are `0 · scale` (NaN if the
+                // row is).
+                tail.fill(N::round(0.0 * scale));
+            }
         }
     }
 }
 
-/// One row's softmax: `max`, `u = N(exp(N(x - max)))`, `sum`, `scale = R(1 / N(sum))`,
-/// `N(u · scale)`, with `N` the softmax dtype's rounding and `R` the reciprocal's.
+/// The maximum of a row, skipping NaN (16 running maxima).
 #[inline(always)]
-fn normalize_row<N: Narrow, M: MulAdd>(row: &mut [f32], recip: DType) {
+fn row_max(row: &[f32]) -> f32 {
     // A comparison select (not `f32::max`) skips NaN like a scalar `if x > max` and compiles to
-    // one vector max instruction; NaN still reaches the sum below and makes the row NaN.
+    // one vector max instruction; NaN still reaches the sum and makes the row NaN.
     let larger = |a: f32, b: f32| if b > a { b } else { a };
     let mut maxima = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
@@ -232,7 +281,14 @@ fn normalize_row<N: Narrow, M: MulAdd>(row: &mut [f32], recip: DType) {
     for (m, &x) in maxima.iter_mut().zip(chunks.remainder()) {
         *m = larger(*m, x);
     }
-    let max = maxima.into_iter().fold(f32::NEG_INFINITY, larger);
+    maxima.into_iter().fold(f32::NEG_INFINITY, larger)
+}
+
+/// One row's softmax given its maximum: `u = N(exp(N(x - max)))`, `sum`,
+/// `scale = R(1 / N(sum))`, `N(u · scale)`, with `N` the softmax dtype's rounding and `R` the
+/// reciprocal's. Returns `scale`.
+#[inline(always)]
+fn normalize_row<N: Narrow, M: MulAdd>(row: &mut [f32], max: f32, recip: DType) -> f32 {
     let mut sums = [0.0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
@@ -252,6 +308,7 @@ fn normalize_row<N: Narrow, M: MulAdd>(row: &mut [f32], recip: DType) {
     for x in row.iter_mut() {
         *x = N::round(*x * scale);
     }
+    scale
 }
 
 #[cfg(test)]

@@ -1,0 +1,81 @@
+//! What to emit when a declaration has errors: the errors, plus a stub for each layer whose
+//! shapes are broken (layers with correct shapes are expanded normally, see
+//! `validate_recovering`), so that code using a layer does not add a cascade of "cannot find"
+//! errors. The stub takes the declared inputs as any type.
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote};
+
+use crate::ir::Layer;
+use crate::parse::{Input, LayerSyntax, Term};
+
+/// The errors, and a stub for each layer of `input` that is not among the `expanded` ones.
+pub fn expand(input: &Input, expanded: &[Layer], error: syn::Error) -> TokenStream {
+    let errors = error.into_compile_error();
+    let mut stubbed: Vec<&syn::Ident> = expanded.iter().map(|layer| &layer.ident).collect();
+    let mut stubs = TokenStream::new();
+    for layer in &input.layers {
+        if !stubbed.contains(&&layer.ident) {
+            stubs.extend(stub(layer));
+            stubbed.push(&layer.ident);
+        }
+    }
+    quote! {
+        #errors
+        #stubs
+    }
+}
+
+fn has(layer: &LayerSyntax, key: &str) -> bool {
+    layer.entries.iter().any(|entry| entry.key == key)
+}
+
+fn has_mask_tensor(layer: &LayerSyntax) -> bool {
+    layer.entries.iter().any(|entry| {
+        entry.key == "mask"
+            && entry
+                .value
+                .terms
+                .iter()
+                .any(|term| matches!(term, Term::Shape(_)))
+    })
+}
+
+/// `struct Name;` with `weights` and `forward` taking the declared inputs as any type.
+fn stub(layer: &LayerSyntax) -> TokenStream {
+    let vis = &layer.vis;
+    let ident = &layer.ident;
+    let mut names = vec!["query", "key"];
+    if has(layer, "bias") {
+        names.push("bias");
+    }
+    if has_mask_tensor(layer) {
+        names.push("mask");
+    }
+    let method = |name: &str, inputs: &[&str]| {
+        let name = format_ident!("{}", name);
+        let types: Vec<_> = (0..inputs.len()).map(|i| format_ident!("T{}", i)).collect();
+        let args = inputs.iter().map(|input| format_ident!("_{}", input));
+        quote! {
+            #[allow(clippy::too_many_arguments)]
+            pub fn #name<#(#types,)* R>(
+                &self,
+                #(#args: #types,)*
+                _ctx: &mut ::attn::__private::Context<'_>,
+            ) -> ::core::result::Result<R, ::attn::__private::AttnError> {
+                ::core::unreachable!("the `attention!` declaration of this layer has errors")
+            }
+        }
+    };
+    let weights = method("weights", &names);
+    let mut forward_inputs = names.clone();
+    forward_inputs.insert(2, "value");
+    let forward = has(layer, "value").then(|| method("forward", &forward_inputs));
+    quote! {
+        #vis struct #ident;
+        impl #ident {
+            #weights
+            #forward
+        }
+    }
+}

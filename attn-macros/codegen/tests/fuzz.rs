@@ -1,0 +1,323 @@
+//! Fuzz-style property tests of the whole macro: random declarations drawn from the grammar,
+//! and token-level mutations (delete, duplicate, swap, replace) of the examples' declarations.
+//!
+//! For every input: no panic, and either code that parses as Rust items, or errors that each
+//! point at a token of the input (a non-empty byte range), never at nothing. The fallback
+//! expansion (errors plus stub layers) must parse as Rust items too.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use proc_macro2::{Delimiter, TokenStream, TokenTree};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+/// A runner with `default` cases (or `ATTN_FUZZ_CASES`), from a fixed seed so that CI is
+/// reproducible; `ATTN_FUZZ_RANDOM=1` draws a fresh seed for longer local runs.
+fn runner(default: u32) -> TestRunner {
+    let cases = std::env::var("ATTN_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default);
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    if std::env::var_os("ATTN_FUZZ_RANDOM").is_some() {
+        TestRunner::new(config)
+    } else {
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
+    }
+}
+
+/// Runs the macro on `source` and checks the properties above.
+fn check(source: &str, reached: &AtomicUsize) -> Result<(), TestCaseError> {
+    let Ok(tokens) = TokenStream::from_str(source) else {
+        // Not even tokens (unbalanced delimiters): rustc rejects it before the macro runs.
+        return Ok(());
+    };
+    reached.fetch_add(1, Ordering::Relaxed);
+    let empty = tokens.is_empty();
+    let outcome = std::panic::catch_unwind(|| {
+        (
+            attn_codegen::try_attention(tokens.clone()),
+            attn_codegen::attention(tokens.clone()),
+        )
+    });
+    let Ok((result, full)) = outcome else {
+        return Err(TestCaseError::fail(format!("panicked on:\n{source}")));
+    };
+    prop_assert!(
+        syn::parse2::<syn::File>(full.clone()).is_ok(),
+        "expansion is not Rust items for:\n{source}\n---\n{full}"
+    );
+    match result {
+        Ok(code) => {
+            prop_assert!(syn::parse2::<syn::File>(code).is_ok());
+        }
+        Err(errors) => {
+            for error in errors {
+                let range = error.span().byte_range();
+                prop_assert!(
+                    empty || range.start < range.end,
+                    "error without a span: {error}\nfor:\n{source}"
+                );
+                prop_assert!(range.end <= source.len() + 1, "span outside input");
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------- random declarations from the grammar ----------
+
+fn dim_name() -> impl Strategy<Value = String> {
+    prop::sample::select(vec![
+        "B", "B2", "T", "S", "H", "D", "Dv", "X", "batch", "len", "f32", "_", "H1",
+    ])
+    .prop_map(str::to_owned)
+}
+
+fn dim() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => dim_name(),
+        2 => (dim_name(), prop::sample::select(vec!["1", "2", "8", "12", "64", "0", "1.5", "-3", "N", "99999999999999999999999"]))
+            .prop_map(|(n, s)| format!("{n} = {s}")),
+        2 => prop::sample::select(vec!["1", "2", "64", "7usize", "3u8"]).prop_map(str::to_owned),
+        1 => prop::sample::select(vec!["", "B + 1", "H =", "= 4", "[T]", "'a", "\"x\""]).prop_map(str::to_owned),
+    ]
+}
+
+fn shape() -> impl Strategy<Value = String> {
+    prop::collection::vec(dim(), 0..9).prop_map(|dims| format!("[{}]", dims.join(", ")))
+}
+
+fn value_for(key: &'static str) -> BoxedStrategy<String> {
+    let any_value = prop::sample::select(vec![
+        "0.1",
+        "1.0",
+        "-0.2",
+        "2",
+        "true",
+        "false",
+        "f32",
+        "bf16",
+        "float32",
+        "highest",
+        "HIGH",
+        "causal",
+        "casual",
+        "attention_weights",
+        "\"w\"",
+        "x.y",
+        "Some(1)",
+        "0.5 + 0.5",
+    ])
+    .prop_map(str::to_owned);
+    let main: BoxedStrategy<String> = match key {
+        "query" | "key" | "value" | "bias" => shape().boxed(),
+        "mask" => prop_oneof![
+            Just("causal".to_owned()),
+            shape(),
+            shape().prop_map(|s| format!("causal + {s}")),
+            shape().prop_map(|s| format!("{s} + {s} + causal")),
+        ]
+        .boxed(),
+        "dropout_rate" => prop::sample::select(vec![
+            "0.0", "0.1", "0.99", "1.0", "1", "-0.1", "1e-3", "nan",
+        ])
+        .prop_map(str::to_owned)
+        .boxed(),
+        "scale" => prop::sample::select(vec!["0.125", "1", "0", "-1.0", "1e400"])
+            .prop_map(str::to_owned)
+            .boxed(),
+        "dtype" => prop::sample::select(vec!["f32", "f64", "bf16", "f16", "float16", "i32"])
+            .prop_map(str::to_owned)
+            .boxed(),
+        "precision" => prop::sample::select(vec!["default", "high", "highest", "HIGHEST", "max"])
+            .prop_map(str::to_owned)
+            .boxed(),
+        _ => prop::sample::select(vec!["true", "false", "attention_weights", "yes"])
+            .prop_map(str::to_owned)
+            .boxed(),
+    };
+    prop_oneof![6 => main, 1 => any_value].boxed()
+}
+
+fn entry() -> impl Strategy<Value = String> {
+    // Every key of the grammar, `query` and `key` twice as often (every layer needs them), and
+    // some names that are not keys.
+    let keys = attn_codegen::validate::KEYS.iter().copied();
+    let key = prop::sample::select(
+        keys.chain([
+            "query",
+            "key",
+            "dropout",
+            "heads",
+            "causal",
+            "deterministic",
+        ])
+        .collect::<Vec<_>>(),
+    );
+    (key, any::<u8>()).prop_flat_map(|(key, style)| {
+        value_for(key).prop_map(move |value| match style % 16 {
+            0 => format!("{key} {value}"),
+            1 => format!("{key} = {value}"),
+            2 => format!("/// doc\n{key}: {value}"),
+            _ => format!("{key}: {value}"),
+        })
+    })
+}
+
+fn declaration() -> impl Strategy<Value = String> {
+    let header = prop::sample::select(vec![
+        "pub struct Layer",
+        "struct Layer",
+        "/// Doc.\npub(crate) struct Layer",
+        "#[derive(Debug)] struct Layer",
+        "struct Layer<T>",
+        "pub Layer",
+        "struct",
+    ]);
+    (header, prop::collection::vec(entry(), 0..12), any::<bool>()).prop_map(
+        |(header, entries, trailing)| {
+            let mut body = entries.join(",\n    ");
+            if trailing {
+                body.push(',');
+            }
+            format!("{header} {{\n    {body}\n}}")
+        },
+    )
+}
+
+#[test]
+fn random_declarations_never_panic_and_errors_are_spanned() {
+    let reached = AtomicUsize::new(0);
+    runner(3000)
+        .run(&declaration(), |source| check(&source, &reached))
+        .unwrap();
+    eprintln!(
+        "fuzz: {} random declarations reached the macro",
+        reached.load(Ordering::Relaxed)
+    );
+}
+
+// ---------- token-level mutations of the examples ----------
+
+/// The `attention!` bodies of the examples (and of the pass ui cases).
+fn example_declarations() -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut found = Vec::new();
+    for dir in ["examples", "tests/ui/pass"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for path in paths {
+            if path.extension().is_some_and(|e| e == "rs") {
+                let source = std::fs::read_to_string(&path).unwrap();
+                let file = syn::parse_file(&source).unwrap();
+                let invocations = attn_codegen::invocations(&file);
+                found.extend(invocations.into_iter().map(|mac| mac.tokens.to_string()));
+            }
+        }
+    }
+    assert!(!found.is_empty(), "no example declarations found");
+    found
+}
+
+/// A flat token list: groups become their open delimiter, contents, close delimiter.
+fn flatten(tokens: TokenStream, out: &mut Vec<String>) {
+    for tree in tokens {
+        match tree {
+            TokenTree::Group(group) => {
+                let (open, close) = match group.delimiter() {
+                    Delimiter::Brace => ("{", "}"),
+                    Delimiter::Bracket => ("[", "]"),
+                    Delimiter::Parenthesis => ("(", ")"),
+                    Delimiter::None => ("", ""),
+                };
+                out.push(open.to_owned());
+                flatten(group.stream(), out);
+                out.push(close.to_owned());
+            }
+            other => out.push(other.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    Delete(usize),
+    Duplicate(usize),
+    Swap(usize, usize),
+    Replace(usize, &'static str),
+}
+
+const REPLACEMENTS: &[&str] = &[
+    "[", "]", ",", ":", "=", "+", "-", ";", "#", "B", "T", "H", "causal", "1", "0", "64", "1.5",
+    "true", "query", "key", "value", "mask", "bias", "dtype", "f64", "struct", "pub",
+];
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        any::<usize>().prop_map(Mutation::Delete),
+        any::<usize>().prop_map(Mutation::Duplicate),
+        (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Mutation::Swap(a, b)),
+        (any::<usize>(), prop::sample::select(REPLACEMENTS))
+            .prop_map(|(i, r)| Mutation::Replace(i, r)),
+    ]
+}
+
+fn apply(tokens: &mut Vec<String>, mutation: &Mutation) {
+    let n = tokens.len();
+    if n == 0 {
+        return;
+    }
+    match *mutation {
+        Mutation::Delete(i) => {
+            tokens.remove(i % n);
+        }
+        Mutation::Duplicate(i) => {
+            let token = tokens[i % n].clone();
+            tokens.insert(i % n, token);
+        }
+        Mutation::Swap(a, b) => tokens.swap(a % n, b % n),
+        Mutation::Replace(i, with) => tokens[i % n] = with.to_owned(),
+    }
+}
+
+#[test]
+fn mutated_examples_never_panic_and_errors_are_spanned() {
+    let bodies: Vec<Vec<String>> = example_declarations()
+        .into_iter()
+        .map(|body| {
+            let mut tokens = Vec::new();
+            flatten(TokenStream::from_str(&body).unwrap(), &mut tokens);
+            tokens
+        })
+        .collect();
+    // The unmutated declarations must expand without errors.
+    for body in &bodies {
+        let source = body.join(" ");
+        let tokens = TokenStream::from_str(&source).unwrap();
+        assert!(attn_codegen::try_attention(tokens).is_ok(), "{source}");
+    }
+    let strategy = (0..bodies.len(), prop::collection::vec(mutation(), 1..4));
+    let reached = AtomicUsize::new(0);
+    runner(6000)
+        .run(&strategy, |(which, mutations)| {
+            let mut tokens = bodies[which].clone();
+            for mutation in &mutations {
+                apply(&mut tokens, mutation);
+            }
+            check(&tokens.join(" "), &reached)
+        })
+        .unwrap();
+    eprintln!(
+        "fuzz: {} mutated example declarations reached the macro",
+        reached.load(Ordering::Relaxed)
+    );
+}

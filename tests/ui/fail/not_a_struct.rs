@@ -1,0 +1,7 @@
+use attn::attention;
+
+attention! {
+    pub fn layer(query: [T, H, D]) {}
+}
+
+fn main() {}

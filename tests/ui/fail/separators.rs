@@ -1,0 +1,11 @@
+use attn::attention;
+
+attention! {
+    struct Layer {
+        query: [B; T; H; D]
+        key: [B, S, H, D],
+        value: (B, S, H, D),
+    }
+}
+
+fn main() {}

@@ -4,25 +4,22 @@
 //! Files: `broadcast.rs` (bias/mask operands), `plan.rs` (the dtype plan = Flax's rounding
 //! points), `rowpass.rs` (the fused bias/mask/softmax/dropout pass over one row of logits),
 //! `materialized.rs` (the per-(batch, head) driver that builds the `q × kv` logits matrix),
-//! `gemm.rs` (the only `unsafe` code: strided views and `matrixmultiply` calls), `real.rs`
-//! (f32/f64 arithmetic). Which driver computes a call is decided in one place: `choose_path`.
+//! `gemm.rs` (strided views and `matrixmultiply` calls), `real.rs` (f32/f64 arithmetic),
+//! `flash.rs` (the tiled online-softmax output path that never builds the `q × kv` matrix),
+//! `exp.rs` (a vectorizable `exp`), `simd.rs` (CPU feature detection and AVX-512
+//! micro-kernels). `unsafe` code lives in `gemm.rs` and `simd.rs` only. Which driver computes a
+//! call is decided in one place: `choose_path`.
 
 mod broadcast;
 pub(crate) mod exp;
-// The output path's tiled kernel; not called by the dispatch yet (the performance engineer
-// wires it in).
-#[allow(dead_code)]
-pub(crate) mod flash;
+mod flash;
 mod gemm;
 mod materialized;
 mod plan;
 mod real;
 mod round;
 mod rowpass;
-// The macro arms of its tile dispatch share one SAFETY comment, which the crate-wide
-// `undocumented_unsafe_blocks` lint does not see (simd.rs is the performance engineer's).
-#[allow(clippy::undocumented_unsafe_blocks)]
-pub(crate) mod simd;
+mod simd;
 
 pub use broadcast::{Broadcast, Mask, broadcast_shapes};
 pub use plan::DTypePlan;
@@ -307,13 +304,20 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
 enum Path {
     /// Per (batch, head): the full `q × kv` logits matrix, the row pass, then `P·V`.
     Materialized,
+    /// Tiled online softmax over blocks of queries and keys (`flash.rs`): no `q × kv` matrix.
+    Tiled,
 }
 
-/// Picks the algorithm: the one place that decides between the weights path and an output path.
-/// A tiled online-softmax output path (no `q × kv` matrix) can be chosen here when neither the
-/// weights nor sowing are requested; today every call takes the materialized path.
-fn choose_path<E, B>(_call: &Call<'_, E, B>, _needs_weights: bool) -> Path {
-    Path::Materialized
+/// Picks the algorithm: the one place that decides between the weights path and the output
+/// path. Weights requested or sown need the materialized matrix; everything else takes the
+/// tiled path. The conformance tests force each path through this rule: with a sow sink
+/// (materialized) and without one (tiled).
+fn choose_path<E, B>(_call: &Call<'_, E, B>, needs_weights: bool) -> Path {
+    if needs_weights {
+        Path::Materialized
+    } else {
+        Path::Tiled
+    }
 }
 
 /// Runs a validated call, computing in f64 when Flax's steps involve f64, else in f32.
@@ -325,6 +329,15 @@ fn run<E: Element, B: Element, W: Element, O: Element>(
 ) -> Result<(), AttnError> {
     let needs_weights = weights.is_some() || ctx.sow.is_some();
     match choose_path(call, needs_weights) {
+        Path::Tiled => {
+            let (Some(out), Some(value)) = (output, call.value) else {
+                unreachable!("the tiled path is chosen only for output calls without weights")
+            };
+            let args = flash::FlashArgs::of_call(call, value);
+            let isa = simd::Isa::detect();
+            ctx.install(|| flash::flash_attention(&args, out, isa));
+            Ok(())
+        }
         Path::Materialized => {
             if call.plan.accumulate_f64() {
                 materialized::run::<E, B, W, O, f64>(call, weights, output, ctx)

@@ -19,7 +19,7 @@ use rand_core::RngCore;
 use rand_pcg::Pcg32;
 
 use super::broadcast::Row;
-use super::exp::{Fused, MulAdd, Unfused, exp_f32};
+use super::exp::{MulAdd, exp_f32};
 use super::plan::{DTypePlan, DropoutPlan};
 use super::real::Real;
 use super::round::{KeepF32, Narrow, ToBf16, ToF16};
@@ -216,12 +216,8 @@ const LANES: usize = 16;
 /// the points of softmax dtype `softmax` and its reciprocal at `input.recip`.
 fn normalize_f32(input: RowsInput<'_>, softmax: DType) {
     fn with<N: Narrow>(input: RowsInput<'_>) {
-        let isa = Isa::detect();
-        // The FMA instructions of the fast `exp` exist wherever the SIMD builds run.
-        match isa {
-            Isa::Portable => simd::with_features::<NormalizeRows<N, Unfused>>(isa, input),
-            _ => simd::with_features::<NormalizeRows<N, Fused>>(isa, input),
-        }
+        // `with_features` evaluates the fast `exp` with FMA wherever the SIMD builds run.
+        simd::with_features::<NormalizeRows<N>>(Isa::detect(), input);
     }
     match softmax {
         DType::BF16 => with::<ToBf16>(input),
@@ -242,14 +238,14 @@ struct RowsInput<'r> {
 }
 
 /// The body [`simd::with_features`] compiles per instruction set: [`normalize_row`] over rows.
-struct NormalizeRows<'r, N, M>(PhantomData<(&'r mut [f32], N, M)>);
+struct NormalizeRows<'r, N>(PhantomData<(&'r mut [f32], N)>);
 
-impl<'r, N: Narrow, M: MulAdd> Body for NormalizeRows<'r, N, M> {
+impl<'r, N: Narrow> Body for NormalizeRows<'r, N> {
     type Input = RowsInput<'r>;
     type Output = ();
 
     #[inline(always)]
-    fn run(input: RowsInput<'r>) {
+    fn run<M: MulAdd>(input: RowsInput<'r>) {
         for (row, &prefix) in input.rows.chunks_mut(input.kv).zip(input.prefixes) {
             let max = row_max(&row[..prefix]);
             if prefix == row.len() {

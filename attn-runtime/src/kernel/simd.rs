@@ -13,6 +13,8 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
+use super::exp::{Fused, MulAdd, Unfused};
+
 /// The instruction set the kernels run with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
@@ -64,10 +66,11 @@ pub(crate) trait Body {
     type Input;
     /// What the body returns.
     type Output;
-    /// The body. Implementations mark it `#[inline(always)]` (and everything it calls that
+    /// The body, with multiply–adds evaluated as `M` says (fused where the FMA feature is
+    /// enabled). Implementations mark it `#[inline(always)]` (and everything it calls that
     /// should be vectorized too), so that it is inlined into the `#[target_feature]`
     /// trampolines below and its loops are vectorized for the instruction set.
-    fn run(input: Self::Input) -> Self::Output;
+    fn run<M: MulAdd>(input: Self::Input) -> Self::Output;
 }
 
 /// Runs `K::run` compiled for `isa`. An `isa` the CPU lacks falls back to the portable build
@@ -91,19 +94,19 @@ pub(crate) fn with_features<K: Body>(isa: Isa, input: K::Input) -> K::Output {
         }
     }
     let _ = isa;
-    K::run(input)
+    K::run::<Unfused>(input)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn run_avx512<K: Body>(input: K::Input) -> K::Output {
-    K::run(input)
+    K::run::<Fused>(input)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2<K: Body>(input: K::Input) -> K::Output {
-    K::run(input)
+    K::run::<Fused>(input)
 }
 
 /// One small matrix product of the fused attention tile:
@@ -234,21 +237,24 @@ unsafe fn dispatch_tile(rows: usize, vectors: usize, t: &RawTile) {
     macro_rules! by_vectors {
         ($rows:literal) => {
             match vectors {
-                // SAFETY: forwarded from this function's contract.
-                1 => unsafe { tile::<$rows, 1>(t) },
-                2 => unsafe { tile::<$rows, 2>(t) },
-                3 => unsafe { tile::<$rows, 3>(t) },
-                _ => unsafe { tile::<$rows, 4>(t) },
+                1 => tile::<$rows, 1>(t),
+                2 => tile::<$rows, 2>(t),
+                3 => tile::<$rows, 3>(t),
+                _ => tile::<$rows, 4>(t),
             }
         };
     }
-    match rows {
-        1 => by_vectors!(1),
-        2 => by_vectors!(2),
-        3 => by_vectors!(3),
-        4 => by_vectors!(4),
-        5 => by_vectors!(5),
-        _ => by_vectors!(6),
+    // SAFETY: every arm calls `tile` with R = rows and V = vectors (6 and 4 for anything
+    // larger, which the contract excludes); the contract of this function is `tile`'s.
+    unsafe {
+        match rows {
+            1 => by_vectors!(1),
+            2 => by_vectors!(2),
+            3 => by_vectors!(3),
+            4 => by_vectors!(4),
+            5 => by_vectors!(5),
+            _ => by_vectors!(6),
+        }
     }
 }
 

@@ -312,8 +312,12 @@ enum Path {
 /// path. Weights requested or sown need the materialized matrix; everything else takes the
 /// tiled path. The conformance tests force each path through this rule: with a sow sink
 /// (materialized) and without one (tiled).
-fn choose_path<E, B>(_call: &Call<'_, E, B>, needs_weights: bool) -> Path {
-    if needs_weights {
+fn choose_path<E, B>(call: &Call<'_, E, B>, needs_weights: bool) -> Path {
+    // The tiled path runs the softmax in the computation dtype. float64 with
+    // `force_fp32_for_softmax` runs it in float32, where Flax's big_neg (f64::MIN) becomes -inf
+    // and a fully masked row NaN; only the materialized path reproduces that.
+    let f64_softmax_in_f32 = call.plan.compute == DType::F64 && call.plan.softmax == DType::F32;
+    if needs_weights || f64_softmax_in_f32 {
         Path::Materialized
     } else {
         Path::Tiled

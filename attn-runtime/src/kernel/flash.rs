@@ -824,17 +824,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
     // Sᵀ = K_blk · Q_blkᵀ.
     let kv_rows = d.heads * depth;
     let key_start = ((b * d.kv_len + j0) * d.heads + h) * depth;
-    let (key_data, key_row): (&[C], usize) = match C::direct(args.key) {
-        Some(key) => (&key[key_start..], kv_rows),
-        None => {
-            keys.clear();
-            for jj in 0..cols {
-                let row = key_start + jj * kv_rows;
-                keys.extend(args.key[row..row + depth].iter().map(|&x| C::of(x)));
-            }
-            (keys, depth)
-        }
-    };
+    let (key_data, key_row) = rows_as(args.key, key_start, kv_rows, depth, cols, keys);
     let scores = &mut scores[..cols * width];
     C::product(
         isa,
@@ -871,17 +861,8 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
     // O += P · V_blk.
     let kv_values = d.heads * v_depth;
     let value_start = ((b * d.kv_len + j0) * d.heads + h) * v_depth;
-    let (value_data, value_row): (&[C], usize) = match C::direct(args.value) {
-        Some(value) => (&value[value_start..], kv_values),
-        None => {
-            values.clear();
-            for jj in 0..cols {
-                let row = value_start + jj * kv_values;
-                values.extend(args.value[row..row + v_depth].iter().map(|&x| C::of(x)));
-            }
-            (values, v_depth)
-        }
-    };
+    let (value_data, value_row) =
+        rows_as(args.value, value_start, kv_values, v_depth, cols, values);
     C::product(
         isa,
         &Product {
@@ -954,18 +935,7 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
     let key_row_len = heads * depth;
     for jj in 0..cols {
         let start = (rows.b * d.kv_len + j0 + jj) * key_row_len;
-        let key_row: &[C] = match C::direct(args.key) {
-            Some(key) => &key[start..start + key_row_len],
-            None => {
-                keys.clear();
-                keys.extend(
-                    args.key[start..start + key_row_len]
-                        .iter()
-                        .map(|&x| C::of(x)),
-                );
-                keys
-            }
-        };
+        let (key_row, _) = rows_as(args.key, start, key_row_len, key_row_len, 1, keys);
         for h in task_heads.clone() {
             if active[h] {
                 let q = &query_t[h * depth..(h + 1) * depth];
@@ -1000,18 +970,7 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
     let value_row_len = heads * v_depth;
     for jj in 0..cols {
         let start = (rows.b * d.kv_len + j0 + jj) * value_row_len;
-        let value_row: &[C] = match C::direct(args.value) {
-            Some(value) => &value[start..start + value_row_len],
-            None => {
-                values.clear();
-                values.extend(
-                    args.value[start..start + value_row_len]
-                        .iter()
-                        .map(|&x| C::of(x)),
-                );
-                values
-            }
-        };
+        let (value_row, _) = rows_as(args.value, start, value_row_len, value_row_len, 1, values);
         for h in task_heads.clone() {
             if active[h] {
                 let p = scores[h * stride + jj];
@@ -1149,6 +1108,32 @@ fn softmax_block<C: TileReal, E: Element, M: MulAdd>(
             }
         }
     }
+}
+
+/// `count` rows of `row_len` elements of `src`, `row_stride` apart from `start`, as `C`:
+/// borrowed with their stride when `src` already is `C`, else widened into `buf` (stride
+/// `row_len`). Returns the rows and their stride.
+fn rows_as<'s, C: TileReal, E: Element>(
+    src: &'s [E],
+    start: usize,
+    row_stride: usize,
+    row_len: usize,
+    count: usize,
+    buf: &'s mut Vec<C>,
+) -> (&'s [C], usize) {
+    if let Some(direct) = C::direct(src) {
+        let end = match count {
+            0 => start,
+            _ => start + (count - 1) * row_stride + row_len,
+        };
+        return (&direct[start..end], row_stride);
+    }
+    buf.clear();
+    for r in 0..count {
+        let row = start + r * row_stride;
+        buf.extend(src[row..row + row_len].iter().map(|&x| C::of(x)));
+    }
+    (buf, row_len)
 }
 
 /// Rows of head `h` whose every logit was masked (their maximum is `big_neg`, or −∞ when all

@@ -41,6 +41,7 @@ use rayon::prelude::*;
 
 use super::Call;
 use super::broadcast::Resolved;
+use super::dot::dot;
 use super::exp::{MulAdd, Unfused, exp_f32};
 use super::simd::{self, Body, Isa, Product};
 use crate::element::Element;
@@ -55,6 +56,7 @@ const MIN_TASKS: usize = 4;
 /// The arithmetic of the tiled path (`f32` or `f64`).
 pub(crate) trait TileReal:
     Copy
+    + Default
     + Send
     + Sync
     + PartialOrd
@@ -981,31 +983,6 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
             }
         }
     }
-}
-
-/// `Σ a[k]·b[k]`, accumulated in 16 interleaved partial sums so that it vectorizes.
-#[inline(always)]
-fn dot<C: TileReal>(a: &[C], b: &[C]) -> C {
-    const LANES: usize = 16;
-    let mut partial = [C::ZERO; LANES];
-    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
-    let (b_main, b_tail) = b.split_at(a_main.len());
-    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
-        for l in 0..LANES {
-            partial[l] = partial[l] + ca[l] * cb[l];
-        }
-    }
-    for (l, (&x, &y)) in a_tail.iter().zip(b_tail).enumerate() {
-        partial[l] = partial[l] + x * y;
-    }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            partial[l] = partial[l] + partial[l + width];
-        }
-    }
-    partial[0]
 }
 
 /// The running state of one head: per query row the maximum and sum, and the accumulator

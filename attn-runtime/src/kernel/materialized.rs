@@ -12,6 +12,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::Call;
+use super::dot::dot;
 use super::gemm::{MatMut, MatRef, gemm, head_blocks_mut};
 use super::real::Real;
 use super::rowpass::{MaskRow, RowPass};
@@ -63,12 +64,10 @@ struct Task<'o, W, O, T> {
 
 /// Query, key and value in the arithmetic type `T`. The query and value are borrowed when the
 /// inputs are `T`, else widened once per call (the query scaled and rounded as Flax does,
-/// `round(q · scale)`). The key is always copied, transposed to `[batch·heads, depth, kv]`:
-/// every query block multiplies by the same `kᵀ`, and a contiguous `kᵀ` makes the GEMM's
-/// packing of it a plain copy instead of a gather across the heads.
+/// `round(q · scale)`).
 struct Operands<'a, T: Clone> {
     query: Cow<'a, [T]>,
-    key_t: Vec<T>,
+    key: KeyOperand<'a, T>,
     value: Option<Cow<'a, [T]>>,
     /// GEMM's alpha for the logits: the scale for borrowed inputs, 1 for the scaled query.
     alpha: T,
@@ -76,15 +75,38 @@ struct Operands<'a, T: Clone> {
     round_logits: bool,
 }
 
+/// Queries below which the key is not transposed: the transpose costs one pass over the key,
+/// which a GEMM over this few rows cannot repay, so the logits are dot products of key rows
+/// read in place instead (decoding is `q_len = 1`).
+const TRANSPOSE_MIN_QUERIES: usize = 16;
+
+/// The key in the layout its logits are computed from.
+enum KeyOperand<'a, T: Clone> {
+    /// `[batch·heads, depth, kv]`: every query block multiplies by the same `kᵀ`, and a
+    /// contiguous `kᵀ` makes the GEMM's packing of it a plain copy instead of a gather across
+    /// the heads.
+    Transposed(Vec<T>),
+    /// `[batch, kv, heads, depth]` as given (borrowed) or widened, for short queries: each
+    /// logit is one dot product of two contiguous rows.
+    Rows(Cow<'a, [T]>),
+}
+
 impl<'a, T: Real> Operands<'a, T> {
     fn new<E: Element, B>(call: &Call<'a, E, B>, ctx: &Context<'_>) -> Result<Self, AttnError> {
         let scale = T::from_f64(call.query_scale);
         let compute = call.plan.compute;
-        let key_t = transpose_key(call, ctx)?;
+        let key = if call.q_len >= TRANSPOSE_MIN_QUERIES {
+            KeyOperand::Transposed(transpose_key(call, ctx)?)
+        } else {
+            KeyOperand::Rows(match T::same_slice(call.key) {
+                Some(key) => Cow::Borrowed(key),
+                None => Cow::Owned(widen(call.key, "widened key", ctx, T::from_elem)?),
+            })
+        };
         if let Some(query) = T::same_slice(call.query) {
             return Ok(Operands {
                 query: Cow::Borrowed(query),
-                key_t,
+                key,
                 value: call.value.and_then(T::same_slice).map(Cow::Borrowed),
                 alpha: scale,
                 round_logits: false,
@@ -99,7 +121,7 @@ impl<'a, T: Real> Operands<'a, T> {
             .transpose()?;
         Ok(Operands {
             query: Cow::Owned(query),
-            key_t,
+            key,
             value: value.map(Cow::Owned),
             alpha: T::ONE,
             round_logits: true,
@@ -353,15 +375,32 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         kv
     };
     let q_off = ((b * q + first) * heads + h) * dk;
-    let a = MatRef::new(&operands.query, q_off, rows, dk, heads * dk, 1).ok_or_else(view_bug)?;
-    let bt =
-        MatRef::new(&operands.key_t, task.bh * dk * kv, dk, cols, kv, 1).ok_or_else(view_bug)?;
-    gemm(
-        operands.alpha,
-        a,
-        bt,
-        &mut MatMut::new(logits, 0, rows, cols, kv, 1).ok_or_else(view_bug)?,
-    );
+    match &operands.key {
+        KeyOperand::Transposed(key_t) => {
+            let a = MatRef::new(&operands.query, q_off, rows, dk, heads * dk, 1)
+                .ok_or_else(view_bug)?;
+            let bt = MatRef::new(key_t, task.bh * dk * kv, dk, cols, kv, 1).ok_or_else(view_bug)?;
+            gemm(
+                operands.alpha,
+                a,
+                bt,
+                &mut MatMut::new(logits, 0, rows, cols, kv, 1).ok_or_else(view_bug)?,
+            );
+        }
+        KeyOperand::Rows(key) => {
+            let query_row = |r: usize| &operands.query[q_off + r * heads * dk..][..dk];
+            let key_row = |j: usize| &key[((b * kv + j) * heads + h) * dk..][..dk];
+            // With `depth = 0` the scale is `1/√0 = ∞` and every logit is the empty sum 0, as
+            // in Flax (and in the GEMM branch, which ignores alpha when k = 0).
+            let alpha = if dk == 0 { T::ZERO } else { operands.alpha };
+            for j in 0..cols {
+                let k = key_row(j);
+                for (r, row) in logits.chunks_mut(kv).enumerate() {
+                    row[j] = alpha * dot(query_row(r), k);
+                }
+            }
+        }
+    }
     if operands.round_logits {
         for row in logits.chunks_mut(kv) {
             T::round_slice(&mut row[..cols], call.plan.compute);

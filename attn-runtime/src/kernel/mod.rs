@@ -6,11 +6,12 @@
 //! `materialized.rs` (the per-(batch, head) driver that builds the `q × kv` logits matrix),
 //! `gemm.rs` (strided views and `matrixmultiply` calls), `real.rs` (f32/f64 arithmetic),
 //! `flash.rs` (the tiled online-softmax output path that never builds the `q × kv` matrix),
-//! `exp.rs` (a vectorizable `exp`), `simd.rs` (CPU feature detection and AVX-512
+//! `exp.rs` (a vectorizable `exp`), `dot.rs` (a vectorizable dot product), `simd.rs` (CPU feature detection and AVX-512
 //! micro-kernels). `unsafe` code lives in `gemm.rs` and `simd.rs` only. Which driver computes a
 //! call is decided in one place: `choose_path`.
 
 mod broadcast;
+mod dot;
 pub(crate) mod exp;
 mod flash;
 mod gemm;

@@ -698,6 +698,7 @@ where
             first_head,
             heads,
         };
+        pack_queries(args, rows, scratch);
         for h in rows.heads() {
             start_head(args, rows, h, scratch);
         }
@@ -744,7 +745,31 @@ where
     }
 }
 
-/// Packs the scaled, transposed queries of head `h` and resets its running state.
+/// Packs the scaled, transposed queries of every head of the task: `query_t[h][k][r]`. The
+/// task's query rows (all heads) are read once, front to back.
+#[inline(always)]
+fn pack_queries<C: TileReal, E: Element>(args: &FlashArgs<'_, E>, rows: Rows, s: &mut Scratch<C>) {
+    let d = args.dims;
+    let (depth, width) = (d.qk_depth, rows.width);
+    let scale = C::from_f64(args.query_scale);
+    let heads = rows.heads();
+    let query_t = &mut s.query_t[heads.start * depth * width..heads.end * depth * width];
+    for r in 0..width {
+        if r < rows.count {
+            let start = ((rows.b * d.q_len + rows.first + r) * d.heads + heads.start) * depth;
+            let row = &args.query[start..start + rows.heads * depth];
+            for (hk, &q) in row.iter().enumerate() {
+                query_t[hk * width + r] = C::of(q) * scale;
+            }
+        } else {
+            for hk in 0..rows.heads * depth {
+                query_t[hk * width + r] = C::ZERO;
+            }
+        }
+    }
+}
+
+/// Resets the running state of head `h`.
 #[inline(always)]
 fn start_head<C: TileReal, E: Element>(
     args: &FlashArgs<'_, E>,
@@ -753,21 +778,7 @@ fn start_head<C: TileReal, E: Element>(
     s: &mut Scratch<C>,
 ) {
     let d = args.dims;
-    let (depth, width) = (d.qk_depth, rows.width);
-    let scale = C::from_f64(args.query_scale);
-    let query_t = &mut s.query_t[h * depth * width..(h + 1) * depth * width];
-    for r in 0..width {
-        if r < rows.count {
-            let start = ((rows.b * d.q_len + rows.first + r) * d.heads + h) * depth;
-            for (k, &q) in args.query[start..start + depth].iter().enumerate() {
-                query_t[k * width + r] = C::of(q) * scale;
-            }
-        } else {
-            for k in 0..depth {
-                query_t[k * width + r] = C::ZERO;
-            }
-        }
-    }
+    let width = rows.width;
     s.max[h * width..(h + 1) * width].fill(C::NEG_INFINITY);
     s.sum[h * width..(h + 1) * width].fill(C::ZERO);
     let per_head = rows.count * d.v_depth;
@@ -1089,7 +1100,9 @@ fn softmax_block<C: TileReal, E: Element, M: MulAdd>(
 
 /// `count` rows of `row_len` elements of `src`, `row_stride` apart from `start`, as `C`:
 /// borrowed with their stride when `src` already is `C`, else widened into `buf` (stride
-/// `row_len`). Returns the rows and their stride.
+/// `row_len`). Returns the rows and their stride. Inlined so that the widening loop is
+/// compiled (and vectorized) for the instruction set of the task body.
+#[inline(always)]
 fn rows_as<'s, C: TileReal, E: Element>(
     src: &'s [E],
     start: usize,

@@ -44,7 +44,7 @@ use super::broadcast::Resolved;
 use super::dot::dot;
 use super::exp::{MulAdd, Unfused, exp_f32};
 use super::simd::{self, Body, Isa, Product};
-use crate::element::Element;
+use crate::element::{DType, Element};
 
 /// Query rows per task (fewer when that would leave fewer than [`MIN_TASKS`] tasks).
 pub(crate) const QUERY_BLOCK: usize = 64;
@@ -90,6 +90,8 @@ pub(crate) trait TileReal:
     fn direct_mut<E: Element>(values: &mut [E]) -> Option<&mut [Self]>;
     /// `c (=|+=) a · b` (see [`Product`]).
     fn product(isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize);
+    /// `c (=|+=) a · b` over `bf16` pairs (see [`simd::product_bf16_pairs`]).
+    fn product_bf16_pairs(p: &Product<'_, u32>, c: &mut [Self], ldc: usize);
     /// `out[n · stride] += bias[b, h, i, j0 + n]` for `n < count`.
     fn add_bias(
         bias: &dyn BiasRows,
@@ -143,11 +145,15 @@ impl TileReal for f32 {
     }
     #[inline(always)]
     fn product(isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize) {
-        if isa == Isa::Avx512 {
+        if isa.has_avx512() {
             simd::product_avx512(p, c, ldc);
         } else {
             product_portable(p, c, ldc);
         }
+    }
+    #[inline(always)]
+    fn product_bf16_pairs(p: &Product<'_, u32>, c: &mut [Self], ldc: usize) {
+        simd::product_bf16_pairs(p, c, ldc);
     }
     fn add_bias(
         bias: &dyn BiasRows,
@@ -212,6 +218,9 @@ impl TileReal for f64 {
     fn product(_isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize) {
         product_portable(p, c, ldc);
     }
+    fn product_bf16_pairs(p: &Product<'_, u32>, c: &mut [Self], ldc: usize) {
+        product_bf16_pairs_portable(p, c, ldc);
+    }
     fn add_bias(
         bias: &dyn BiasRows,
         at: (usize, usize, usize),
@@ -250,6 +259,36 @@ pub(crate) fn product_portable<T: TileReal>(p: &Product<'_, T>, c: &mut [T], ldc
             let b_row = &p.b[k * p.b_step..k * p.b_step + p.cols];
             for (c, &b) in c_row.iter_mut().zip(b_row) {
                 *c = *c + a * b;
+            }
+        }
+    }
+}
+
+/// [`simd::product_bf16_pairs`] with plain loops, in the arithmetic `T`.
+/// Panics if an index would fall outside the operands (a bug in the caller).
+pub(crate) fn product_bf16_pairs_portable<T: TileReal>(
+    p: &Product<'_, u32>,
+    c: &mut [T],
+    ldc: usize,
+) {
+    assert!(p.in_bounds(c.len(), ldc), "tile product out of bounds");
+    let unpair = |x: u32| {
+        (
+            T::of(f32::from_bits(x << 16)),
+            T::of(f32::from_bits(x & 0xFFFF_0000)),
+        )
+    };
+    for r in 0..p.rows {
+        let c_row = &mut c[r * ldc..r * ldc + p.cols];
+        if !p.accumulate {
+            c_row.fill(T::ZERO);
+        }
+        for k in 0..p.depth {
+            let (a_lo, a_hi) = unpair(p.a[r * p.a_row + k * p.a_step]);
+            let b_row = &p.b[k * p.b_step..k * p.b_step + p.cols];
+            for (c, &b) in c_row.iter_mut().zip(b_row) {
+                let (b_lo, b_hi) = unpair(b);
+                *c = *c + a_lo * b_lo + a_hi * b_hi;
             }
         }
     }
@@ -398,6 +437,9 @@ pub(crate) struct FlashArgs<'a, E> {
     pub dropout: Option<FlashDropout>,
     /// Compute in `f64` (some step of Flax's is `f64`) rather than `f32`.
     pub accumulate_f64: bool,
+    /// Flax rounds the weights to `bf16` before `P·V` (a `bf16` computation without
+    /// `force_fp32_for_softmax`), so the `bf16` products may take the probabilities rounded.
+    pub weights_bf16: bool,
 }
 
 impl<'a, E: Element> FlashArgs<'a, E> {
@@ -429,6 +471,7 @@ impl<'a, E: Element> FlashArgs<'a, E> {
                 broadcast: plan.broadcast,
             }),
             accumulate_f64: call.plan.accumulate_f64(),
+            weights_bf16: call.plan.weights == DType::BF16,
         }
     }
 }
@@ -568,6 +611,51 @@ pub(crate) struct Scratch<C> {
     keep: Vec<bool>,
     /// For one row: the heads whose block is not entirely masked.
     active: Vec<bool>,
+    /// Operands of the `bf16` products ([`Isa::Avx512Bf16`] with `bf16` inputs).
+    pairs: Bf16Pairs,
+}
+
+/// `bf16` operands packed in pairs along the summation (see [`simd::product_bf16_pairs`]).
+struct Bf16Pairs {
+    /// Per head: scaled queries rounded to `bf16`, `[qk_depth / 2][width]`.
+    query: Vec<u32>,
+    /// Keys of one block and head, `[cols][qk_depth / 2]`.
+    key: Vec<u32>,
+    /// Values of one block and head, `[cols / 2][v_depth]`.
+    value: Vec<u32>,
+    /// Probabilities of one block rounded to `bf16`, `[cols / 2][width]`.
+    probs: Vec<u32>,
+}
+
+/// The `bf16` bits of `x` (round to nearest even, as `half` does); NaN stays NaN.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u32 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        (bits >> 16) | 0x40
+    } else {
+        (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    }
+}
+
+/// Packs a row of `bf16` values (as `E`) into pairs of consecutive elements (a zero after an odd
+/// last one).
+#[inline(always)]
+fn pack_bf16_pairs<E: Element>(row: &[E], packed: &mut [u32]) {
+    let bits = |x: E| x.to_f32().to_bits() >> 16;
+    let (whole, last) = row.split_at(row.len() / 2 * 2);
+    for (out, two) in packed.iter_mut().zip(whole.chunks_exact(2)) {
+        *out = pair(bits(two[0]), bits(two[1]));
+    }
+    if let (Some(&x), Some(out)) = (last.first(), packed.get_mut(whole.len() / 2)) {
+        *out = bits(x);
+    }
+}
+
+/// Two `bf16` values as one pair, `lo` first along the summation.
+#[inline(always)]
+fn pair(lo: u32, hi: u32) -> u32 {
+    lo | (hi << 16)
 }
 
 impl<C: TileReal> Scratch<C> {
@@ -586,6 +674,12 @@ impl<C: TileReal> Scratch<C> {
             values: Vec::new(),
             keep: Vec::new(),
             active: Vec::new(),
+            pairs: Bf16Pairs {
+                query: Vec::new(),
+                key: Vec::new(),
+                value: Vec::new(),
+                probs: Vec::new(),
+            },
         }
     }
 
@@ -698,7 +792,18 @@ where
             first_head,
             heads,
         };
-        pack_queries(args, rows, scratch);
+        // bf16 inputs on a CPU with bf16 dot products: the tile products take the inputs as
+        // they are (queries, after scaling, and probabilities rounded to bf16 as in Flax).
+        let pairs = isa == Isa::Avx512Bf16
+            && E::DTYPE == DType::BF16
+            && count > 1
+            && d.qk_depth > 0
+            && d.v_depth > 0;
+        if pairs {
+            pack_query_pairs(args, rows, &mut scratch.pairs);
+        } else {
+            pack_queries(args, rows, scratch);
+        }
         for h in rows.heads() {
             start_head(args, rows, h, scratch);
         }
@@ -724,7 +829,7 @@ where
                 single_row_block::<C, E, M>(args, rows, keys, scratch);
             } else {
                 for h in rows.heads() {
-                    key_block::<C, E, M>(args, rows, h, keys.clone(), scratch, isa);
+                    key_block::<C, E, M>(args, rows, h, keys.clone(), scratch, (isa, pairs));
                 }
             }
         }
@@ -769,6 +874,30 @@ fn pack_queries<C: TileReal, E: Element>(args: &FlashArgs<'_, E>, rows: Rows, s:
     }
 }
 
+/// [`pack_queries`] for the `bf16` products: `pairs.query[h][k / 2][r]`, each scaled query
+/// rounded to `bf16` (Flax scales the query in its dtype).
+#[inline(always)]
+fn pack_query_pairs<E: Element>(args: &FlashArgs<'_, E>, rows: Rows, pairs: &mut Bf16Pairs) {
+    let d = args.dims;
+    let (depth, width) = (d.qk_depth, rows.width);
+    let half_depth = depth.div_ceil(2);
+    let scale = args.query_scale as f32;
+    pairs.query.clear();
+    pairs.query.resize(d.heads * half_depth * width, 0);
+    for r in 0..rows.count {
+        let start = ((rows.b * d.q_len + rows.first + r) * d.heads) * depth;
+        for h in rows.heads() {
+            let q = &args.query[start + h * depth..start + (h + 1) * depth];
+            let packed = &mut pairs.query[h * half_depth * width..];
+            for (p, two) in q.chunks(2).enumerate() {
+                let lo = bf16_bits(two[0].to_f32() * scale);
+                let hi = two.get(1).map_or(0, |x| bf16_bits(x.to_f32() * scale));
+                packed[p * width + r] = pair(lo, hi);
+            }
+        }
+    }
+}
+
 /// Resets the running state of head `h`.
 #[inline(always)]
 fn start_head<C: TileReal, E: Element>(
@@ -794,7 +923,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
     h: usize,
     keys_range: Range<usize>,
     s: &mut Scratch<C>,
-    isa: Isa,
+    (isa, bf16_pairs): (Isa, bool),
 ) {
     let d = args.dims;
     let (depth, v_depth, width, b) = (d.qk_depth, d.v_depth, rows.width, rows.b);
@@ -813,6 +942,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
         values,
         keep,
         active: _,
+        pairs,
     } = s;
 
     // An explicit mask that is false on the whole block removes it.
@@ -837,24 +967,48 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
     // Sᵀ = K_blk · Q_blkᵀ.
     let kv_rows = d.heads * depth;
     let key_start = ((b * d.kv_len + j0) * d.heads + h) * depth;
-    let (key_data, key_row) = rows_as(args.key, key_start, kv_rows, depth, cols, keys);
     let scores = &mut scores[..cols * width];
-    C::product(
-        isa,
-        &Product {
-            a: key_data,
-            a_row: key_row,
-            a_step: 1,
-            b: &query_t[h * depth * width..(h + 1) * depth * width],
-            b_step: width,
-            rows: cols,
-            cols: width,
-            depth,
-            accumulate: false,
-        },
-        scores,
-        width,
-    );
+    if bf16_pairs {
+        let half_depth = depth.div_ceil(2);
+        pairs.key.resize(cols * half_depth, 0);
+        for (jj, packed) in pairs.key.chunks_exact_mut(half_depth).enumerate() {
+            let row = &args.key[key_start + jj * kv_rows..][..depth];
+            pack_bf16_pairs(row, packed);
+        }
+        C::product_bf16_pairs(
+            &Product {
+                a: &pairs.key,
+                a_row: half_depth,
+                a_step: 1,
+                b: &pairs.query[h * half_depth * width..(h + 1) * half_depth * width],
+                b_step: width,
+                rows: cols,
+                cols: width,
+                depth: half_depth,
+                accumulate: false,
+            },
+            scores,
+            width,
+        );
+    } else {
+        let (key_data, key_row) = rows_as(args.key, key_start, kv_rows, depth, cols, keys);
+        C::product(
+            isa,
+            &Product {
+                a: key_data,
+                a_row: key_row,
+                a_step: 1,
+                b: &query_t[h * depth * width..(h + 1) * depth * width],
+                b_step: width,
+                rows: cols,
+                cols: width,
+                depth,
+                accumulate: false,
+            },
+            scores,
+            width,
+        );
+    }
 
     let per_head = rows.count * v_depth;
     softmax_block::<C, E, M>(
@@ -874,6 +1028,54 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
     // O += P · V_blk.
     let kv_values = d.heads * v_depth;
     let value_start = ((b * d.kv_len + j0) * d.heads + h) * v_depth;
+    if bf16_pairs && args.weights_bf16 {
+        let half_cols = cols.div_ceil(2);
+        pairs.probs.resize(half_cols * width, 0);
+        pairs.value.resize(half_cols * v_depth, 0);
+        let probs = pairs.probs.chunks_exact_mut(width);
+        let values = pairs.value.chunks_exact_mut(v_depth);
+        for (t, (probs, values)) in probs.zip(values).enumerate() {
+            let (lo, hi) = (2 * t, 2 * t + 1);
+            let bits = |p: C| bf16_bits(p.to::<f32>());
+            let value_row = |j: usize| &args.value[value_start + j * kv_values..][..v_depth];
+            let value_bits = |x: E| x.to_f32().to_bits() >> 16;
+            if hi < cols {
+                let (p_lo, p_hi) = (
+                    &scores[lo * width..][..width],
+                    &scores[hi * width..][..width],
+                );
+                for ((out, &a), &b) in probs.iter_mut().zip(p_lo).zip(p_hi) {
+                    *out = pair(bits(a), bits(b));
+                }
+                for ((out, &a), &b) in values.iter_mut().zip(value_row(lo)).zip(value_row(hi)) {
+                    *out = pair(value_bits(a), value_bits(b));
+                }
+            } else {
+                for (out, &a) in probs.iter_mut().zip(&scores[lo * width..][..width]) {
+                    *out = bits(a);
+                }
+                for (out, &a) in values.iter_mut().zip(value_row(lo)) {
+                    *out = value_bits(a);
+                }
+            }
+        }
+        C::product_bf16_pairs(
+            &Product {
+                a: &pairs.probs,
+                a_row: 1,
+                a_step: width,
+                b: &pairs.value,
+                b_step: v_depth,
+                rows: rows.count,
+                cols: v_depth,
+                depth: half_cols,
+                accumulate: true,
+            },
+            acc,
+            v_depth,
+        );
+        return;
+    }
     let (value_data, value_row) =
         rows_as(args.value, value_start, kv_values, v_depth, cols, values);
     C::product(
@@ -925,6 +1127,7 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
         values,
         keep,
         active,
+        pairs: _,
     } = s;
 
     active.fill(true);
@@ -1300,6 +1503,7 @@ mod tests {
             big_neg: f32::MIN as f64,
             dropout: None,
             accumulate_f64: false,
+            weights_bf16: false,
         }
     }
 
@@ -1444,6 +1648,26 @@ mod tests {
         check::<bf16, f32>(&a, 1e-6, 1e-5);
         // bf16 output: one rounding to bf16 (relative error 2^-9).
         check::<bf16, bf16>(&a, 1e-6, 4e-3);
+    }
+
+    #[test]
+    fn bf16_weights_rounded_before_the_value_product() {
+        // Flax rounds bf16 weights before `P·V`; the bf16-pair products do too (the other
+        // instruction sets keep them in f32). Each weight then carries a relative error of at
+        // most 2^-9, so an output moves by at most 2^-9 · max|v| = 2^-9 · 2 (values in
+        // [-2, 2)), plus 2^-9 relative for a bf16 output.
+        // The second shape has an odd depth (a pair padded with zero), an odd number of keys
+        // and a value depth that ends in a partial vector. Depths 64 and 1 have exact scales
+        // (1/8, 1), so the scaled queries need no rounding.
+        for d in [dims(2, 45, 300, 3, 64, 32), dims(1, 40, 77, 2, 1, 20)] {
+            let x = inputs::<bf16>(&d, 9);
+            let mut a = args::<bf16>(d, &x);
+            a.weights_bf16 = true;
+            a.big_neg = bf16::MIN.to_f64();
+            let weights_bound = 2.0 * 2f64.powi(-9);
+            check::<bf16, f32>(&a, weights_bound, 1e-5);
+            check::<bf16, bf16>(&a, weights_bound, 2f64.powi(-9));
+        }
     }
 
     #[test]

@@ -18,6 +18,9 @@ use super::exp::{Fused, MulAdd, Unfused};
 /// The instruction set the kernels run with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
+    /// As [`Isa::Avx512`], and products of `bf16` operands by the AVX512-BF16 dot-product
+    /// instruction (`vdpbf16ps`: two `bf16` products per `f32` lane, accumulated in `f32`).
+    Avx512Bf16,
     /// x86-64 with AVX-512F (plus AVX2 and FMA): explicit 512-bit micro-kernels.
     Avx512,
     /// x86-64 with AVX2 and FMA: the portable code compiled for 256-bit vectors.
@@ -36,6 +39,9 @@ impl Isa {
                 let avx2 = std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma");
                 if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+                    if std::arch::is_x86_feature_detected!("avx512bf16") {
+                        return Isa::Avx512Bf16;
+                    }
                     return Isa::Avx512;
                 }
                 if avx2 {
@@ -46,17 +52,20 @@ impl Isa {
         })
     }
 
+    /// Whether the 512-bit `f32` micro-kernels run with this instruction set.
+    pub(crate) fn has_avx512(self) -> bool {
+        matches!(self, Isa::Avx512 | Isa::Avx512Bf16)
+    }
+
     /// Every instruction set that can run on this CPU, best first (tests run each of them).
     #[cfg(test)]
     pub(crate) fn available() -> Vec<Isa> {
-        [Isa::Avx512, Isa::Avx2, Isa::Portable]
-            .into_iter()
-            .filter(|isa| match (Isa::detect(), isa) {
-                (Isa::Avx512, _) => true,
-                (Isa::Avx2, isa) => *isa != Isa::Avx512,
-                (Isa::Portable, isa) => *isa == Isa::Portable,
-            })
-            .collect()
+        let all = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
+        let best = all
+            .iter()
+            .position(|&isa| isa == Isa::detect())
+            .unwrap_or(3);
+        all[best..].to_vec()
     }
 }
 
@@ -80,14 +89,14 @@ pub(crate) fn with_features<K: Body>(isa: Isa, input: K::Input) -> K::Output {
     #[cfg(target_arch = "x86_64")]
     {
         match isa {
-            Isa::Avx512 if Isa::detect() == Isa::Avx512 => {
+            Isa::Avx512 | Isa::Avx512Bf16 if Isa::detect().has_avx512() => {
                 // SAFETY: `Isa::detect` found AVX-512F, AVX2 and FMA on this CPU, which are
                 // the features `run_avx512` is compiled with.
                 return unsafe { run_avx512::<K>(input) };
             }
             Isa::Avx2 if Isa::detect() != Isa::Portable => {
-                // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU (it reports `Avx512`
-                // only when those are present as well).
+                // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU (it reports `Avx512` or
+                // `Avx512Bf16` only when those are present as well).
                 return unsafe { run_avx2::<K>(input) };
             }
             _ => {}
@@ -158,8 +167,8 @@ const TILE_VECTORS: usize = 4;
 
 /// [`Product`] with AVX-512 micro-kernels (6 rows × 64 columns, 24 accumulators).
 ///
-/// Must be called only where [`Isa::detect`] returned [`Isa::Avx512`] (the flash kernel calls it
-/// from inside [`with_features`]); otherwise it computes with the portable code.
+/// Must be called only where [`Isa::detect`] returned an AVX-512 [`Isa`] (the flash kernel
+/// calls it from inside [`with_features`]); otherwise it computes with the portable code.
 /// Panics if an index would fall outside `a`, `b` or `c` (a bug in the caller, never input).
 #[inline]
 pub(crate) fn product_avx512(p: &Product<'_, f32>, c: &mut [f32], ldc: usize) {
@@ -167,23 +176,70 @@ pub(crate) fn product_avx512(p: &Product<'_, f32>, c: &mut [f32], ldc: usize) {
     if p.rows == 0 || p.cols == 0 {
         return;
     }
-    if p.depth == 0 || Isa::detect() != Isa::Avx512 {
+    if p.depth == 0 || !Isa::detect().has_avx512() {
         super::flash::product_portable(p, c, ldc);
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    {
-        let mut row = 0;
-        while row < p.rows {
-            let rows = TILE_ROWS.min(p.rows - row);
-            let mut col = 0;
-            while col < p.cols {
-                let cols = (16 * TILE_VECTORS).min(p.cols - col);
-                let vectors = cols.div_ceil(16);
-                let tail = cols - 16 * (vectors - 1);
-                let tile = RawTile {
-                    // SAFETY (of the pointer arithmetic): `row < p.rows` and `col < p.cols`,
-                    // so these offsets are at most the last indices checked by `in_bounds`.
+    for_each_tile(p, c, ldc, |rows, vectors, tile| {
+        // SAFETY: the CPU has AVX-512F (checked above); `for_each_tile` gives 1 ≤ rows ≤ 6,
+        // 1 ≤ vectors ≤ 4 and a tile whose accesses lie inside the operands.
+        unsafe { dispatch_tile(rows, vectors, &tile) }
+    });
+}
+
+/// [`Product`] of `bf16` pairs into `f32`: every `u32` of `a` and `b` holds two `bf16` values
+/// that are consecutive along the summation (the first in the low half), and `depth` counts
+/// pairs, so `c[r·ldc + col] (= or +=) Σₚ lo(a)·lo(b) + hi(a)·hi(b)`. Each product of two
+/// `bf16` values is exact in `f32`; the sums are `f32`.
+///
+/// Runs `vdpbf16ps` micro-kernels (6 rows × 64 columns, 32 products per instruction) where
+/// [`Isa::detect`] returned [`Isa::Avx512Bf16`], else portable code.
+/// Panics if an index would fall outside `a`, `b` or `c` (a bug in the caller, never input).
+#[inline]
+pub(crate) fn product_bf16_pairs(p: &Product<'_, u32>, c: &mut [f32], ldc: usize) {
+    assert!(p.in_bounds(c.len(), ldc), "tile product out of bounds");
+    if p.rows == 0 || p.cols == 0 {
+        return;
+    }
+    if p.depth == 0 || Isa::detect() != Isa::Avx512Bf16 {
+        super::flash::product_bf16_pairs_portable(p, c, ldc);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    for_each_tile(p, c, ldc, |rows, vectors, tile| {
+        // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked above); `for_each_tile` gives
+        // 1 ≤ rows ≤ 6, 1 ≤ vectors ≤ 4 and a tile whose accesses lie inside the operands.
+        unsafe { dispatch_tile_bf16_pairs(rows, vectors, &tile) }
+    });
+}
+
+/// Splits the product (already checked by [`Product::in_bounds`] against `c` and `ldc`) into
+/// micro-tiles of at most 6 rows × 4 vectors of 16 lanes and calls `run(rows, vectors, tile)`
+/// for each. Every tile satisfies the contract of [`tile`]: its accesses lie inside `a`, `b`
+/// and `c`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn for_each_tile<T>(
+    p: &Product<'_, T>,
+    c: &mut [f32],
+    ldc: usize,
+    mut run: impl FnMut(usize, usize, RawTile<T>),
+) {
+    let mut row = 0;
+    while row < p.rows {
+        let rows = TILE_ROWS.min(p.rows - row);
+        let mut col = 0;
+        while col < p.cols {
+            let cols = (16 * TILE_VECTORS).min(p.cols - col);
+            let vectors = cols.div_ceil(16);
+            let tail = cols - 16 * (vectors - 1);
+            run(
+                rows,
+                vectors,
+                RawTile {
+                    // `row < p.rows` and `col < p.cols`, so these offsets are at most the last
+                    // indices checked by `in_bounds`.
                     a: p.a[row * p.a_row..].as_ptr(),
                     a_row: p.a_row,
                     a_step: p.a_step,
@@ -198,26 +254,22 @@ pub(crate) fn product_avx512(p: &Product<'_, f32>, c: &mut [f32], ldc: usize) {
                         (1u16 << tail) - 1
                     },
                     accumulate: p.accumulate,
-                };
-                // SAFETY: the CPU has AVX-512F (checked above). The tile reads
-                // a[(row + r)·a_row + k·a_step] for r < rows, k < depth; b[k·b_step + col + l]
-                // and c[(row + r)·ldc + col + l] only for lanes l < cols (the last vector is
-                // masked to `tail` lanes); `in_bounds` checked the largest of these indices.
-                unsafe { dispatch_tile(rows, vectors, &tile) };
-                col += cols;
-            }
-            row += rows;
+                },
+            );
+            col += cols;
         }
+        row += rows;
     }
 }
 
-/// Raw operands of one micro-tile (see [`product_avx512`] for the bounds they satisfy).
+/// Raw operands of one micro-tile (see [`for_each_tile`] for the bounds they satisfy):
+/// `a` and `b` hold `f32` values or `bf16` pairs (`u32`), `c` is `f32`.
 #[cfg(target_arch = "x86_64")]
-struct RawTile {
-    a: *const f32,
+struct RawTile<T> {
+    a: *const T,
     a_row: usize,
     a_step: usize,
-    b: *const f32,
+    b: *const T,
     b_step: usize,
     c: *mut f32,
     ldc: usize,
@@ -233,7 +285,7 @@ struct RawTile {
 /// on [`tile`] is in bounds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dispatch_tile(rows: usize, vectors: usize, t: &RawTile) {
+unsafe fn dispatch_tile(rows: usize, vectors: usize, t: &RawTile<f32>) {
     macro_rules! by_vectors {
         ($rows:literal) => {
             match vectors {
@@ -266,7 +318,7 @@ unsafe fn dispatch_tile(rows: usize, vectors: usize, t: &RawTile) {
 /// `a + r·a_row + k·a_step`, `b + k·b_step + 16v + l` and `c + r·ldc + 16v + l` are in bounds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile<const R: usize, const V: usize>(t: &RawTile) {
+unsafe fn tile<const R: usize, const V: usize>(t: &RawTile<f32>) {
     let lanes = |v: usize| if v + 1 == V { t.tail_mask } else { u16::MAX };
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     if t.accumulate {
@@ -288,6 +340,89 @@ unsafe fn tile<const R: usize, const V: usize>(t: &RawTile) {
             let a = _mm512_set1_ps(unsafe { *t.a.add(r * t.a_row + k * t.a_step) });
             for (acc_v, b_v) in acc_row.iter_mut().zip(&b) {
                 *acc_v = _mm512_fmadd_ps(a, *b_v, *acc_v);
+            }
+        }
+    }
+    for (r, acc_row) in acc.iter().enumerate() {
+        for (v, acc_v) in acc_row.iter().enumerate() {
+            // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
+            unsafe { _mm512_mask_storeu_ps(t.c.add(r * t.ldc + 16 * v), lanes(v), *acc_v) };
+        }
+    }
+}
+
+/// Calls the `bf16`-pair micro-kernel instantiated for `rows × vectors`.
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX512-BF16, `1 <= rows <= 6`, `1 <= vectors <= 4`, and every
+/// access described on [`tile_bf16_pairs`] is in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dispatch_tile_bf16_pairs(rows: usize, vectors: usize, t: &RawTile<u32>) {
+    macro_rules! by_vectors {
+        ($rows:literal) => {
+            match vectors {
+                1 => tile_bf16_pairs::<$rows, 1>(t),
+                2 => tile_bf16_pairs::<$rows, 2>(t),
+                3 => tile_bf16_pairs::<$rows, 3>(t),
+                _ => tile_bf16_pairs::<$rows, 4>(t),
+            }
+        };
+    }
+    // SAFETY: every arm calls `tile_bf16_pairs` with R = rows and V = vectors (6 and 4 for
+    // anything larger, which the contract excludes); the contract of this function is its own.
+    unsafe {
+        match rows {
+            1 => by_vectors!(1),
+            2 => by_vectors!(2),
+            3 => by_vectors!(3),
+            4 => by_vectors!(4),
+            5 => by_vectors!(5),
+            _ => by_vectors!(6),
+        }
+    }
+}
+
+/// `R × V` vectors of `c` (=|+=) `a · b` over `t.depth` pairs of `bf16`, by `vdpbf16ps`.
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX512-BF16; for r < R, k < depth, v < V and every lane l of
+/// vector v allowed by the mask (all 16 lanes except in the last vector, where `tail_mask`
+/// applies): `a + r·a_row + k·a_step`, `b + k·b_step + 16v + l` and `c + r·ldc + 16v + l` are in
+/// bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_bf16_pairs<const R: usize, const V: usize>(t: &RawTile<u32>) {
+    let lanes = |v: usize| if v + 1 == V { t.tail_mask } else { u16::MAX };
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    if t.accumulate {
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            for (v, acc_v) in acc_row.iter_mut().enumerate() {
+                // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
+                *acc_v = unsafe { _mm512_maskz_loadu_ps(lanes(v), t.c.add(r * t.ldc + 16 * v)) };
+            }
+        }
+    }
+    // `__m512i` and `__m512bh` are both 64 bytes of plain lanes: the reinterpretation reads
+    // each 32-bit lane as two `bf16` values.
+    let as_pairs = |x: __m512i| -> __m512bh {
+        // SAFETY: same size, every bit pattern is a valid value of either type.
+        unsafe { core::mem::transmute::<__m512i, __m512bh>(x) }
+    };
+    for k in 0..t.depth {
+        let mut b = [as_pairs(_mm512_setzero_si512()); V];
+        for (v, b_v) in b.iter_mut().enumerate() {
+            // SAFETY: k < depth, lanes allowed by the mask: in bounds by the contract.
+            *b_v = as_pairs(unsafe {
+                _mm512_maskz_loadu_epi32(lanes(v), t.b.add(k * t.b_step + 16 * v).cast())
+            });
+        }
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            // SAFETY: r < R and k < depth: in bounds by the contract.
+            let a = unsafe { *t.a.add(r * t.a_row + k * t.a_step) };
+            let a = as_pairs(_mm512_set1_epi32(a as i32));
+            for (acc_v, b_v) in acc_row.iter_mut().zip(&b) {
+                *acc_v = _mm512_dpbf16_ps(*acc_v, a, *b_v);
             }
         }
     }

@@ -127,6 +127,12 @@ pub trait Element: Scalar {
             *d = Self::from_f32(s);
         }
     }
+    /// The bit patterns of the slice if `Self` is `bf16` (the `bf16` tile products read them
+    /// directly).
+    fn as_bf16_bits(s: &[Self]) -> Option<&[u16]> {
+        let _ = s;
+        None
+    }
     /// The slice as `&[f32]` if `Self` is `f32` (lets the kernels skip widening copies).
     fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
         let _ = s;
@@ -235,6 +241,9 @@ impl Element for bf16 {
     }
     fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
         dst.convert_from_f32_slice(src);
+    }
+    fn as_bf16_bits(s: &[Self]) -> Option<&[u16]> {
+        Some(s.reinterpret_cast())
     }
 }
 

@@ -638,17 +638,16 @@ fn bf16_bits(x: f32) -> u32 {
     }
 }
 
-/// Packs a row of `bf16` values (as `E`) into pairs of consecutive elements (a zero after an odd
+/// Packs a row of `bf16` bit patterns into pairs of consecutive elements (a zero after an odd
 /// last one).
 #[inline(always)]
-fn pack_bf16_pairs<E: Element>(row: &[E], packed: &mut [u32]) {
-    let bits = |x: E| x.to_f32().to_bits() >> 16;
+fn pack_bf16_pairs(row: &[u16], packed: &mut [u32]) {
     let (whole, last) = row.split_at(row.len() / 2 * 2);
     for (out, two) in packed.iter_mut().zip(whole.chunks_exact(2)) {
-        *out = pair(bits(two[0]), bits(two[1]));
+        *out = pair(two[0].into(), two[1].into());
     }
     if let (Some(&x), Some(out)) = (last.first(), packed.get_mut(whole.len() / 2)) {
-        *out = bits(x);
+        *out = x.into();
     }
 }
 
@@ -795,7 +794,7 @@ where
         // bf16 inputs on a CPU with bf16 dot products: the tile products take the inputs as
         // they are (queries, after scaling, and probabilities rounded to bf16 as in Flax).
         let pairs = isa == Isa::Avx512Bf16
-            && E::DTYPE == DType::BF16
+            && E::as_bf16_bits(args.key).is_some()
             && count > 1
             && d.qk_depth > 0
             && d.v_depth > 0;
@@ -970,15 +969,23 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
     let scores = &mut scores[..cols * width];
     if bf16_pairs {
         let half_depth = depth.div_ceil(2);
-        pairs.key.resize(cols * half_depth, 0);
-        for (jj, packed) in pairs.key.chunks_exact_mut(half_depth).enumerate() {
-            let row = &args.key[key_start + jj * kv_rows..][..depth];
-            pack_bf16_pairs(row, packed);
-        }
+        let key_bits = E::as_bf16_bits(args.key).unwrap_or_default();
+        // With an even depth the keys are already pairs in memory; else pack them, padded.
+        let (key_pairs, key_row) = match simd::as_u32_pairs(key_bits) {
+            Some(all) if depth % 2 == 0 => (&all[key_start / 2..], kv_rows / 2),
+            _ => {
+                pairs.key.resize(cols * half_depth, 0);
+                for (jj, packed) in pairs.key.chunks_exact_mut(half_depth).enumerate() {
+                    let row = &key_bits[key_start + jj * kv_rows..][..depth];
+                    pack_bf16_pairs(row, packed);
+                }
+                (&pairs.key[..], half_depth)
+            }
+        };
         C::product_bf16_pairs(
             &Product {
-                a: &pairs.key,
-                a_row: half_depth,
+                a: key_pairs,
+                a_row: key_row,
                 a_step: 1,
                 b: &pairs.query[h * half_depth * width..(h + 1) * half_depth * width],
                 b_step: width,
@@ -1030,6 +1037,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
     let value_start = ((b * d.kv_len + j0) * d.heads + h) * v_depth;
     if bf16_pairs && args.weights_bf16 {
         let half_cols = cols.div_ceil(2);
+        let value_bits = E::as_bf16_bits(args.value).unwrap_or_default();
         pairs.probs.resize(half_cols * width, 0);
         pairs.value.resize(half_cols * v_depth, 0);
         let probs = pairs.probs.chunks_exact_mut(width);
@@ -1037,8 +1045,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
         for (t, (probs, values)) in probs.zip(values).enumerate() {
             let (lo, hi) = (2 * t, 2 * t + 1);
             let bits = |p: C| bf16_bits(p.to::<f32>());
-            let value_row = |j: usize| &args.value[value_start + j * kv_values..][..v_depth];
-            let value_bits = |x: E| x.to_f32().to_bits() >> 16;
+            let value_row = |j: usize| &value_bits[value_start + j * kv_values..][..v_depth];
             if hi < cols {
                 let (p_lo, p_hi) = (
                     &scores[lo * width..][..width],
@@ -1048,14 +1055,14 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
                     *out = pair(bits(a), bits(b));
                 }
                 for ((out, &a), &b) in values.iter_mut().zip(value_row(lo)).zip(value_row(hi)) {
-                    *out = pair(value_bits(a), value_bits(b));
+                    *out = pair(a.into(), b.into());
                 }
             } else {
                 for (out, &a) in probs.iter_mut().zip(&scores[lo * width..][..width]) {
                     *out = bits(a);
                 }
                 for (out, &a) in values.iter_mut().zip(value_row(lo)) {
-                    *out = value_bits(a);
+                    *out = a.into();
                 }
             }
         }

@@ -214,6 +214,19 @@ pub(crate) fn product_bf16_pairs(p: &Product<'_, u32>, c: &mut [f32], ldc: usize
     });
 }
 
+/// `bits` read as pairs of consecutive values (element `i` of the result is `bits[2i]` in the
+/// low half and `bits[2i + 1]` in the high half, on this little-endian target), without a
+/// copy; `None` if `bits` does not start at a 4-byte boundary or has an odd length.
+pub(crate) fn as_u32_pairs(bits: &[u16]) -> Option<&[u32]> {
+    if cfg!(target_endian = "big") || bits.len() % 2 != 0 {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid `u32`, and `align_to` only puts elements in the
+    // middle slice that are aligned for `u32` and lie inside `bits`.
+    let (prefix, pairs, suffix) = unsafe { bits.align_to::<u32>() };
+    (prefix.is_empty() && suffix.is_empty()).then_some(pairs)
+}
+
 /// Splits the product (already checked by [`Product::in_bounds`] against `c` and `ldc`) into
 /// micro-tiles of at most 6 rows × 4 vectors of 16 lanes and calls `run(rows, vectors, tile)`
 /// for each. Every tile satisfies the contract of [`tile`]: its accesses lie inside `a`, `b`

@@ -972,7 +972,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
         let key_bits = E::as_bf16_bits(args.key).unwrap_or_default();
         // With an even depth the keys are already pairs in memory; else pack them, padded.
         let (key_pairs, key_row) = match simd::as_u32_pairs(key_bits) {
-            Some(all) if depth % 2 == 0 => (&all[key_start / 2..], kv_rows / 2),
+            Some(all) if depth.is_multiple_of(2) => (&all[key_start / 2..], kv_rows / 2),
             _ => {
                 pairs.key.resize(cols * half_depth, 0);
                 for (jj, packed) in pairs.key.chunks_exact_mut(half_depth).enumerate() {

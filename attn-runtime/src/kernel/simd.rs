@@ -218,7 +218,7 @@ pub(crate) fn product_bf16_pairs(p: &Product<'_, u32>, c: &mut [f32], ldc: usize
 /// low half and `bits[2i + 1]` in the high half, on this little-endian target), without a
 /// copy; `None` if `bits` does not start at a 4-byte boundary or has an odd length.
 pub(crate) fn as_u32_pairs(bits: &[u16]) -> Option<&[u32]> {
-    if cfg!(target_endian = "big") || bits.len() % 2 != 0 {
+    if cfg!(target_endian = "big") || !bits.len().is_multiple_of(2) {
         return None;
     }
     // SAFETY: every bit pattern is a valid `u32`, and `align_to` only puts elements in the

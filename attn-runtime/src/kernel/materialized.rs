@@ -469,7 +469,9 @@ struct BlockInput<'t, 'a, 'o, E, B, W, O, T: Clone> {
 
 /// The body [`simd::with_features`] compiles per instruction set: [`run_block`], so that its
 /// loops (rounding, the row pass, conversions) are vectorized at the CPU's width.
-struct BlockBody<'t, 'a, 'o, E, B, W, O, T>(PhantomData<(&'t (), &'a (), &'o (), E, B, W, O, T)>);
+struct BlockBody<'t, 'a, 'o, E, B, W, O, T: Clone>(
+    PhantomData<BlockInput<'t, 'a, 'o, E, B, W, O, T>>,
+);
 
 impl<'t, 'a: 't, 'o, E: Element, B: Element, W: Element, O: Element, T: Real> Body
     for BlockBody<'t, 'a, 'o, E, B, W, O, T>
@@ -529,7 +531,10 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
     let q_off = ((b * q + first) * heads + h) * dk;
     // Whether the logits are already scaled and rounded to the computation dtype.
     let rounded = match &operands.key {
-        KeyOperand::Transposed(key_t) if isa == Isa::Avx512 && T::as_f32(key_t).is_some() => {
+        // (`depth = 0` takes the GEMM, whose logits are the empty sum 0 whatever the scale.)
+        KeyOperand::Transposed(key_t)
+            if isa == Isa::Avx512 && dk > 0 && T::as_f32(key_t).is_some() =>
+        {
             let query = T::as_f32(&operands.query).ok_or_else(view_bug)?;
             let key_t = T::as_f32(key_t).ok_or_else(view_bug)?;
             let c = T::as_f32_mut(logits).ok_or_else(view_bug)?;
@@ -548,8 +553,6 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     accumulate: false,
                 };
                 simd::product_avx512(&product, &mut c[first_key..], kv);
-                // With `depth = 0` every logit is the empty sum 0, whatever the scale (`∞`).
-                let alpha = if dk == 0 { 1.0 } else { alpha };
                 let panel = c[first_key..].chunks_mut(kv).map(|row| &mut row[..keys]);
                 match (operands.round_logits, call.plan.compute) {
                     (true, DType::BF16) => scale_round::<ToBf16>(panel, alpha),

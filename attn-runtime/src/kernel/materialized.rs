@@ -90,6 +90,11 @@ enum KeyOperand<'a, T: Clone> {
     /// contiguous `kᵀ` makes the GEMM's packing of it a plain copy instead of a gather across
     /// the heads.
     Transposed(Vec<T>),
+    /// `[batch·heads, kv / 64, depth, 64]` (the last panel padded): `kᵀ` in panels of
+    /// [`KEY_PANEL`] keys for the AVX-512 product. A panel is contiguous, so it stays in L1
+    /// while it is used; rows of one `[depth, kv]` matrix lie a power of two apart in common
+    /// shapes and would all fall into the same few cache sets.
+    Panels(Vec<T>),
     /// `[batch, kv, heads, depth]` as given (borrowed) or widened, for short queries: each
     /// logit is one dot product of two contiguous rows.
     Rows(Cow<'a, [T]>),
@@ -99,8 +104,12 @@ impl<'a, T: Real> Operands<'a, T> {
     fn new<E: Element, B>(call: &Call<'a, E, B>, ctx: &Context<'_>) -> Result<Self, AttnError> {
         let scale = T::from_f64(call.query_scale);
         let compute = call.plan.compute;
-        let key = if call.q_len >= TRANSPOSE_MIN_QUERIES {
-            KeyOperand::Transposed(transpose_key(call, ctx)?)
+        let panels =
+            Isa::detect() == Isa::Avx512 && call.qk_depth > 0 && T::as_f32(&[T::ZERO]).is_some();
+        let key = if call.q_len >= TRANSPOSE_MIN_QUERIES && panels {
+            KeyOperand::Panels(transpose_key(call, ctx, KEY_PANEL)?)
+        } else if call.q_len >= TRANSPOSE_MIN_QUERIES {
+            KeyOperand::Transposed(transpose_key(call, ctx, call.kv_len)?)
         } else {
             KeyOperand::Rows(match T::same_slice(call.key) {
                 Some(key) => Cow::Borrowed(key),
@@ -131,54 +140,129 @@ impl<'a, T: Real> Operands<'a, T> {
     }
 }
 
-/// Keys per step of [`transpose_key`]: each of the `depth` rows of the result gets 16
-/// consecutive values (one cache line of f32).
-const TRANSPOSE_KEYS: usize = 16;
-/// Depths per step of [`transpose_key`]: the block of `16 × 64` key values is first copied to
-/// a small contiguous buffer. Key rows and rows of the result lie a power of two apart in the
-/// common shapes, so reading the key rows while writing the result would evict lines from the
-/// same few cache sets; the buffer is read from L1 instead.
-const TRANSPOSE_DEPTHS: usize = 64;
+/// The side of the square tiles [`transpose_key`] works in: 16 key rows are read 16 values
+/// (one cache line of f32) at a time, and each of the 16 rows of the result they go to gets
+/// 16 consecutive values.
+const TRANSPOSE_TILE: usize = 16;
 
-/// The key `[batch, kv, heads, depth]` as `T`, transposed to `[batch·heads, depth, kv]`, one
-/// (batch, head) per parallel task, in this thread's spare buffer [`SPARE_KEY`].
+/// The key `[batch, kv, heads, depth]` as `T`, transposed to panels of `width` keys,
+/// `[batch·heads, kv / width, depth, width]` (the last panel padded to `width`; `width = kv`
+/// gives `[batch·heads, depth, kv]`), one (batch, head) per parallel task, in this thread's
+/// spare buffer [`SPARE_KEY`]. `width` is a multiple of [`TRANSPOSE_TILE`] or `kv`.
 fn transpose_key<E: Element, B, T: Real>(
     call: &Call<'_, E, B>,
     ctx: &Context<'_>,
+    width: usize,
 ) -> Result<Vec<T>, AttnError> {
     let (heads, kv, dk) = (call.heads, call.kv_len, call.qk_depth);
-    let mut key_t = spare_buffer(SPARE_KEY, "transposed key", call.key.len())?;
+    let head_len = kv.div_ceil(width) * width * dk;
+    let len = (call.batch * heads)
+        .checked_mul(head_len)
+        .ok_or(AttnError::Allocation {
+            tensor: "transposed key",
+            elements: usize::MAX,
+        })?;
+    let mut key_t = spare_buffer(SPARE_KEY, "transposed key", len)?;
     if key_t.is_empty() {
         return Ok(key_t);
     }
+    let isa = Isa::detect();
     ctx.install(|| {
         key_t
-            .par_chunks_mut(dk * kv)
+            .par_chunks_mut(head_len)
             .enumerate()
-            .for_each(|(bh, panel)| {
-                let (b, h) = (bh / heads, bh % heads);
-                let mut block = [T::ZERO; TRANSPOSE_KEYS * TRANSPOSE_DEPTHS];
-                for first in (0..kv).step_by(TRANSPOSE_KEYS) {
-                    let keys = TRANSPOSE_KEYS.min(kv - first);
-                    for d0 in (0..dk).step_by(TRANSPOSE_DEPTHS) {
-                        let depths = TRANSPOSE_DEPTHS.min(dk - d0);
-                        for (j, dst) in block.chunks_exact_mut(depths).take(keys).enumerate() {
-                            let src = &call.key[((b * kv + first + j) * heads + h) * dk + d0..];
-                            for (x, &e) in dst.iter_mut().zip(&src[..depths]) {
-                                *x = T::from_elem(e);
-                            }
-                        }
-                        for d in 0..depths {
-                            let dst = &mut panel[(d0 + d) * kv + first..][..keys];
-                            for (j, x) in dst.iter_mut().enumerate() {
-                                *x = block[j * depths + d];
-                            }
-                        }
-                    }
-                }
+            .for_each(|(bh, panels)| {
+                let input = TransposeInput {
+                    key: call.key,
+                    panels,
+                    width,
+                    b: bh / heads,
+                    h: bh % heads,
+                    heads,
+                    kv,
+                    dk,
+                };
+                simd::with_features::<TransposeHead<'_, E, T>>(isa, input)
             })
     });
     Ok(key_t)
+}
+
+/// What [`TransposeHead`] works on: the key and the `[kv / width, depth, width]` panels of
+/// head `(b, h)`.
+struct TransposeInput<'s, E, T> {
+    key: &'s [E],
+    panels: &'s mut [T],
+    width: usize,
+    b: usize,
+    h: usize,
+    heads: usize,
+    kv: usize,
+    dk: usize,
+}
+
+/// The body [`simd::with_features`] compiles per instruction set: one head of
+/// [`transpose_key`], tile by tile through a small buffer on the stack (key rows and rows of
+/// the result lie a power of two apart in common shapes and would evict each other from the
+/// same cache sets if copied directly). Full tiles have constant bounds, so that their loops
+/// vectorize.
+struct TransposeHead<'s, E, T>(PhantomData<TransposeInput<'s, E, T>>);
+
+impl<'s, E: Element, T: Real> Body for TransposeHead<'s, E, T> {
+    type Input = TransposeInput<'s, E, T>;
+    type Output = ();
+
+    #[inline(always)]
+    fn run<M: MulAdd>(input: Self::Input) {
+        const N: usize = TRANSPOSE_TILE;
+        let TransposeInput {
+            key,
+            panels,
+            width,
+            b,
+            h,
+            heads,
+            kv,
+            dk,
+        } = input;
+        let mut tile = [[T::ZERO; N]; N];
+        for first_key in (0..kv).step_by(N) {
+            let keys = N.min(kv - first_key);
+            // The tile's keys lie in one panel (`width` is a multiple of N, or kv).
+            let panel = &mut panels[first_key / width * width * dk..];
+            let first_key_t = first_key % width;
+            for first_depth in (0..dk).step_by(N) {
+                let depths = N.min(dk - first_depth);
+                let key_row =
+                    |j: usize| &key[((b * kv + first_key + j) * heads + h) * dk + first_depth..];
+                if keys == N && depths == N {
+                    for (j, row) in tile.iter_mut().enumerate() {
+                        for (x, &e) in row.iter_mut().zip(&key_row(j)[..N]) {
+                            *x = T::from_elem(e);
+                        }
+                    }
+                    for d in 0..N {
+                        let dst = &mut panel[(first_depth + d) * width + first_key_t..][..N];
+                        for (x, row) in dst.iter_mut().zip(&tile) {
+                            *x = row[d];
+                        }
+                    }
+                } else {
+                    for (j, row) in tile.iter_mut().enumerate().take(keys) {
+                        for (x, &e) in row.iter_mut().zip(&key_row(j)[..depths]) {
+                            *x = T::from_elem(e);
+                        }
+                    }
+                    for d in 0..depths {
+                        let dst = &mut panel[(first_depth + d) * width + first_key_t..][..keys];
+                        for (x, row) in dst.iter_mut().zip(&tile) {
+                            *x = row[d];
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// This thread's spare buffer of the transposed key.
@@ -395,7 +479,6 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     logits: &mut logits,
                     output: &mut output,
                     task,
-                    isa,
                 };
                 let result =
                     simd::with_features::<BlockBody<'_, '_, '_, E, B, W, O, T>>(isa, input);
@@ -404,7 +487,7 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
                 result
             })
         });
-        if let KeyOperand::Transposed(key_t) = operands.key {
+        if let KeyOperand::Transposed(key_t) | KeyOperand::Panels(key_t) = operands.key {
             T::put_spare(SPARE_KEY, key_t);
         }
         result?;
@@ -464,7 +547,6 @@ struct BlockInput<'t, 'a, 'o, E, B, W, O, T: Clone> {
     /// Scratch rows of `P·V` (when the output is not `T`).
     output: &'t mut [T],
     task: Task<'o, W, O, T>,
-    isa: Isa,
 }
 
 /// The body [`simd::with_features`] compiles per instruction set: [`run_block`], so that its
@@ -511,7 +593,6 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         logits: scratch_logits,
         output: scratch_output,
         task,
-        isa,
     } = input;
     let (heads, q, kv, dk) = (call.heads, call.q_len, call.kv_len, call.qk_depth);
     let (b, h) = (task.bh / heads, task.bh % heads);
@@ -531,10 +612,9 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
     let q_off = ((b * q + first) * heads + h) * dk;
     // Whether the logits are already scaled and rounded to the computation dtype.
     let rounded = match &operands.key {
-        // (`depth = 0` takes the GEMM, whose logits are the empty sum 0 whatever the scale.)
-        KeyOperand::Transposed(key_t)
-            if isa == Isa::Avx512 && dk > 0 && T::as_f32(key_t).is_some() =>
-        {
+        // (Only with `depth > 0`: with `depth = 0` the GEMM below gives the logits, the empty
+        // sum 0 whatever the scale.)
+        KeyOperand::Panels(key_t) => {
             let query = T::as_f32(&operands.query).ok_or_else(view_bug)?;
             let key_t = T::as_f32(key_t).ok_or_else(view_bug)?;
             let c = T::as_f32_mut(logits).ok_or_else(view_bug)?;
@@ -545,8 +625,8 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     a: &query[q_off..],
                     a_row: heads * dk,
                     a_step: 1,
-                    b: &key_t[task.bh * dk * kv + first_key..],
-                    b_step: kv,
+                    b: &key_t[(task.bh * kv.div_ceil(KEY_PANEL) * KEY_PANEL + first_key) * dk..],
+                    b_step: KEY_PANEL,
                     rows,
                     cols: keys,
                     depth: dk,

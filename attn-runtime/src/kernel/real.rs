@@ -12,10 +12,10 @@ use crate::element::{DType, Element};
 /// Spare buffers each thread keeps per arithmetic type (see [`Real::take_spare`]).
 pub(crate) const SPARE_SLOTS: usize = 3;
 
-/// The largest spare buffer a thread keeps between calls (64 MiB): reusing memory saves the
+/// The largest spare buffer a thread keeps between calls (16 MiB): reusing memory saves the
 /// allocation, page faults and zeroing a call would otherwise pay, but an idle thread should
 /// not hold on to the buffers of a huge call.
-pub(crate) const SPARE_MAX_BYTES: usize = 64 << 20;
+pub(crate) const SPARE_MAX_BYTES: usize = 16 << 20;
 
 thread_local! {
     static SPARE_F32: RefCell<[Vec<f32>; SPARE_SLOTS]> = const {

@@ -8,14 +8,18 @@
 //! and dropout draws depend only on logical indices.
 
 use std::borrow::Cow;
+use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
 use super::Call;
 use super::dot::dot;
+use super::exp::MulAdd;
 use super::gemm::{MatMut, MatRef, gemm, head_blocks_mut};
 use super::real::Real;
+use super::round::{KeepF32, Narrow, ToBf16, ToF16};
 use super::rowpass::{MaskRow, RowPass};
+use super::simd::{self, Body, Isa, Product};
 use crate::array::Array;
 use crate::context::Context;
 use crate::element::{DType, Element};
@@ -86,6 +90,11 @@ enum KeyOperand<'a, T: Clone> {
     /// contiguous `kᵀ` makes the GEMM's packing of it a plain copy instead of a gather across
     /// the heads.
     Transposed(Vec<T>),
+    /// `[batch·heads, kv / 64, depth, 64]` (the last panel padded): `kᵀ` in panels of
+    /// [`KEY_PANEL`] keys for the AVX-512 product. A panel is contiguous, so it stays in L1
+    /// while it is used; rows of one `[depth, kv]` matrix lie a power of two apart in common
+    /// shapes and would all fall into the same few cache sets.
+    Panels(Vec<T>),
     /// `[batch, kv, heads, depth]` as given (borrowed) or widened, for short queries: each
     /// logit is one dot product of two contiguous rows.
     Rows(Cow<'a, [T]>),
@@ -95,12 +104,16 @@ impl<'a, T: Real> Operands<'a, T> {
     fn new<E: Element, B>(call: &Call<'a, E, B>, ctx: &Context<'_>) -> Result<Self, AttnError> {
         let scale = T::from_f64(call.query_scale);
         let compute = call.plan.compute;
-        let key = if call.q_len >= TRANSPOSE_MIN_QUERIES {
-            KeyOperand::Transposed(transpose_key(call, ctx)?)
+        let panels =
+            Isa::detect() == Isa::Avx512 && call.qk_depth > 0 && T::as_f32(&[T::ZERO]).is_some();
+        let key = if call.q_len >= TRANSPOSE_MIN_QUERIES && panels {
+            KeyOperand::Panels(transpose_key(call, ctx, KEY_PANEL)?)
+        } else if call.q_len >= TRANSPOSE_MIN_QUERIES {
+            KeyOperand::Transposed(transpose_key(call, ctx, call.kv_len)?)
         } else {
             KeyOperand::Rows(match T::same_slice(call.key) {
                 Some(key) => Cow::Borrowed(key),
-                None => Cow::Owned(widen(call.key, "widened key", ctx, T::from_elem)?),
+                None => Cow::Owned(widen(call.key, "widened key", ctx, T::ONE, None)?),
             })
         };
         if let Some(query) = T::same_slice(call.query) {
@@ -112,12 +125,10 @@ impl<'a, T: Real> Operands<'a, T> {
                 round_logits: false,
             });
         }
-        let query = widen(call.query, "widened query", ctx, |e| {
-            (T::from_elem(e) * scale).round_to(compute)
-        })?;
+        let query = widen(call.query, "widened query", ctx, scale, Some(compute))?;
         let value = call
             .value
-            .map(|v| widen(v, "widened value", ctx, T::from_elem))
+            .map(|v| widen(v, "widened value", ctx, T::ONE, None))
             .transpose()?;
         Ok(Operands {
             query: Cow::Owned(query),
@@ -129,59 +140,224 @@ impl<'a, T: Real> Operands<'a, T> {
     }
 }
 
-/// The key `[batch, kv, heads, depth]` as `T`, transposed to `[batch·heads, depth, kv]`, one
-/// (batch, head) per parallel task.
+/// The side of the square tiles [`transpose_key`] works in: 16 key rows are read 16 values
+/// (one cache line of f32) at a time, and each of the 16 rows of the result they go to gets
+/// 16 consecutive values.
+const TRANSPOSE_TILE: usize = 16;
+
+/// The key `[batch, kv, heads, depth]` as `T`, transposed to panels of `width` keys,
+/// `[batch·heads, kv / width, depth, width]` (the last panel padded to `width`; `width = kv`
+/// gives `[batch·heads, depth, kv]`), one (batch, head) per parallel task, in this thread's
+/// spare buffer [`SPARE_KEY`]. `width` is a multiple of [`TRANSPOSE_TILE`] or `kv`.
 fn transpose_key<E: Element, B, T: Real>(
     call: &Call<'_, E, B>,
     ctx: &Context<'_>,
+    width: usize,
 ) -> Result<Vec<T>, AttnError> {
     let (heads, kv, dk) = (call.heads, call.kv_len, call.qk_depth);
-    let mut key_t = try_filled("transposed key", call.key.len(), T::ZERO)?;
+    let head_len = kv.div_ceil(width) * width * dk;
+    let len = (call.batch * heads)
+        .checked_mul(head_len)
+        .ok_or(AttnError::Allocation {
+            tensor: "transposed key",
+            elements: usize::MAX,
+        })?;
+    let mut key_t = spare_buffer(SPARE_KEY, "transposed key", len)?;
     if key_t.is_empty() {
         return Ok(key_t);
     }
+    let isa = Isa::detect();
     ctx.install(|| {
         key_t
-            .par_chunks_mut(dk * kv)
+            .par_chunks_mut(head_len)
             .enumerate()
-            .for_each(|(bh, panel)| {
-                let (b, h) = (bh / heads, bh % heads);
-                for j in 0..kv {
-                    let src = &call.key[((b * kv + j) * heads + h) * dk..][..dk];
-                    for (d, &e) in src.iter().enumerate() {
-                        panel[d * kv + j] = T::from_elem(e);
-                    }
-                }
+            .for_each(|(bh, panels)| {
+                let input = TransposeInput {
+                    key: call.key,
+                    panels,
+                    width,
+                    b: bh / heads,
+                    h: bh % heads,
+                    heads,
+                    kv,
+                    dk,
+                };
+                simd::with_features::<TransposeHead<'_, E, T>>(isa, input)
             })
     });
     Ok(key_t)
 }
 
-/// `f` applied to every element of `src`, in parallel.
+/// What [`TransposeHead`] works on: the key and the `[kv / width, depth, width]` panels of
+/// head `(b, h)`.
+struct TransposeInput<'s, E, T> {
+    key: &'s [E],
+    panels: &'s mut [T],
+    width: usize,
+    b: usize,
+    h: usize,
+    heads: usize,
+    kv: usize,
+    dk: usize,
+}
+
+/// The body [`simd::with_features`] compiles per instruction set: one head of
+/// [`transpose_key`], tile by tile through a small buffer on the stack (key rows and rows of
+/// the result lie a power of two apart in common shapes and would evict each other from the
+/// same cache sets if copied directly). Full tiles have constant bounds, so that their loops
+/// vectorize.
+struct TransposeHead<'s, E, T>(PhantomData<TransposeInput<'s, E, T>>);
+
+impl<'s, E: Element, T: Real> Body for TransposeHead<'s, E, T> {
+    type Input = TransposeInput<'s, E, T>;
+    type Output = ();
+
+    #[inline(always)]
+    fn run<M: MulAdd>(input: Self::Input) {
+        const N: usize = TRANSPOSE_TILE;
+        let TransposeInput {
+            key,
+            panels,
+            width,
+            b,
+            h,
+            heads,
+            kv,
+            dk,
+        } = input;
+        let mut tile = [[T::ZERO; N]; N];
+        for first_key in (0..kv).step_by(N) {
+            let keys = N.min(kv - first_key);
+            // The tile's keys lie in one panel (`width` is a multiple of N, or kv).
+            let panel = &mut panels[first_key / width * width * dk..];
+            let first_key_t = first_key % width;
+            for first_depth in (0..dk).step_by(N) {
+                let depths = N.min(dk - first_depth);
+                let key_row =
+                    |j: usize| &key[((b * kv + first_key + j) * heads + h) * dk + first_depth..];
+                if keys == N && depths == N {
+                    for (j, row) in tile.iter_mut().enumerate() {
+                        for (x, &e) in row.iter_mut().zip(&key_row(j)[..N]) {
+                            *x = T::from_elem(e);
+                        }
+                    }
+                    for d in 0..N {
+                        let dst = &mut panel[(first_depth + d) * width + first_key_t..][..N];
+                        for (x, row) in dst.iter_mut().zip(&tile) {
+                            *x = row[d];
+                        }
+                    }
+                } else {
+                    for (j, row) in tile.iter_mut().enumerate().take(keys) {
+                        for (x, &e) in row.iter_mut().zip(&key_row(j)[..depths]) {
+                            *x = T::from_elem(e);
+                        }
+                    }
+                    for d in 0..depths {
+                        let dst = &mut panel[(first_depth + d) * width + first_key_t..][..keys];
+                        for (x, row) in dst.iter_mut().zip(&tile) {
+                            *x = row[d];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// This thread's spare buffer of the transposed key.
+const SPARE_KEY: usize = 0;
+/// This thread's spare buffer of a task's logits.
+const SPARE_LOGITS: usize = 1;
+/// This thread's spare buffer of a task's rows of `P·V`.
+const SPARE_OUTPUT: usize = 2;
+
+/// This thread's spare buffer `slot` with `len` elements (stale values: the callers overwrite
+/// what they read). Give it back with [`Real::put_spare`].
+fn spare_buffer<T: Real>(
+    slot: usize,
+    tensor: &'static str,
+    len: usize,
+) -> Result<Vec<T>, AttnError> {
+    let mut buffer = T::take_spare(slot);
+    if buffer.len() < len {
+        buffer
+            .try_reserve_exact(len - buffer.len())
+            .map_err(|_| AttnError::Allocation {
+                tensor,
+                elements: len,
+            })?;
+        buffer.resize(len, T::ZERO);
+    }
+    buffer.truncate(len);
+    Ok(buffer)
+}
+
+/// `src` widened to `T`, times `scale` and rounded to `round` (when given), in parallel.
 fn widen<E: Element, T: Real>(
     src: &[E],
     tensor: &'static str,
     ctx: &Context<'_>,
-    f: impl Fn(E) -> T + Sync,
+    scale: T,
+    round: Option<DType>,
 ) -> Result<Vec<T>, AttnError> {
     const CHUNK: usize = 16 * 1024;
     let mut out = try_filled(tensor, src.len(), T::ZERO)?;
+    let isa = Isa::detect();
     ctx.install(|| {
         out.par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))
             .for_each(|(dst, src)| {
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = f(*s);
-                }
+                let input = WidenInput {
+                    src,
+                    dst,
+                    scale,
+                    round,
+                };
+                simd::with_features::<Widen<'_, E, T>>(isa, input)
             })
     });
     Ok(out)
 }
 
-/// Per-thread buffers of one task's rows.
-struct Scratch<T> {
-    logits: Vec<T>,
-    output: Vec<T>,
+/// What [`Widen`] works on.
+struct WidenInput<'s, E, T> {
+    src: &'s [E],
+    dst: &'s mut [T],
+    scale: T,
+    round: Option<DType>,
+}
+
+/// The body [`simd::with_features`] compiles per instruction set: the loop of [`widen`].
+struct Widen<'s, E, T>(PhantomData<(&'s (), E, T)>);
+
+impl<'s, E: Element, T: Real> Body for Widen<'s, E, T> {
+    type Input = WidenInput<'s, E, T>;
+    type Output = ();
+
+    #[inline(always)]
+    fn run<M: MulAdd>(input: Self::Input) {
+        let WidenInput {
+            src,
+            dst,
+            scale,
+            round,
+        } = input;
+        #[inline(always)]
+        fn each<E: Element, T: Real>(src: &[E], dst: &mut [T], f: impl Fn(T) -> T) {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = f(T::from_elem(s));
+            }
+        }
+        // The dtype is matched outside the loops, so that each loop is branch-free.
+        match round {
+            None => each(src, dst, |x| x),
+            Some(DType::BF16) => each(src, dst, |x| (x * scale).round_to(DType::BF16)),
+            Some(DType::F16) => each(src, dst, |x| (x * scale).round_to(DType::F16)),
+            Some(DType::F32) => each(src, dst, |x| (x * scale).round_to(DType::F32)),
+            Some(dtype) => each(src, dst, |x| (x * scale).round_to(dtype)),
+        }
+    }
 }
 
 /// An internal invariant failed (a bug, not a caller error): views are built from validated sizes.
@@ -290,21 +466,31 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
         } else {
             0
         };
-        let operands = &operands;
-        ctx.install(|| {
-            tasks.into_par_iter().try_for_each_init(
-                || -> Result<Scratch<T>, AttnError> {
-                    Ok(Scratch {
-                        logits: try_filled("logits scratch", scratch_logits, T::ZERO)?,
-                        output: try_filled("output scratch", scratch_output, T::ZERO)?,
-                    })
-                },
-                |scratch, task| {
-                    let scratch = scratch.as_mut().map_err(|e| e.clone())?;
-                    run_block(call, operands, &pass, scratch, task)
-                },
-            )
-        })?;
+        let isa = Isa::detect();
+        let operands_ref = &operands;
+        let result = ctx.install(|| {
+            tasks.into_par_iter().try_for_each(|task| {
+                let mut logits = spare_buffer(SPARE_LOGITS, "logits scratch", scratch_logits)?;
+                let mut output = spare_buffer(SPARE_OUTPUT, "output scratch", scratch_output)?;
+                let input = BlockInput {
+                    call,
+                    operands: operands_ref,
+                    pass: &pass,
+                    logits: &mut logits,
+                    output: &mut output,
+                    task,
+                };
+                let result =
+                    simd::with_features::<BlockBody<'_, '_, '_, E, B, W, O, T>>(isa, input);
+                T::put_spare(SPARE_LOGITS, logits);
+                T::put_spare(SPARE_OUTPUT, output);
+                result
+            })
+        });
+        if let KeyOperand::Transposed(key_t) | KeyOperand::Panels(key_t) = operands.key {
+            T::put_spare(SPARE_KEY, key_t);
+        }
+        result?;
     }
     if let Some(sink) = ctx.sow.as_mut() {
         let mut shape = call.batch_shape.clone();
@@ -351,21 +537,70 @@ fn to_array<T: Real>(dtype: DType, values: &[T], shape: Vec<usize>) -> Result<Ar
     }
 }
 
+/// What one task works on.
+struct BlockInput<'t, 'a, 'o, E, B, W, O, T: Clone> {
+    call: &'t Call<'a, E, B>,
+    operands: &'t Operands<'a, T>,
+    pass: &'t RowPass<T>,
+    /// Scratch rows of logits (when the weights are not written in place).
+    logits: &'t mut [T],
+    /// Scratch rows of `P·V` (when the output is not `T`).
+    output: &'t mut [T],
+    task: Task<'o, W, O, T>,
+}
+
+/// The body [`simd::with_features`] compiles per instruction set: [`run_block`], so that its
+/// loops (rounding, the row pass, conversions) are vectorized at the CPU's width.
+struct BlockBody<'t, 'a, 'o, E, B, W, O, T: Clone>(
+    PhantomData<BlockInput<'t, 'a, 'o, E, B, W, O, T>>,
+);
+
+impl<'t, 'a: 't, 'o, E: Element, B: Element, W: Element, O: Element, T: Real> Body
+    for BlockBody<'t, 'a, 'o, E, B, W, O, T>
+{
+    type Input = BlockInput<'t, 'a, 'o, E, B, W, O, T>;
+    type Output = Result<(), AttnError>;
+
+    #[inline(always)]
+    fn run<M: MulAdd>(input: Self::Input) -> Self::Output {
+        run_block(input)
+    }
+}
+
+/// Keys per panel of the AVX-512 logits product: the panel of `kᵀ` (`depth × 64` values) stays
+/// in L1 while every row of the block is multiplied by it.
+const KEY_PANEL: usize = 64;
+
+/// `x ← N(alpha · x)` on every value of `rows` (one panel of logits, still in L1).
+#[inline(always)]
+fn scale_round<'r, N: Narrow>(rows: impl Iterator<Item = &'r mut [f32]>, alpha: f32) {
+    for row in rows {
+        for x in row {
+            *x = N::round(alpha * *x);
+        }
+    }
+}
+
 /// Computes one (batch, head, query block).
+#[inline(always)]
 fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
-    call: &Call<'_, E, B>,
-    operands: &Operands<'_, T>,
-    pass: &RowPass<T>,
-    scratch: &mut Scratch<T>,
-    task: Task<'_, W, O, T>,
+    input: BlockInput<'_, '_, '_, E, B, W, O, T>,
 ) -> Result<(), AttnError> {
+    let BlockInput {
+        call,
+        operands,
+        pass,
+        logits: scratch_logits,
+        output: scratch_output,
+        task,
+    } = input;
     let (heads, q, kv, dk) = (call.heads, call.q_len, call.kv_len, call.qk_depth);
     let (b, h) = (task.bh / heads, task.bh % heads);
     let (first, rows) = (task.first_row, task.rows);
     let (logits, convert_to) = match task.weights {
         Some(WeightsBlock::Direct(w)) => (w, None),
-        Some(WeightsBlock::Convert(w)) => (&mut scratch.logits[..rows * kv], Some(w)),
-        None => (&mut scratch.logits[..rows * kv], None),
+        Some(WeightsBlock::Convert(w)) => (&mut scratch_logits[..rows * kv], Some(w)),
+        None => (&mut scratch_logits[..rows * kv], None),
     };
     // Causal: no query of the block sees a key past its last query, so those logits are not
     // computed (the row pass neither reads them nor needs them, see `RowPass::softmax_rows`).
@@ -375,7 +610,39 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         kv
     };
     let q_off = ((b * q + first) * heads + h) * dk;
-    match &operands.key {
+    // Whether the logits are already scaled and rounded to the computation dtype.
+    let rounded = match &operands.key {
+        // (Only with `depth > 0`: with `depth = 0` the GEMM below gives the logits, the empty
+        // sum 0 whatever the scale.)
+        KeyOperand::Panels(key_t) => {
+            let query = T::as_f32(&operands.query).ok_or_else(view_bug)?;
+            let key_t = T::as_f32(key_t).ok_or_else(view_bug)?;
+            let c = T::as_f32_mut(logits).ok_or_else(view_bug)?;
+            let alpha = operands.alpha.to_elem::<f32>();
+            for first_key in (0..cols).step_by(KEY_PANEL) {
+                let keys = KEY_PANEL.min(cols - first_key);
+                let product = Product {
+                    a: &query[q_off..],
+                    a_row: heads * dk,
+                    a_step: 1,
+                    b: &key_t[(task.bh * kv.div_ceil(KEY_PANEL) * KEY_PANEL + first_key) * dk..],
+                    b_step: KEY_PANEL,
+                    rows,
+                    cols: keys,
+                    depth: dk,
+                    accumulate: false,
+                };
+                simd::product_avx512(&product, &mut c[first_key..], kv);
+                let panel = c[first_key..].chunks_mut(kv).map(|row| &mut row[..keys]);
+                match (operands.round_logits, call.plan.compute) {
+                    (true, DType::BF16) => scale_round::<ToBf16>(panel, alpha),
+                    (true, DType::F16) => scale_round::<ToF16>(panel, alpha),
+                    _ if alpha != 1.0 => scale_round::<KeepF32>(panel, alpha),
+                    _ => {}
+                }
+            }
+            true
+        }
         KeyOperand::Transposed(key_t) => {
             let a = MatRef::new(&operands.query, q_off, rows, dk, heads * dk, 1)
                 .ok_or_else(view_bug)?;
@@ -386,6 +653,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                 bt,
                 &mut MatMut::new(logits, 0, rows, cols, kv, 1).ok_or_else(view_bug)?,
             );
+            false
         }
         KeyOperand::Rows(key) => {
             let query_row = |r: usize| &operands.query[q_off + r * heads * dk..][..dk];
@@ -399,9 +667,10 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     row[j] = alpha * dot(query_row(r), k);
                 }
             }
+            false
         }
-    }
-    if operands.round_logits {
+    };
+    if operands.round_logits && !rounded {
         for row in logits.chunks_mut(kv) {
             T::round_slice(&mut row[..cols], call.plan.compute);
         }
@@ -430,13 +699,8 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         }
     }
     if let Some(w) = convert_to {
-        match T::as_f32_mut(logits) {
-            Some(values) => W::from_f32_slice(w, values),
-            None => {
-                for (o, x) in w.iter_mut().zip(logits.iter()) {
-                    *o = x.to_elem::<W>();
-                }
-            }
+        for (o, x) in w.iter_mut().zip(logits.iter()) {
+            *o = x.to_elem::<W>();
         }
     }
     if let Some(out) = task.output {
@@ -448,7 +712,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         match out {
             OutBlock::Direct(mut c) => gemm(T::ONE, p, v, &mut c),
             OutBlock::Convert(mut c) => {
-                let buf = &mut scratch.output[..rows * dv];
+                let buf = &mut scratch_output[..rows * dv];
                 gemm(
                     T::ONE,
                     p,

@@ -72,8 +72,11 @@ impl Narrow for ToF16 {
     }
 }
 
-/// Rounds every value of `values` to `dtype` (no change for f32 and wider dtypes).
+/// Rounds every value of `values` to `dtype` (no change for f32 and wider dtypes). Inlined so
+/// that the loop is vectorized for the instruction set of the kernel body that calls it.
+#[inline(always)]
 pub(crate) fn round_slice(values: &mut [f32], dtype: DType) {
+    #[inline(always)]
     fn each<N: Narrow>(values: &mut [f32]) {
         for x in values {
             *x = N::round(*x);

@@ -101,6 +101,10 @@ impl<T: Real> RowPass<T> {
     ///
     /// A fully masked row becomes uniform (every entry is `big_neg`). NaN in a row makes the
     /// row NaN, as in Flax.
+    ///
+    /// Inlined so that its loops are compiled for the instruction set of the caller's kernel
+    /// body.
+    #[inline(always)]
     pub(crate) fn softmax_rows<'o, B: Element>(
         &self,
         rows: &mut [T],
@@ -117,7 +121,13 @@ impl<T: Real> RowPass<T> {
             prefixes.push(prefix);
             let row = &mut row[..prefix];
             match (bias, mask) {
-                (None, mask) if mask.explicit.is_none() => T::round_slice(row, self.softmax),
+                // The row holds values of the logits dtype: rounding them to the same
+                // softmax dtype changes nothing.
+                (None, mask) if mask.explicit.is_none() => {
+                    if self.softmax != self.logits {
+                        T::round_slice(row, self.softmax);
+                    }
+                }
                 (bias, mask) => {
                     for (j, x) in row.iter_mut().enumerate() {
                         *x = self.logit(*x, bias.map(|b| b.get(j)), mask.keeps(j));

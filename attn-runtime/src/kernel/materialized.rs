@@ -105,7 +105,7 @@ impl<'a, T: Real> Operands<'a, T> {
         let scale = T::from_f64(call.query_scale);
         let compute = call.plan.compute;
         let panels =
-            Isa::detect() == Isa::Avx512 && call.qk_depth > 0 && T::as_f32(&[T::ZERO]).is_some();
+            Isa::detect().has_avx512() && call.qk_depth > 0 && T::as_f32(&[T::ZERO]).is_some();
         let key = if call.q_len >= TRANSPOSE_MIN_QUERIES && panels {
             KeyOperand::Panels(transpose_key(call, ctx, KEY_PANEL)?)
         } else if call.q_len >= TRANSPOSE_MIN_QUERIES {

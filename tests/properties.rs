@@ -398,3 +398,54 @@ fn dropout_keep_rate_scale_and_broadcast_pattern() {
     .unwrap();
     assert_eq!(off.to_f64_vec(), plain);
 }
+
+/// bf16 weights of query blocks long enough for the weights path's tiled logits product (on
+/// CPUs with AVX512-BF16 it multiplies bf16 pairs): against float64 math on the same bf16
+/// inputs, with the softmax in f32 (`force_fp32_for_softmax`). Flax rounds the scaled query and
+/// the logits to bf16, so each logit moves by at most ε = 2⁻⁸ · scale · Σₖ|qₖ·kₖ|, and a weight
+/// by a factor within exp(±2ε) (its own logit and the normalizer). A wrong pairing of the depth
+/// or a wrong key panel is off by far more.
+#[test]
+fn bf16_weights_of_long_query_blocks_match_float64_math() {
+    for (b, h, q, kv, d) in [(2, 3, 40, 100, 64), (1, 2, 33, 70, 9)] {
+        let mut g = Data(23 + d as u64);
+        let qv = g.vec(b * q * h * d, 1.0);
+        let kvv = g.vec(b * kv * h * d, 1.0);
+        let query = Array::from_f64(DType::BF16, &qv, [b, q, h, d]).unwrap();
+        let key = Array::from_f64(DType::BF16, &kvv, [b, kv, h, d]).unwrap();
+        let args = FlaxArgs::new().force_fp32_for_softmax(true);
+        let got = dot_product_attention_weights(&query, &key, args)
+            .unwrap()
+            .to_f64_vec();
+        let (qb, kb) = (query.to_f64_vec(), key.to_f64_vec());
+        let (qb, kb) = (&qb, &kb);
+        let scale = 1.0 / (d as f64).sqrt();
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..q {
+                    let terms = |j: usize| {
+                        (0..d).map(move |k| {
+                            qb[((bi * q + i) * h + hi) * d + k]
+                                * kb[((bi * kv + j) * h + hi) * d + k]
+                        })
+                    };
+                    let logits: Vec<f64> = (0..kv).map(|j| terms(j).sum::<f64>() * scale).collect();
+                    let eps = (0..kv)
+                        .map(|j| 2f64.powi(-8) * scale * terms(j).map(f64::abs).sum::<f64>())
+                        .fold(0.0, f64::max);
+                    let rel = (2.0 * eps).exp() - 1.0 + 1e-6;
+                    let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+                    let sum: f64 = logits.iter().map(|x| (x - max).exp()).sum();
+                    for (j, l) in logits.iter().enumerate() {
+                        let want = (l - max).exp() / sum;
+                        let w = got[((bi * h + hi) * q + i) * kv + j];
+                        assert!(
+                            (w - want).abs() <= rel * want,
+                            "d={d} [{bi},{hi},{i},{j}]: got {w}, want {want} (bound {rel})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

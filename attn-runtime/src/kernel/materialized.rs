@@ -8,6 +8,7 @@
 //! and dropout draws depend only on logical indices.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::marker::PhantomData;
 
 use rayon::prelude::*;
@@ -16,7 +17,7 @@ use super::Call;
 use super::dot::dot;
 use super::exp::MulAdd;
 use super::gemm::{MatMut, MatRef, gemm, head_blocks_mut};
-use super::real::Real;
+use super::real::{Real, SPARE_MAX_BYTES};
 use super::round::{KeepF32, Narrow, ToBf16, ToF16};
 use super::rowpass::{MaskRow, RowPass};
 use super::simd::{self, Body, Isa, Product};
@@ -98,6 +99,12 @@ enum KeyOperand<'a, T: Clone> {
     /// `[batch, kv, heads, depth]` as given (borrowed) or widened, for short queries: each
     /// logit is one dot product of two contiguous rows.
     Rows(Cow<'a, [T]>),
+    /// bf16 inputs on a CPU with bf16 dot products: `kᵀ` as [`KeyOperand::Panels`] but with
+    /// pairs of bf16 along the depth, `[batch·heads, kv / 64, depth / 2, 64]`, and the scaled,
+    /// rounded query as pairs, `[batch, q, heads, depth / 2]` (see
+    /// [`simd::product_bf16_pairs`]). The products are exact in f32, so the logits are the
+    /// f32 ones up to the order of the sums.
+    Bf16Pairs { key: Vec<u32>, query: Vec<u32> },
 }
 
 impl<'a, T: Real> Operands<'a, T> {
@@ -106,7 +113,17 @@ impl<'a, T: Real> Operands<'a, T> {
         let compute = call.plan.compute;
         let panels =
             Isa::detect().has_avx512() && call.qk_depth > 0 && T::as_f32(&[T::ZERO]).is_some();
-        let key = if call.q_len >= TRANSPOSE_MIN_QUERIES && panels {
+        let bf16_bits = E::as_bf16_bits(call.key)
+            .filter(|_| Isa::detect() == Isa::Avx512Bf16 && compute == DType::BF16);
+        let key = if let (true, Some(key_bits)) =
+            (call.q_len >= TRANSPOSE_MIN_QUERIES && panels, bf16_bits)
+        {
+            // The query pairs are made below, from the scaled and rounded query.
+            KeyOperand::Bf16Pairs {
+                key: key_pair_panels(call, key_bits, ctx)?,
+                query: Vec::new(),
+            }
+        } else if call.q_len >= TRANSPOSE_MIN_QUERIES && panels {
             KeyOperand::Panels(transpose_key(call, ctx, KEY_PANEL)?)
         } else if call.q_len >= TRANSPOSE_MIN_QUERIES {
             KeyOperand::Transposed(transpose_key(call, ctx, call.kv_len)?)
@@ -130,6 +147,13 @@ impl<'a, T: Real> Operands<'a, T> {
             .value
             .map(|v| widen(v, "widened value", ctx, T::ONE, None))
             .transpose()?;
+        let key = match (key, T::as_f32(&query)) {
+            (KeyOperand::Bf16Pairs { key, .. }, Some(scaled)) => KeyOperand::Bf16Pairs {
+                key,
+                query: query_pairs(scaled, call.qk_depth, ctx)?,
+            },
+            (key, _) => key,
+        };
         Ok(Operands {
             query: Cow::Owned(query),
             key,
@@ -262,6 +286,114 @@ impl<'s, E: Element, T: Real> Body for TransposeHead<'s, E, T> {
                 }
             }
         }
+    }
+}
+
+/// The bf16 key `[batch, kv, heads, depth]` (its bit patterns) as [`KeyOperand::Bf16Pairs`]
+/// panels: `[batch·heads, kv / 64, depth / 2, 64]` pairs (a zero after an odd depth, zero keys
+/// after the last one), one (batch, head) per parallel task.
+fn key_pair_panels<E: Element, B>(
+    call: &Call<'_, E, B>,
+    key_bits: &[u16],
+    ctx: &Context<'_>,
+) -> Result<Vec<u32>, AttnError> {
+    let (heads, kv, dk) = (call.heads, call.kv_len, call.qk_depth);
+    let pairs = dk.div_ceil(2);
+    let head_len = kv.div_ceil(KEY_PANEL) * KEY_PANEL * pairs;
+    let len = (call.batch * heads)
+        .checked_mul(head_len)
+        .ok_or(AttnError::Allocation {
+            tensor: "transposed key",
+            elements: usize::MAX,
+        })?;
+    // Stale values are fine: every pair a product reads is written below.
+    let mut panels = spare_pairs(SPARE_KEY, "transposed key", len)?;
+    if panels.is_empty() {
+        return Ok(panels);
+    }
+    ctx.install(|| {
+        panels
+            .par_chunks_mut(head_len)
+            .enumerate()
+            .for_each(|(bh, head)| {
+                let (b, h) = (bh / heads, bh % heads);
+                for (j, panel) in (0..kv)
+                    .step_by(KEY_PANEL)
+                    .zip(head.chunks_exact_mut(KEY_PANEL * pairs))
+                {
+                    for jj in 0..KEY_PANEL.min(kv - j) {
+                        let row = &key_bits[((b * kv + j + jj) * heads + h) * dk..][..dk];
+                        for (p, two) in row.chunks(2).enumerate() {
+                            let hi = two.get(1).map_or(0, |&x| u32::from(x));
+                            panel[p * KEY_PANEL + jj] = u32::from(two[0]) | (hi << 16);
+                        }
+                    }
+                }
+            })
+    });
+    Ok(panels)
+}
+
+/// The scaled query, already rounded to bf16 (so its top 16 bits are the bf16 value), as pairs
+/// along the depth: `[batch, q, heads, depth / 2]` (a zero after an odd depth), in parallel.
+fn query_pairs(query: &[f32], depth: usize, ctx: &Context<'_>) -> Result<Vec<u32>, AttnError> {
+    const ROWS: usize = 1024;
+    let pairs = depth.div_ceil(2);
+    let mut packed = spare_pairs(
+        SPARE_LOGITS,
+        "query pairs",
+        query.len() / depth.max(1) * pairs,
+    )?;
+    if depth == 0 {
+        return Ok(packed);
+    }
+    let bits = |x: f32| x.to_bits() >> 16;
+    ctx.install(|| {
+        packed
+            .par_chunks_mut(ROWS * pairs)
+            .zip(query.par_chunks(ROWS * depth))
+            .for_each(|(packed, query)| {
+                for (row, out) in query
+                    .chunks_exact(depth)
+                    .zip(packed.chunks_exact_mut(pairs))
+                {
+                    for (two, o) in row.chunks(2).zip(out.iter_mut()) {
+                        *o = bits(two[0]) | (two.get(1).map_or(0, |&x| bits(x)) << 16);
+                    }
+                }
+            })
+    });
+    Ok(packed)
+}
+
+thread_local! {
+    /// This thread's spare buffers of bf16 pairs (slots [`SPARE_KEY`] and [`SPARE_LOGITS`]: the
+    /// key panels and the query of [`KeyOperand::Bf16Pairs`]), kept as [`Real::put_spare`]
+    /// keeps the arithmetic buffers.
+    static SPARE_PAIRS: RefCell<[Vec<u32>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// This thread's spare pairs buffer `slot` with `len` elements (stale values).
+fn spare_pairs(slot: usize, tensor: &'static str, len: usize) -> Result<Vec<u32>, AttnError> {
+    let mut buffer = SPARE_PAIRS.with(|spare| std::mem::take(&mut spare.borrow_mut()[slot]));
+    if buffer.len() < len {
+        buffer
+            .try_reserve_exact(len - buffer.len())
+            .map_err(|_| AttnError::Allocation {
+                tensor,
+                elements: len,
+            })?;
+        buffer.resize(len, 0);
+    }
+    buffer.truncate(len);
+    Ok(buffer)
+}
+
+/// Keeps `buffer` as this thread's spare pairs buffer `slot`, unless it is larger than
+/// [`SPARE_MAX_BYTES`].
+fn put_spare_pairs(slot: usize, buffer: Vec<u32>) {
+    if buffer.capacity() * size_of::<u32>() <= SPARE_MAX_BYTES {
+        SPARE_PAIRS.with(|spare| spare.borrow_mut()[slot] = buffer);
     }
 }
 
@@ -487,8 +619,15 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
                 result
             })
         });
-        if let KeyOperand::Transposed(key_t) | KeyOperand::Panels(key_t) = operands.key {
-            T::put_spare(SPARE_KEY, key_t);
+        match operands.key {
+            KeyOperand::Transposed(key_t) | KeyOperand::Panels(key_t) => {
+                T::put_spare(SPARE_KEY, key_t)
+            }
+            KeyOperand::Bf16Pairs { key, query } => {
+                put_spare_pairs(SPARE_KEY, key);
+                put_spare_pairs(SPARE_LOGITS, query);
+            }
+            KeyOperand::Rows(_) => {}
         }
         result?;
     }
@@ -640,6 +779,30 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     _ if alpha != 1.0 => scale_round::<KeepF32>(panel, alpha),
                     _ => {}
                 }
+            }
+            true
+        }
+        KeyOperand::Bf16Pairs { key, query } => {
+            let c = T::as_f32_mut(logits).ok_or_else(view_bug)?;
+            let pairs = dk.div_ceil(2);
+            let q_off = ((b * q + first) * heads + h) * pairs;
+            for first_key in (0..cols).step_by(KEY_PANEL) {
+                let keys = KEY_PANEL.min(cols - first_key);
+                let product = Product {
+                    a: &query[q_off..],
+                    a_row: heads * pairs,
+                    a_step: 1,
+                    b: &key[(task.bh * kv.div_ceil(KEY_PANEL) * KEY_PANEL + first_key) * pairs..],
+                    b_step: KEY_PANEL,
+                    rows,
+                    cols: keys,
+                    depth: pairs,
+                    accumulate: false,
+                };
+                simd::product_bf16_pairs(&product, &mut c[first_key..], kv);
+                // The query is scaled already: round the logits to bf16.
+                let panel = c[first_key..].chunks_mut(kv).map(|row| &mut row[..keys]);
+                scale_round::<ToBf16>(panel, 1.0);
             }
             true
         }

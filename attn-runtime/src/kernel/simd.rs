@@ -291,6 +291,32 @@ struct RawTile<T> {
     accumulate: bool,
 }
 
+/// `$tile::<R, V>($t)` for `R = $rows` (1..=6) and `V = $vectors` (1..=4); larger values
+/// take 6 and 4, which the callers' contracts exclude.
+#[cfg(target_arch = "x86_64")]
+macro_rules! instantiated_tile {
+    ($tile:ident, $rows:expr, $vectors:expr, $t:expr) => {{
+        macro_rules! by_vectors {
+            ($r:literal) => {
+                match $vectors {
+                    1 => $tile::<$r, 1>($t),
+                    2 => $tile::<$r, 2>($t),
+                    3 => $tile::<$r, 3>($t),
+                    _ => $tile::<$r, 4>($t),
+                }
+            };
+        }
+        match $rows {
+            1 => by_vectors!(1),
+            2 => by_vectors!(2),
+            3 => by_vectors!(3),
+            4 => by_vectors!(4),
+            5 => by_vectors!(5),
+            _ => by_vectors!(6),
+        }
+    }};
+}
+
 /// Calls the micro-kernel instantiated for `rows × vectors`.
 ///
 /// # Safety
@@ -299,28 +325,9 @@ struct RawTile<T> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dispatch_tile(rows: usize, vectors: usize, t: &RawTile<f32>) {
-    macro_rules! by_vectors {
-        ($rows:literal) => {
-            match vectors {
-                1 => tile::<$rows, 1>(t),
-                2 => tile::<$rows, 2>(t),
-                3 => tile::<$rows, 3>(t),
-                _ => tile::<$rows, 4>(t),
-            }
-        };
-    }
-    // SAFETY: every arm calls `tile` with R = rows and V = vectors (6 and 4 for anything
-    // larger, which the contract excludes); the contract of this function is `tile`'s.
-    unsafe {
-        match rows {
-            1 => by_vectors!(1),
-            2 => by_vectors!(2),
-            3 => by_vectors!(3),
-            4 => by_vectors!(4),
-            5 => by_vectors!(5),
-            _ => by_vectors!(6),
-        }
-    }
+    // SAFETY: the call is `tile::<rows, vectors>` (6 and 4 for anything larger, which the
+    // contract excludes); the contract of this function is `tile`'s.
+    unsafe { instantiated_tile!(tile, rows, vectors, t) }
 }
 
 /// `R × V` vectors of `c` (=|+=) `a · b` over `t.depth`, accumulators held in registers.
@@ -372,28 +379,9 @@ unsafe fn tile<const R: usize, const V: usize>(t: &RawTile<f32>) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn dispatch_tile_bf16_pairs(rows: usize, vectors: usize, t: &RawTile<u32>) {
-    macro_rules! by_vectors {
-        ($rows:literal) => {
-            match vectors {
-                1 => tile_bf16_pairs::<$rows, 1>(t),
-                2 => tile_bf16_pairs::<$rows, 2>(t),
-                3 => tile_bf16_pairs::<$rows, 3>(t),
-                _ => tile_bf16_pairs::<$rows, 4>(t),
-            }
-        };
-    }
-    // SAFETY: every arm calls `tile_bf16_pairs` with R = rows and V = vectors (6 and 4 for
-    // anything larger, which the contract excludes); the contract of this function is its own.
-    unsafe {
-        match rows {
-            1 => by_vectors!(1),
-            2 => by_vectors!(2),
-            3 => by_vectors!(3),
-            4 => by_vectors!(4),
-            5 => by_vectors!(5),
-            _ => by_vectors!(6),
-        }
-    }
+    // SAFETY: the call is `tile_bf16_pairs::<rows, vectors>` (6 and 4 for anything larger,
+    // which the contract excludes); the contract of this function is its own.
+    unsafe { instantiated_tile!(tile_bf16_pairs, rows, vectors, t) }
 }
 
 /// `R × V` vectors of `c` (=|+=) `a · b` over `t.depth` pairs of `bf16`, by `vdpbf16ps`.

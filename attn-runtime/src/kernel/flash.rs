@@ -43,6 +43,7 @@ use super::Call;
 use super::broadcast::Resolved;
 use super::dot::dot;
 use super::exp::{MulAdd, Unfused, exp_f32};
+use super::round::{Narrow, ToBf16};
 use super::simd::{self, Body, Isa, Product};
 use crate::element::{DType, Element};
 
@@ -627,15 +628,12 @@ struct Bf16Pairs {
     probs: Vec<u32>,
 }
 
-/// The `bf16` bits of `x` (round to nearest even, as `half` does); NaN stays NaN.
+/// The `bf16` bits of `x`, rounded to nearest even ([`ToBf16`]); NaN stays NaN (its quiet
+/// bit is set, so that a payload in the dropped bits alone cannot turn it into infinity).
 #[inline(always)]
 fn bf16_bits(x: f32) -> u32 {
-    let bits = x.to_bits();
-    if x.is_nan() {
-        (bits >> 16) | 0x40
-    } else {
-        (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    }
+    let bits = ToBf16::round(x).to_bits() >> 16;
+    if x.is_nan() { bits | 0x40 } else { bits }
 }
 
 /// Packs a row of `bf16` bit patterns into pairs of consecutive elements (a zero after an odd

@@ -113,30 +113,30 @@ impl<'a, T: Real> Operands<'a, T> {
         let compute = call.plan.compute;
         let panels =
             Isa::detect().has_avx512() && call.qk_depth > 0 && T::as_f32(&[T::ZERO]).is_some();
-        let bf16_bits = E::as_bf16_bits(call.key)
-            .filter(|_| Isa::detect() == Isa::Avx512Bf16 && compute == DType::BF16);
-        let key = if let (true, Some(key_bits)) =
-            (call.q_len >= TRANSPOSE_MIN_QUERIES && panels, bf16_bits)
-        {
-            // The query pairs are made below, from the scaled and rounded query.
-            KeyOperand::Bf16Pairs {
-                key: key_pair_panels(call, key_bits, ctx)?,
-                query: Vec::new(),
-            }
-        } else if call.q_len >= TRANSPOSE_MIN_QUERIES && panels {
-            KeyOperand::Panels(transpose_key(call, ctx, KEY_PANEL)?)
-        } else if call.q_len >= TRANSPOSE_MIN_QUERIES {
-            KeyOperand::Transposed(transpose_key(call, ctx, call.kv_len)?)
-        } else {
-            KeyOperand::Rows(match T::same_slice(call.key) {
-                Some(key) => Cow::Borrowed(key),
-                None => Cow::Owned(widen(call.key, "widened key", ctx, T::ONE, None)?),
+        // bf16 inputs on a CPU with bf16 products (never the borrowed-query case below: a bf16
+        // query is not `T`).
+        let bf16_key = E::as_bf16_bits(call.key).filter(|_| {
+            call.q_len >= TRANSPOSE_MIN_QUERIES
+                && panels
+                && Isa::detect() == Isa::Avx512Bf16
+                && compute == DType::BF16
+        });
+        let plain_key = || -> Result<KeyOperand<'a, T>, AttnError> {
+            Ok(if call.q_len >= TRANSPOSE_MIN_QUERIES && panels {
+                KeyOperand::Panels(transpose_key(call, ctx, KEY_PANEL)?)
+            } else if call.q_len >= TRANSPOSE_MIN_QUERIES {
+                KeyOperand::Transposed(transpose_key(call, ctx, call.kv_len)?)
+            } else {
+                KeyOperand::Rows(match T::same_slice(call.key) {
+                    Some(key) => Cow::Borrowed(key),
+                    None => Cow::Owned(widen(call.key, "widened key", ctx, T::ONE, None)?),
+                })
             })
         };
         if let Some(query) = T::same_slice(call.query) {
             return Ok(Operands {
                 query: Cow::Borrowed(query),
-                key,
+                key: plain_key()?,
                 value: call.value.and_then(T::same_slice).map(Cow::Borrowed),
                 alpha: scale,
                 round_logits: false,
@@ -147,12 +147,12 @@ impl<'a, T: Real> Operands<'a, T> {
             .value
             .map(|v| widen(v, "widened value", ctx, T::ONE, None))
             .transpose()?;
-        let key = match (key, T::as_f32(&query)) {
-            (KeyOperand::Bf16Pairs { key, .. }, Some(scaled)) => KeyOperand::Bf16Pairs {
-                key,
+        let key = match (bf16_key, T::as_f32(&query)) {
+            (Some(key_bits), Some(scaled)) => KeyOperand::Bf16Pairs {
+                key: key_pair_panels(call, key_bits, ctx)?,
                 query: query_pairs(scaled, call.qk_depth, ctx)?,
             },
-            (key, _) => key,
+            _ => plain_key()?,
         };
         Ok(Operands {
             query: Cow::Owned(query),
@@ -375,18 +375,8 @@ thread_local! {
 
 /// This thread's spare pairs buffer `slot` with `len` elements (stale values).
 fn spare_pairs(slot: usize, tensor: &'static str, len: usize) -> Result<Vec<u32>, AttnError> {
-    let mut buffer = SPARE_PAIRS.with(|spare| std::mem::take(&mut spare.borrow_mut()[slot]));
-    if buffer.len() < len {
-        buffer
-            .try_reserve_exact(len - buffer.len())
-            .map_err(|_| AttnError::Allocation {
-                tensor,
-                elements: len,
-            })?;
-        buffer.resize(len, 0);
-    }
-    buffer.truncate(len);
-    Ok(buffer)
+    let buffer = SPARE_PAIRS.with(|spare| std::mem::take(&mut spare.borrow_mut()[slot]));
+    resized(buffer, tensor, len)
 }
 
 /// Keeps `buffer` as this thread's spare pairs buffer `slot`, unless it is larger than
@@ -411,7 +401,16 @@ fn spare_buffer<T: Real>(
     tensor: &'static str,
     len: usize,
 ) -> Result<Vec<T>, AttnError> {
-    let mut buffer = T::take_spare(slot);
+    resized(T::take_spare(slot), tensor, len)
+}
+
+/// `buffer` with exactly `len` elements: truncated, or grown (new elements are zero) with the
+/// allocation failure reported as an error. Kept elements keep their stale values.
+fn resized<T: Clone + Default>(
+    mut buffer: Vec<T>,
+    tensor: &'static str,
+    len: usize,
+) -> Result<Vec<T>, AttnError> {
     if buffer.len() < len {
         buffer
             .try_reserve_exact(len - buffer.len())
@@ -419,7 +418,7 @@ fn spare_buffer<T: Real>(
                 tensor,
                 elements: len,
             })?;
-        buffer.resize(len, T::ZERO);
+        buffer.resize(len, T::default());
     }
     buffer.truncate(len);
     Ok(buffer)

@@ -131,11 +131,32 @@ impl<'a> Context<'a> {
         }
     }
 
-    /// Runs `f` on the context's pool (or the current/global one).
+    /// Where this context's parallel work runs.
+    pub(crate) fn threads(&self) -> Threads<'a> {
+        Threads(self.pool)
+    }
+
+    /// Runs `f` on the context's pool (see [`Threads::install`]).
     pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        match self.pool {
+        self.threads().install(f)
+    }
+}
+
+/// Where a call's parallel work runs: a [`Context`]'s pool, or (`None`) the pool of the
+/// calling thread if it is a rayon worker, else rayon's global pool. Unlike a `Context` it is
+/// `Copy` and `Sync`, so work already running on the pool can pass it on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Threads<'a>(Option<&'a rayon::ThreadPool>);
+
+impl Threads<'_> {
+    /// Runs `f` on a worker of the pool and returns its result. From outside the pool this is
+    /// one hand-over to a worker and back (tens of microseconds when the workers sleep), so a
+    /// call enters the pool once and nests its parallel steps inside; from a worker of the
+    /// pool, `f` runs in place.
+    pub(crate) fn install<R: Send>(self, f: impl FnOnce() -> R + Send) -> R {
+        match self.0 {
             Some(pool) => pool.install(f),
-            None => f(),
+            None => rayon::scope(|_| f()),
         }
     }
 }

@@ -120,8 +120,8 @@ pub trait Element: Scalar {
     fn to_f32(self) -> f32;
     /// Converts from `f32`, rounding to nearest.
     fn from_f32(x: f32) -> Self;
-    /// Converts `src` into `dst` element by element ([`Element::from_f32`]); the 16-bit types
-    /// use `half`'s vectorized slice conversions. The slices must have the same length.
+    /// Converts `src` into `dst` element by element ([`Element::from_f32`]), in loops that
+    /// vectorize (f16 through `half`'s slice conversion). The slices must have the same length.
     fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = Self::from_f32(s);
@@ -239,8 +239,12 @@ impl Element for bf16 {
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
     }
+    /// A loop the compiler vectorizes (`half` converts bf16 slices one value at a time).
+    #[inline(always)]
     fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
-        dst.convert_from_f32_slice(src);
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = bf16::from_bits(crate::kernel::round::bf16_bits(s));
+        }
     }
     fn as_bf16_bits(s: &[Self]) -> Option<&[u16]> {
         Some(s.reinterpret_cast())

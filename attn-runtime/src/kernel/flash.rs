@@ -43,7 +43,7 @@ use super::Call;
 use super::broadcast::Resolved;
 use super::dot::dot;
 use super::exp::{MulAdd, Unfused, exp_f32};
-use super::round::{Narrow, ToBf16};
+use super::round::bf16_bits;
 use super::simd::{self, Body, Isa, Product};
 use crate::element::{DType, Element};
 
@@ -628,14 +628,6 @@ struct Bf16Pairs {
     probs: Vec<u32>,
 }
 
-/// The `bf16` bits of `x`, rounded to nearest even ([`ToBf16`]); NaN stays NaN (its quiet
-/// bit is set, so that a payload in the dropped bits alone cannot turn it into infinity).
-#[inline(always)]
-fn bf16_bits(x: f32) -> u32 {
-    let bits = ToBf16::round(x).to_bits() >> 16;
-    if x.is_nan() { bits | 0x40 } else { bits }
-}
-
 /// Packs a row of `bf16` bit patterns into pairs of consecutive elements (a zero after an odd
 /// last one).
 #[inline(always)]
@@ -887,8 +879,10 @@ fn pack_query_pairs<E: Element>(args: &FlashArgs<'_, E>, rows: Rows, pairs: &mut
             let q = &args.query[start + h * depth..start + (h + 1) * depth];
             let packed = &mut pairs.query[h * half_depth * width..];
             for (p, two) in q.chunks(2).enumerate() {
-                let lo = bf16_bits(two[0].to_f32() * scale);
-                let hi = two.get(1).map_or(0, |x| bf16_bits(x.to_f32() * scale));
+                let lo = u32::from(bf16_bits(two[0].to_f32() * scale));
+                let hi = two
+                    .get(1)
+                    .map_or(0, |x| u32::from(bf16_bits(x.to_f32() * scale)));
                 packed[p * width + r] = pair(lo, hi);
             }
         }
@@ -1042,7 +1036,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
         let values = pairs.value.chunks_exact_mut(v_depth);
         for (t, (probs, values)) in probs.zip(values).enumerate() {
             let (lo, hi) = (2 * t, 2 * t + 1);
-            let bits = |p: C| bf16_bits(p.to::<f32>());
+            let bits = |p: C| u32::from(bf16_bits(p.to::<f32>()));
             let value_row = |j: usize| &value_bits[value_start + j * kv_values..][..v_depth];
             if hi < cols {
                 let (p_lo, p_hi) = (

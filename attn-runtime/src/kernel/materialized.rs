@@ -22,7 +22,7 @@ use super::round::{KeepF32, Narrow, ToBf16, ToF16};
 use super::rowpass::{MaskRow, RowPass};
 use super::simd::{self, Body, Isa, Product};
 use crate::array::Array;
-use crate::context::Context;
+use crate::context::{Context, Threads};
 use crate::element::{DType, Element};
 use crate::error::{AttnError, try_filled};
 use crate::sow::{ATTENTION_WEIGHTS, INTERMEDIATES};
@@ -108,7 +108,7 @@ enum KeyOperand<'a, T: Clone> {
 }
 
 impl<'a, T: Real> Operands<'a, T> {
-    fn new<E: Element, B>(call: &Call<'a, E, B>, ctx: &Context<'_>) -> Result<Self, AttnError> {
+    fn new<E: Element, B>(call: &Call<'a, E, B>, threads: Threads<'_>) -> Result<Self, AttnError> {
         let scale = T::from_f64(call.query_scale);
         let compute = call.plan.compute;
         let panels =
@@ -123,13 +123,13 @@ impl<'a, T: Real> Operands<'a, T> {
         });
         let plain_key = || -> Result<KeyOperand<'a, T>, AttnError> {
             Ok(if call.q_len >= TRANSPOSE_MIN_QUERIES && panels {
-                KeyOperand::Panels(transpose_key(call, ctx, KEY_PANEL)?)
+                KeyOperand::Panels(transpose_key(call, threads, KEY_PANEL)?)
             } else if call.q_len >= TRANSPOSE_MIN_QUERIES {
-                KeyOperand::Transposed(transpose_key(call, ctx, call.kv_len)?)
+                KeyOperand::Transposed(transpose_key(call, threads, call.kv_len)?)
             } else {
                 KeyOperand::Rows(match T::same_slice(call.key) {
                     Some(key) => Cow::Borrowed(key),
-                    None => Cow::Owned(widen(call.key, "widened key", ctx, T::ONE, None)?),
+                    None => Cow::Owned(widen(call.key, "widened key", threads, T::ONE, None)?),
                 })
             })
         };
@@ -142,15 +142,15 @@ impl<'a, T: Real> Operands<'a, T> {
                 round_logits: false,
             });
         }
-        let query = widen(call.query, "widened query", ctx, scale, Some(compute))?;
+        let query = widen(call.query, "widened query", threads, scale, Some(compute))?;
         let value = call
             .value
-            .map(|v| widen(v, "widened value", ctx, T::ONE, None))
+            .map(|v| widen(v, "widened value", threads, T::ONE, None))
             .transpose()?;
         let key = match (bf16_key, T::as_f32(&query)) {
             (Some(key_bits), Some(scaled)) => KeyOperand::Bf16Pairs {
-                key: key_pair_panels(call, key_bits, ctx)?,
-                query: query_pairs(scaled, call.qk_depth, ctx)?,
+                key: key_pair_panels(call, key_bits, threads)?,
+                query: query_pairs(scaled, call.qk_depth, threads)?,
             },
             _ => plain_key()?,
         };
@@ -175,7 +175,7 @@ const TRANSPOSE_TILE: usize = 16;
 /// spare buffer [`SPARE_KEY`]. `width` is a multiple of [`TRANSPOSE_TILE`] or `kv`.
 fn transpose_key<E: Element, B, T: Real>(
     call: &Call<'_, E, B>,
-    ctx: &Context<'_>,
+    threads: Threads<'_>,
     width: usize,
 ) -> Result<Vec<T>, AttnError> {
     let (heads, kv, dk) = (call.heads, call.kv_len, call.qk_depth);
@@ -191,7 +191,7 @@ fn transpose_key<E: Element, B, T: Real>(
         return Ok(key_t);
     }
     let isa = Isa::detect();
-    ctx.install(|| {
+    threads.install(|| {
         key_t
             .par_chunks_mut(head_len)
             .enumerate()
@@ -254,36 +254,55 @@ impl<'s, E: Element, T: Real> Body for TransposeHead<'s, E, T> {
             let keys = N.min(kv - first_key);
             // The tile's keys lie in one panel (`width` is a multiple of N, or kv).
             let panel = &mut panels[first_key / width * width * dk..];
-            let first_key_t = first_key % width;
             for first_depth in (0..dk).step_by(N) {
-                let depths = N.min(dk - first_depth);
                 let key_row =
                     |j: usize| &key[((b * kv + first_key + j) * heads + h) * dk + first_depth..];
-                if keys == N && depths == N {
-                    for (j, row) in tile.iter_mut().enumerate() {
-                        for (x, &e) in row.iter_mut().zip(&key_row(j)[..N]) {
-                            *x = T::from_elem(e);
-                        }
-                    }
-                    for d in 0..N {
-                        let dst = &mut panel[(first_depth + d) * width + first_key_t..][..N];
-                        for (x, row) in dst.iter_mut().zip(&tile) {
-                            *x = row[d];
-                        }
-                    }
-                } else {
-                    for (j, row) in tile.iter_mut().enumerate().take(keys) {
-                        for (x, &e) in row.iter_mut().zip(&key_row(j)[..depths]) {
-                            *x = T::from_elem(e);
-                        }
-                    }
-                    for d in 0..depths {
-                        let dst = &mut panel[(first_depth + d) * width + first_key_t..][..keys];
-                        for (x, row) in dst.iter_mut().zip(&tile) {
-                            *x = row[d];
-                        }
-                    }
-                }
+                transpose_tile(
+                    &mut tile,
+                    (keys, N.min(dk - first_depth)),
+                    key_row,
+                    T::from_elem,
+                    &mut panel[first_depth * width + first_key % width..],
+                    width,
+                );
+            }
+        }
+    }
+}
+
+/// Copies the `rows × cols` block whose row `j` starts at `src(j)` into `dst` transposed (row
+/// `d` of the result at `dst[d * ld..][..rows]`), converting each value, through `tile`. Full
+/// tiles have constant bounds, so that their loops vectorize.
+#[inline(always)]
+fn transpose_tile<'s, X: Copy + 's, Y: Copy>(
+    tile: &mut [[Y; TRANSPOSE_TILE]; TRANSPOSE_TILE],
+    (rows, cols): (usize, usize),
+    src: impl Fn(usize) -> &'s [X],
+    convert: impl Fn(X) -> Y,
+    dst: &mut [Y],
+    ld: usize,
+) {
+    const N: usize = TRANSPOSE_TILE;
+    if rows == N && cols == N {
+        for (j, row) in tile.iter_mut().enumerate() {
+            for (y, &x) in row.iter_mut().zip(&src(j)[..N]) {
+                *y = convert(x);
+            }
+        }
+        for d in 0..N {
+            for (y, row) in dst[d * ld..][..N].iter_mut().zip(&*tile) {
+                *y = row[d];
+            }
+        }
+    } else {
+        for (j, row) in tile.iter_mut().enumerate().take(rows) {
+            for (y, &x) in row.iter_mut().zip(&src(j)[..cols]) {
+                *y = convert(x);
+            }
+        }
+        for d in 0..cols {
+            for (y, row) in dst[d * ld..][..rows].iter_mut().zip(&*tile) {
+                *y = row[d];
             }
         }
     }
@@ -295,7 +314,7 @@ impl<'s, E: Element, T: Real> Body for TransposeHead<'s, E, T> {
 fn key_pair_panels<E: Element, B>(
     call: &Call<'_, E, B>,
     key_bits: &[u16],
-    ctx: &Context<'_>,
+    threads: Threads<'_>,
 ) -> Result<Vec<u32>, AttnError> {
     let (heads, kv, dk) = (call.heads, call.kv_len, call.qk_depth);
     let pairs = dk.div_ceil(2);
@@ -311,19 +330,41 @@ fn key_pair_panels<E: Element, B>(
     if panels.is_empty() {
         return Ok(panels);
     }
-    ctx.install(|| {
+    // With an even depth (and an aligned key), every key row is whole pairs in place.
+    let key_pairs = simd::as_u32_pairs(key_bits).filter(|_| dk.is_multiple_of(2));
+    threads.install(|| {
         panels
             .par_chunks_mut(head_len)
             .enumerate()
             .for_each(|(bh, head)| {
                 let (b, h) = (bh / heads, bh % heads);
+                let row = |j: usize| ((b * kv + j) * heads + h) * dk;
+                if let Some(key_pairs) = key_pairs {
+                    // Even depth: a key row is already `pairs` pairs; transpose them in tiles.
+                    const N: usize = TRANSPOSE_TILE;
+                    let mut tile = [[0u32; N]; N];
+                    for first_key in (0..kv).step_by(N) {
+                        let panel = &mut head[first_key / KEY_PANEL * KEY_PANEL * pairs..];
+                        for first_pair in (0..pairs).step_by(N) {
+                            transpose_tile(
+                                &mut tile,
+                                (N.min(kv - first_key), N.min(pairs - first_pair)),
+                                |j| &key_pairs[row(first_key + j) / 2 + first_pair..],
+                                |x| x,
+                                &mut panel[first_pair * KEY_PANEL + first_key % KEY_PANEL..],
+                                KEY_PANEL,
+                            );
+                        }
+                    }
+                    return;
+                }
                 for (j, panel) in (0..kv)
                     .step_by(KEY_PANEL)
                     .zip(head.chunks_exact_mut(KEY_PANEL * pairs))
                 {
                     for jj in 0..KEY_PANEL.min(kv - j) {
-                        let row = &key_bits[((b * kv + j + jj) * heads + h) * dk..][..dk];
-                        for (p, two) in row.chunks(2).enumerate() {
+                        let key_row = &key_bits[row(j + jj)..][..dk];
+                        for (p, two) in key_row.chunks(2).enumerate() {
                             let hi = two.get(1).map_or(0, |&x| u32::from(x));
                             panel[p * KEY_PANEL + jj] = u32::from(two[0]) | (hi << 16);
                         }
@@ -336,7 +377,7 @@ fn key_pair_panels<E: Element, B>(
 
 /// The scaled query, already rounded to bf16 (so its top 16 bits are the bf16 value), as pairs
 /// along the depth: `[batch, q, heads, depth / 2]` (a zero after an odd depth), in parallel.
-fn query_pairs(query: &[f32], depth: usize, ctx: &Context<'_>) -> Result<Vec<u32>, AttnError> {
+fn query_pairs(query: &[f32], depth: usize, threads: Threads<'_>) -> Result<Vec<u32>, AttnError> {
     const ROWS: usize = 1024;
     let pairs = depth.div_ceil(2);
     let mut packed = spare_pairs(
@@ -348,11 +389,18 @@ fn query_pairs(query: &[f32], depth: usize, ctx: &Context<'_>) -> Result<Vec<u32
         return Ok(packed);
     }
     let bits = |x: f32| x.to_bits() >> 16;
-    ctx.install(|| {
+    threads.install(|| {
         packed
             .par_chunks_mut(ROWS * pairs)
             .zip(query.par_chunks(ROWS * depth))
             .for_each(|(packed, query)| {
+                if depth.is_multiple_of(2) {
+                    // Rows of whole pairs: the block is one run of pairs.
+                    for (two, out) in query.chunks_exact(2).zip(packed.iter_mut()) {
+                        *out = bits(two[0]) | (two[1].to_bits() & 0xFFFF_0000);
+                    }
+                    return;
+                }
                 for (row, out) in query
                     .chunks_exact(depth)
                     .zip(packed.chunks_exact_mut(pairs))
@@ -428,14 +476,14 @@ fn resized<T: Clone + Default>(
 fn widen<E: Element, T: Real>(
     src: &[E],
     tensor: &'static str,
-    ctx: &Context<'_>,
+    threads: Threads<'_>,
     scale: T,
     round: Option<DType>,
 ) -> Result<Vec<T>, AttnError> {
     const CHUNK: usize = 16 * 1024;
     let mut out = try_filled(tensor, src.len(), T::ZERO)?;
     let isa = Isa::detect();
-    ctx.install(|| {
+    threads.install(|| {
         out.par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))
             .for_each(|(dst, src)| {
@@ -522,113 +570,11 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
         other => other,
     };
     if heads_n > 0 && q > 0 && kv > 0 {
-        let operands = Operands::<T>::new(call, ctx)?;
-        let block_rows = query_block_rows(kv);
-        let per_head = q.div_ceil(block_rows);
-        let tasks_n = heads_n * per_head;
-        let mut tasks: Vec<Task<'_, W, O, T>> = Vec::new();
-        tasks
-            .try_reserve_exact(tasks_n)
-            .map_err(|_| AttnError::Allocation {
-                tensor: "tasks",
-                elements: tasks_n,
-            })?;
-        for bh in 0..heads_n {
-            for first_row in (0..q).step_by(block_rows) {
-                tasks.push(Task {
-                    bh,
-                    first_row,
-                    rows: block_rows.min(q - first_row),
-                    weights: None,
-                    sow: None,
-                    output: None,
-                });
-            }
-        }
-        // Each (b, h) owns a contiguous `q × kv` part of the weights (and of the sown weights);
-        // its row blocks are consecutive chunks of it, in task order.
-        let block_chunks =
-            |len: usize| (0..heads_n).flat_map(move |_| chunk_lens(q, block_rows, len));
-        let mut weights_direct = false;
-        if let Some(w) = weights {
-            match T::same_slice_mut(&mut *w) {
-                Some(_) => {
-                    weights_direct = true;
-                    let direct = T::same_slice_mut(w).ok_or_else(view_bug)?;
-                    for (t, chunk) in tasks.iter_mut().zip(split(direct, block_chunks(kv))) {
-                        t.weights = Some(WeightsBlock::Direct(chunk));
-                    }
-                }
-                None => {
-                    for (t, chunk) in tasks.iter_mut().zip(split(w, block_chunks(kv))) {
-                        t.weights = Some(WeightsBlock::Convert(chunk));
-                    }
-                }
-            }
-        }
-        if sow_wanted {
-            for (t, chunk) in tasks.iter_mut().zip(split(&mut sow_buf, block_chunks(kv))) {
-                t.sow = Some(chunk);
-            }
-        }
-        let mut convert_out = false;
-        if let Some(out) = output {
-            let dv = call.v_depth;
-            if T::same_slice_mut(&mut *out).is_some() {
-                let direct = T::same_slice_mut(out).ok_or_else(view_bug)?;
-                let blocks =
-                    head_blocks_mut(direct, nb, q, heads, dv, block_rows).ok_or_else(view_bug)?;
-                for (t, blk) in tasks.iter_mut().zip(blocks) {
-                    t.output = Some(OutBlock::Direct(blk));
-                }
-            } else {
-                convert_out = true;
-                let blocks =
-                    head_blocks_mut(out, nb, q, heads, dv, block_rows).ok_or_else(view_bug)?;
-                for (t, blk) in tasks.iter_mut().zip(blocks) {
-                    t.output = Some(OutBlock::Convert(blk));
-                }
-            }
-        }
-        let pass = RowPass::<T>::new(&call.plan);
-        let scratch_logits = if weights_direct { 0 } else { block_rows * kv };
-        let scratch_output = if convert_out {
-            block_rows * call.v_depth
-        } else {
-            0
-        };
-        let isa = Isa::detect();
-        let operands_ref = &operands;
-        let result = ctx.install(|| {
-            tasks.into_par_iter().try_for_each(|task| {
-                let mut logits = spare_buffer(SPARE_LOGITS, "logits scratch", scratch_logits)?;
-                let mut output = spare_buffer(SPARE_OUTPUT, "output scratch", scratch_output)?;
-                let input = BlockInput {
-                    call,
-                    operands: operands_ref,
-                    pass: &pass,
-                    logits: &mut logits,
-                    output: &mut output,
-                    task,
-                };
-                let result =
-                    simd::with_features::<BlockBody<'_, '_, '_, E, B, W, O, T>>(isa, input);
-                T::put_spare(SPARE_LOGITS, logits);
-                T::put_spare(SPARE_OUTPUT, output);
-                result
-            })
-        });
-        match operands.key {
-            KeyOperand::Transposed(key_t) | KeyOperand::Panels(key_t) => {
-                T::put_spare(SPARE_KEY, key_t)
-            }
-            KeyOperand::Bf16Pairs { key, query } => {
-                put_spare_pairs(SPARE_KEY, key);
-                put_spare_pairs(SPARE_LOGITS, query);
-            }
-            KeyOperand::Rows(_) => {}
-        }
-        result?;
+        // One hand-over to the pool for the whole call: the parallel steps inside (the key's
+        // layout, the tasks) run on its workers without a round trip each.
+        let threads = ctx.threads();
+        let sow = sow_wanted.then_some(&mut sow_buf[..]);
+        threads.install(|| compute::<E, B, W, O, T>(call, weights, output, sow, threads))?;
     }
     if let Some(sink) = ctx.sow.as_mut() {
         let mut shape = call.batch_shape.clone();
@@ -640,6 +586,120 @@ pub(super) fn run<E: Element, B: Element, W: Element, O: Element, T: Real>(
         );
     }
     Ok(())
+}
+
+/// The weights (and `P·V`) of a call with at least one head, query and key (the sown weights
+/// into `sow`), on the workers of `threads`: the key in its layout, then one task per
+/// (batch, head, query block).
+fn compute<E: Element, B: Element, W: Element, O: Element, T: Real>(
+    call: &Call<'_, E, B>,
+    weights: Option<&mut [W]>,
+    output: Option<&mut [O]>,
+    sow: Option<&mut [T]>,
+    threads: Threads<'_>,
+) -> Result<(), AttnError> {
+    let (nb, heads, q, kv) = (call.batch, call.heads, call.q_len, call.kv_len);
+    let heads_n = nb * heads;
+    let operands = Operands::<T>::new(call, threads)?;
+    let block_rows = query_block_rows(kv);
+    let per_head = q.div_ceil(block_rows);
+    let tasks_n = heads_n * per_head;
+    let mut tasks: Vec<Task<'_, W, O, T>> = Vec::new();
+    tasks
+        .try_reserve_exact(tasks_n)
+        .map_err(|_| AttnError::Allocation {
+            tensor: "tasks",
+            elements: tasks_n,
+        })?;
+    for bh in 0..heads_n {
+        for first_row in (0..q).step_by(block_rows) {
+            tasks.push(Task {
+                bh,
+                first_row,
+                rows: block_rows.min(q - first_row),
+                weights: None,
+                sow: None,
+                output: None,
+            });
+        }
+    }
+    // Each (b, h) owns a contiguous `q × kv` part of the weights (and of the sown weights);
+    // its row blocks are consecutive chunks of it, in task order.
+    let block_chunks = |len: usize| (0..heads_n).flat_map(move |_| chunk_lens(q, block_rows, len));
+    let mut weights_direct = false;
+    if let Some(w) = weights {
+        match T::same_slice_mut(&mut *w) {
+            Some(_) => {
+                weights_direct = true;
+                let direct = T::same_slice_mut(w).ok_or_else(view_bug)?;
+                for (t, chunk) in tasks.iter_mut().zip(split(direct, block_chunks(kv))) {
+                    t.weights = Some(WeightsBlock::Direct(chunk));
+                }
+            }
+            None => {
+                for (t, chunk) in tasks.iter_mut().zip(split(w, block_chunks(kv))) {
+                    t.weights = Some(WeightsBlock::Convert(chunk));
+                }
+            }
+        }
+    }
+    if let Some(sow) = sow {
+        for (t, chunk) in tasks.iter_mut().zip(split(sow, block_chunks(kv))) {
+            t.sow = Some(chunk);
+        }
+    }
+    let mut convert_out = false;
+    if let Some(out) = output {
+        let dv = call.v_depth;
+        if T::same_slice_mut(&mut *out).is_some() {
+            let direct = T::same_slice_mut(out).ok_or_else(view_bug)?;
+            let blocks =
+                head_blocks_mut(direct, nb, q, heads, dv, block_rows).ok_or_else(view_bug)?;
+            for (t, blk) in tasks.iter_mut().zip(blocks) {
+                t.output = Some(OutBlock::Direct(blk));
+            }
+        } else {
+            convert_out = true;
+            let blocks = head_blocks_mut(out, nb, q, heads, dv, block_rows).ok_or_else(view_bug)?;
+            for (t, blk) in tasks.iter_mut().zip(blocks) {
+                t.output = Some(OutBlock::Convert(blk));
+            }
+        }
+    }
+    let pass = RowPass::<T>::new(&call.plan);
+    let scratch_logits = if weights_direct { 0 } else { block_rows * kv };
+    let scratch_output = if convert_out {
+        block_rows * call.v_depth
+    } else {
+        0
+    };
+    let isa = Isa::detect();
+    let operands_ref = &operands;
+    let result = tasks.into_par_iter().try_for_each(|task| {
+        let mut logits = spare_buffer(SPARE_LOGITS, "logits scratch", scratch_logits)?;
+        let mut output = spare_buffer(SPARE_OUTPUT, "output scratch", scratch_output)?;
+        let input = BlockInput {
+            call,
+            operands: operands_ref,
+            pass: &pass,
+            logits: &mut logits,
+            output: &mut output,
+            task,
+        };
+        let result = simd::with_features::<BlockBody<'_, '_, '_, E, B, W, O, T>>(isa, input);
+        T::put_spare(SPARE_LOGITS, logits);
+        T::put_spare(SPARE_OUTPUT, output);
+        result
+    });
+    match operands.key {
+        KeyOperand::Transposed(key_t) | KeyOperand::Panels(key_t) => T::put_spare(SPARE_KEY, key_t),
+        KeyOperand::Bf16Pairs { key, query } => {
+            put_spare_pairs(SPARE_KEY, key);
+            put_spare_pairs(SPARE_LOGITS, query);
+        }
+        KeyOperand::Rows(_) => {}
+    }
+    result
 }
 
 /// The element counts of the row blocks of one head: `rows` rows of `row_len` elements, in
@@ -861,8 +921,13 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         }
     }
     if let Some(w) = convert_to {
-        for (o, x) in w.iter_mut().zip(logits.iter()) {
-            *o = x.to_elem::<W>();
+        match T::as_f32(logits) {
+            Some(logits) => W::from_f32_slice(w, logits),
+            None => {
+                for (o, x) in w.iter_mut().zip(logits.iter()) {
+                    *o = x.to_elem::<W>();
+                }
+            }
         }
     }
     if let Some(out) = task.output {

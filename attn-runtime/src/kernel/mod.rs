@@ -18,7 +18,7 @@ mod gemm;
 mod materialized;
 mod plan;
 mod real;
-mod round;
+pub(crate) mod round;
 mod rowpass;
 mod simd;
 

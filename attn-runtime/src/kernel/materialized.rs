@@ -67,9 +67,9 @@ struct Task<'o, W, O, T> {
     output: Option<OutBlock<'o, O, T>>,
 }
 
-/// Query, key and value in the arithmetic type `T`. The value is borrowed when it is `T`, else
-/// widened once per call. The query is borrowed when it is `T` and a GEMM with an alpha
-/// computes the logits, else scaled and rounded once per call as Flax does, `round(q · scale)`.
+/// Query, key and value in the arithmetic type `T`. The query and value are borrowed when the
+/// inputs are `T`, else widened once per call (the query scaled and rounded as Flax does,
+/// `round(q · scale)`).
 struct Operands<'a, T: Clone> {
     query: Cow<'a, [T]>,
     key: KeyOperand<'a, T>,
@@ -133,28 +133,20 @@ impl<'a, T: Real> Operands<'a, T> {
                 })
             })
         };
-        let value = || -> Result<Option<Cow<'a, [T]>>, AttnError> {
-            call.value
-                .map(|v| match T::same_slice(v) {
-                    Some(v) => Ok(Cow::Borrowed(v)),
-                    None => widen(v, "widened value", threads, T::ONE, None).map(Cow::Owned),
-                })
-                .transpose()
-        };
-        // The AVX-512 panel product has no alpha: its query is scaled once, before the
-        // product (as Flax scales it), instead of every logit after it.
-        let scale_first = panels && call.q_len >= TRANSPOSE_MIN_QUERIES;
-        if let Some(query) = T::same_slice(call.query).filter(|_| !scale_first) {
+        if let Some(query) = T::same_slice(call.query) {
             return Ok(Operands {
                 query: Cow::Borrowed(query),
                 key: plain_key()?,
-                value: value()?,
+                value: call.value.and_then(T::same_slice).map(Cow::Borrowed),
                 alpha: scale,
                 round_logits: false,
             });
         }
         let query = widen(call.query, "widened query", threads, scale, Some(compute))?;
-        let value = value()?;
+        let value = call
+            .value
+            .map(|v| widen(v, "widened value", threads, T::ONE, None))
+            .transpose()?;
         let key = match (bf16_key, T::as_f32(&query)) {
             (Some(key_bits), Some(scaled)) => KeyOperand::Bf16Pairs {
                 key: key_pair_panels(call, key_bits, threads)?,
@@ -165,7 +157,7 @@ impl<'a, T: Real> Operands<'a, T> {
         Ok(Operands {
             query: Cow::Owned(query),
             key,
-            value,
+            value: value.map(Cow::Owned),
             alpha: T::ONE,
             round_logits: true,
         })

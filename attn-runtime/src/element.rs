@@ -133,6 +133,12 @@ pub trait Element: Scalar {
         let _ = s;
         None
     }
+    /// The bit patterns of the slice, to write, if `Self` is `bf16` (the weights path stores
+    /// bf16 weights as it normalizes them).
+    fn as_bf16_bits_mut(s: &mut [Self]) -> Option<&mut [u16]> {
+        let _ = s;
+        None
+    }
     /// The slice as `&[f32]` if `Self` is `f32` (lets the kernels skip widening copies).
     fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
         let _ = s;
@@ -248,6 +254,9 @@ impl Element for bf16 {
     }
     fn as_bf16_bits(s: &[Self]) -> Option<&[u16]> {
         Some(s.reinterpret_cast())
+    }
+    fn as_bf16_bits_mut(s: &mut [Self]) -> Option<&mut [u16]> {
+        Some(s.reinterpret_cast_mut())
     }
 }
 

@@ -897,14 +897,30 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
             T::round_slice(&mut row[..cols], call.plan.compute);
         }
     }
-    pass.softmax_rows(logits, kv, |r| {
-        let i = first + r;
-        let mask = MaskRow {
-            causal_limit: call.causal.then_some(i),
-            explicit: call.mask.as_ref().map(|m| m.row(b, h, i)),
-        };
-        (call.bias.as_ref().map(|r| r.row(b, h, i)), mask)
-    });
+    // bf16 weights that nothing reads after the softmax (no sown copy, no dropout, no `P·V`)
+    // are stored by the row pass itself, in place of the conversion below.
+    let store_bf16 = task.sow.is_none()
+        && call.dropout.is_none()
+        && task.output.is_none()
+        && call.plan.weights == DType::BF16
+        && convert_to.as_deref().and_then(W::as_bf16_bits).is_some();
+    let (convert_to, bf16_weights) = match convert_to {
+        Some(w) if store_bf16 => (None, Some(W::as_bf16_bits_mut(w).ok_or_else(view_bug)?)),
+        other => (other, None),
+    };
+    pass.softmax_rows(
+        logits,
+        kv,
+        |r| {
+            let i = first + r;
+            let mask = MaskRow {
+                causal_limit: call.causal.then_some(i),
+                explicit: call.mask.as_ref().map(|m| m.row(b, h, i)),
+            };
+            (call.bias.as_ref().map(|r| r.row(b, h, i)), mask)
+        },
+        bf16_weights,
+    );
     // Sow before dropout (Flax order).
     if let Some(sow) = task.sow {
         sow.copy_from_slice(logits);

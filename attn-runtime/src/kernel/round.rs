@@ -10,6 +10,12 @@ pub(crate) trait Narrow {
     /// `x` rounded to the nearest value of the format (ties to even), as an `f32`; NaN stays
     /// NaN, values beyond the format's range become infinities.
     fn round(x: f32) -> f32;
+
+    /// The `bf16` bits of `round(x)` ([`bf16_bits`]: rounded again, to bf16).
+    #[inline(always)]
+    fn bf16_bits_of_round(x: f32) -> u16 {
+        bf16_bits(Self::round(x))
+    }
 }
 
 /// No rounding (the format is `f32` itself).
@@ -35,6 +41,11 @@ impl Narrow for KeepF32 {
     fn round(x: f32) -> f32 {
         x
     }
+
+    #[inline(always)]
+    fn bf16_bits_of_round(x: f32) -> u16 {
+        bf16_bits(x)
+    }
 }
 
 impl Narrow for ToBf16 {
@@ -50,6 +61,12 @@ impl Narrow for ToBf16 {
         } else {
             f32::from_bits(rounded)
         }
+    }
+
+    #[inline(always)]
+    fn bf16_bits_of_round(x: f32) -> u16 {
+        // Rounding to bf16 twice is rounding once.
+        bf16_bits(x)
     }
 }
 
@@ -120,6 +137,15 @@ mod tests {
 
     fn same(a: f32, b: f32) -> bool {
         a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+    }
+
+    #[test]
+    fn bf16_bits_of_a_rounding_round_once_more() {
+        for x in samples().step_by(97) {
+            assert_eq!(KeepF32::bf16_bits_of_round(x), bf16_bits(x));
+            assert_eq!(ToBf16::bf16_bits_of_round(x), bf16_bits(ToBf16::round(x)));
+            assert_eq!(ToF16::bf16_bits_of_round(x), bf16_bits(ToF16::round(x)));
+        }
     }
 
     #[test]

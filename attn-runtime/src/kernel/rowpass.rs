@@ -104,12 +104,17 @@ impl<T: Real> RowPass<T> {
     ///
     /// Inlined so that its loops are compiled for the instruction set of the caller's kernel
     /// body.
+    ///
+    /// With `bf16_weights` (as long as `rows`), the weights go there, as bf16 bit patterns,
+    /// instead of into `rows` (which are then left unnormalized): one pass fewer when the
+    /// weights are bf16.
     #[inline(always)]
     pub(crate) fn softmax_rows<'o, B: Element>(
         &self,
         rows: &mut [T],
         kv: usize,
         operands: impl Fn(usize) -> (Option<Row<'o, B>>, MaskRow<'o>),
+        bf16_weights: Option<&mut [u16]>,
     ) {
         if kv == 0 {
             return;
@@ -136,6 +141,12 @@ impl<T: Real> RowPass<T> {
             }
         }
         let big_neg = self.big_neg.round_to(self.softmax);
+        // Rows of `f32` store the bf16 weights as they normalize them; others convert after.
+        let (stored, converted) = match T::as_f32(rows) {
+            Some(_) => (bf16_weights, None),
+            None => (None, bf16_weights),
+        };
+        let rows_hold_weights = stored.is_none();
         match T::as_f32_mut(rows) {
             Some(rows) => normalize_f32(
                 RowsInput {
@@ -144,6 +155,7 @@ impl<T: Real> RowPass<T> {
                     prefixes: &prefixes,
                     big_neg: big_neg.to_elem::<f32>(),
                     recip: self.softmax_recip,
+                    bf16_weights: stored,
                 },
                 self.softmax,
             ),
@@ -153,8 +165,14 @@ impl<T: Real> RowPass<T> {
                 }
             }
         }
-        if self.weights != self.softmax {
+        // (A bf16 store rounds to the weights dtype, bf16, by itself.)
+        if self.weights != self.softmax && rows_hold_weights {
             T::round_slice(rows, self.weights);
+        }
+        if let Some(out) = converted {
+            for (o, x) in out.iter_mut().zip(rows.iter()) {
+                *o = x.to_elem::<half::bf16>().to_bits();
+            }
         }
     }
 
@@ -245,6 +263,8 @@ struct RowsInput<'r> {
     /// The masked logit, in the softmax dtype.
     big_neg: f32,
     recip: DType,
+    /// Where the weights go as bf16 bits (else into `rows`).
+    bf16_weights: Option<&'r mut [u16]>,
 }
 
 /// The body [`simd::with_features`] compiles per instruction set: [`normalize_row`] over rows.
@@ -256,20 +276,27 @@ impl<'r, N: Narrow> Body for NormalizeRows<'r, N> {
 
     #[inline(always)]
     fn run<M: MulAdd>(input: RowsInput<'r>) {
-        for (row, &prefix) in input.rows.chunks_mut(input.kv).zip(input.prefixes) {
+        let kv = input.kv;
+        let mut out_rows = input.bf16_weights.map(|out| out.chunks_mut(kv));
+        for (row, &prefix) in input.rows.chunks_mut(kv).zip(input.prefixes) {
+            let mut out = out_rows.as_mut().and_then(|rows| rows.next());
             let max = row_max(&row[..prefix]);
             if prefix == row.len() {
-                normalize_row::<N, M>(row, max, input.recip);
+                normalize_row::<N, M>(row, out, max, input.recip);
             } else if N::round(exp_f32::<M>(N::round(input.big_neg - max))) != 0.0 {
                 // The masked logits have a nonzero weight: normalize the whole row.
                 row[prefix..].fill(input.big_neg);
-                normalize_row::<N, M>(row, row_max(row), input.recip);
+                normalize_row::<N, M>(row, out, row_max(row), input.recip);
             } else {
                 let (head, tail) = row.split_at_mut(prefix);
-                let scale = normalize_row::<N, M>(head, max, input.recip);
+                let head_out = out.as_deref_mut().map(|o| &mut o[..prefix]);
+                let scale = normalize_row::<N, M>(head, head_out, max, input.recip);
                 // `exp(big_neg - max)` is 0: the masked weights are `0 · scale` (NaN if the
                 // row is).
-                tail.fill(N::round(0.0 * scale));
+                match out {
+                    Some(out) => out[prefix..].fill(N::bf16_bits_of_round(0.0 * scale)),
+                    None => tail.fill(N::round(0.0 * scale)),
+                }
             }
         }
     }
@@ -296,9 +323,15 @@ fn row_max(row: &[f32]) -> f32 {
 
 /// One row's softmax given its maximum: `u = N(exp(N(x - max)))`, `sum`,
 /// `scale = R(1 / N(sum))`, `N(u · scale)`, with `N` the softmax dtype's rounding and `R` the
-/// reciprocal's. Returns `scale`.
+/// reciprocal's. The weights go to `out` as bf16 bits if given, else into `row`. Returns
+/// `scale`.
 #[inline(always)]
-fn normalize_row<N: Narrow, M: MulAdd>(row: &mut [f32], max: f32, recip: DType) -> f32 {
+fn normalize_row<N: Narrow, M: MulAdd>(
+    row: &mut [f32],
+    out: Option<&mut [u16]>,
+    max: f32,
+    recip: DType,
+) -> f32 {
     let mut sums = [0.0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
@@ -315,8 +348,17 @@ fn normalize_row<N: Narrow, M: MulAdd>(row: &mut [f32], max: f32, recip: DType) 
     }
     let sum = sums.into_iter().fold(0.0, |a, b| a + b);
     let scale = (1.0 / N::round(sum)).round_to(recip);
-    for x in row.iter_mut() {
-        *x = N::round(*x * scale);
+    match out {
+        Some(out) => {
+            for (o, &x) in out.iter_mut().zip(row.iter()) {
+                *o = N::bf16_bits_of_round(x * scale);
+            }
+        }
+        None => {
+            for x in row.iter_mut() {
+                *x = N::round(*x * scale);
+            }
+        }
     }
     scale
 }
@@ -331,7 +373,7 @@ mod tests {
         let plan = DTypePlan::new(DType::F64, None, false, false);
         let pass = RowPass::<f64>::new(&plan);
         let mut row = vec![1.0, 2.0, 3.0];
-        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, MaskRow::NONE));
+        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, MaskRow::NONE), None);
         let e: Vec<f64> = [1.0f64, 2.0, 3.0]
             .iter()
             .map(|x| (x - 3.0f64).exp())
@@ -345,7 +387,7 @@ mod tests {
             causal_limit: Some(0),
             explicit: None,
         };
-        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, mask));
+        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, mask), None);
         assert_eq!(row, vec![1.0, 0.0, 0.0]);
         let keep = [false, false, false];
         let mut row = vec![5.0, -1.0, 7.0];
@@ -353,7 +395,7 @@ mod tests {
             causal_limit: None,
             explicit: Some(Row::Values(&keep)),
         };
-        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, mask));
+        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, mask), None);
         assert!(
             row.iter().all(|&w| (w - 1.0 / 3.0).abs() < 1e-16),
             "{row:?}"
@@ -370,7 +412,7 @@ mod tests {
             causal_limit: None,
             explicit: Some(Row::Values(&keep)),
         };
-        pass.softmax_rows::<bf16>(&mut row, 6, |_| (None, mask));
+        pass.softmax_rows::<bf16>(&mut row, 6, |_| (None, mask), None);
         // FLAX_SEMANTICS.md §1 step 8: 0.16662598 for k = 6.
         assert!(row.iter().all(|&w| w == 0.16662598), "{row:?}");
     }

@@ -5,25 +5,65 @@
 
 use std::ops::{Add, Mul};
 
+/// Element types of [`dot`].
+pub(crate) trait Dot: Copy + Default + Add<Output = Self> + Mul<Output = Self> {
+    /// [`dot`] of two slices of this type.
+    #[inline(always)]
+    fn dot(a: &[Self], b: &[Self]) -> Self {
+        dot_portable(a, b)
+    }
+}
+
+impl Dot for f64 {}
+
+impl Dot for f32 {
+    /// The AVX-512 code where the CPU has it (the same bits).
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        super::simd::dot_avx512(a, b).unwrap_or_else(|| dot_portable(a, b))
+    }
+}
+
 /// `Σ a[k]·b[k]` over the shorter of the two slices.
 #[inline(always)]
-pub(crate) fn dot<C>(a: &[C], b: &[C]) -> C
+pub(crate) fn dot<C: Dot>(a: &[C], b: &[C]) -> C {
+    C::dot(a, b)
+}
+
+/// [`dot`] in portable code.
+#[inline(always)]
+fn dot_portable<C>(a: &[C], b: &[C]) -> C
 where
     C: Copy + Default + Add<Output = C> + Mul<Output = C>,
 {
     const LANES: usize = 16;
+    // One step: lane `l` adds `x[l]·y[l]`. The partial sums are only ever indexed by constants,
+    // so that they stay in one vector register (a tail loop indexing them by a variable made
+    // the compiler keep them in memory and split the main loop into 2- and 4-lane pieces).
+    #[inline(always)]
+    fn step<C: Copy + Add<Output = C> + Mul<Output = C>>(
+        partial: &mut [C; LANES],
+        x: &[C; LANES],
+        y: &[C; LANES],
+    ) {
+        for l in 0..LANES {
+            partial[l] = partial[l] + x[l] * y[l];
+        }
+    }
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut partial = [C::default(); LANES];
-    let (a_main, a_tail) = a.split_at(n / LANES * LANES);
-    let (b_main, b_tail) = b.split_at(a_main.len());
-    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
-        for l in 0..LANES {
-            partial[l] = partial[l] + ca[l] * cb[l];
-        }
+    let (a_chunks, a_tail) = a.as_chunks::<LANES>();
+    let (b_chunks, b_tail) = b.as_chunks::<LANES>();
+    for (x, y) in a_chunks.iter().zip(b_chunks) {
+        step(&mut partial, x, y);
     }
-    for (l, (&x, &y)) in a_tail.iter().zip(b_tail).enumerate() {
-        partial[l] = partial[l] + x * y;
+    if !a_tail.is_empty() {
+        // The tail, padded with zeros (which add `0·0 = 0` to the other lanes).
+        let (mut x, mut y) = ([C::default(); LANES], [C::default(); LANES]);
+        x[..a_tail.len()].copy_from_slice(a_tail);
+        y[..b_tail.len()].copy_from_slice(b_tail);
+        step(&mut partial, &x, &y);
     }
     let mut width = LANES;
     while width > 1 {
@@ -37,7 +77,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::dot;
+    use super::{dot, dot_portable};
 
     #[test]
     fn matches_a_float64_sum_for_every_length_around_the_lane_count() {
@@ -50,6 +90,17 @@ mod tests {
                 (got - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
                 "n={n}: {got} vs {exact}"
             );
+        }
+    }
+
+    #[test]
+    fn avx512_code_gives_the_portable_bits() {
+        for n in [0usize, 1, 15, 16, 17, 64, 100, 128, 131] {
+            let a: Vec<f32> = (0..n).map(|k| (k as f32 * 0.37).sin() * 1e3).collect();
+            let b: Vec<f32> = (0..n).map(|k| (k as f32 * 0.11).cos() / 7.0).collect();
+            if let Some(got) = crate::kernel::simd::dot_avx512(&a, &b) {
+                assert_eq!(got.to_bits(), dot_portable(&a, &b).to_bits(), "n={n}");
+            }
         }
     }
 

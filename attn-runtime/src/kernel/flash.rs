@@ -41,7 +41,7 @@ use rayon::prelude::*;
 
 use super::Call;
 use super::broadcast::Resolved;
-use super::dot::dot;
+use super::dot::{Dot, dot};
 use super::exp::{MulAdd, Unfused, exp_f32};
 use super::round::bf16_bits;
 use super::simd::{self, Body, Isa, Product};
@@ -58,6 +58,7 @@ const MIN_TASKS: usize = 4;
 pub(crate) trait TileReal:
     Copy
     + Default
+    + Dot
     + Send
     + Sync
     + PartialOrd

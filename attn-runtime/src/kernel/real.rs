@@ -30,6 +30,7 @@ thread_local! {
 pub(crate) trait Real:
     GemmScalar
     + Default
+    + super::dot::Dot
     + PartialOrd
     + core::fmt::Debug
     + Add<Output = Self>

@@ -188,6 +188,76 @@ pub(crate) fn product_avx512(p: &Product<'_, f32>, c: &mut [f32], ldc: usize) {
     });
 }
 
+/// `Σ a[k]·b[k]` over the shorter slice with the AVX-512 registers, in exactly the order of
+/// [`super::dot::dot`] (16 lanes of products added in order, the tail zero-padded, the lanes
+/// folded in halves), so the two give the same bits; `None` where [`Isa::detect`] found no
+/// AVX-512. The compiler splits the portable loop into 2- and 4-lane pieces.
+#[inline]
+pub(crate) fn dot_avx512(a: &[f32], b: &[f32]) -> Option<f32> {
+    if !Isa::detect().has_avx512() {
+        return None;
+    }
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU has AVX-512F (checked above) and the slices have the same length.
+        Some(unsafe { dot_16_lanes(a, b) })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, b);
+        None
+    }
+}
+
+/// [`dot_avx512`]'s body.
+///
+/// # Safety
+/// The CPU supports AVX-512F, and `a.len() == b.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_16_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let whole = n / 16 * 16;
+    let mut partial = _mm512_setzero_ps();
+    let mut k = 0;
+    while k < whole {
+        // SAFETY: k + 16 <= whole <= n = a.len() = b.len().
+        let (x, y) = unsafe {
+            (
+                _mm512_loadu_ps(a.as_ptr().add(k)),
+                _mm512_loadu_ps(b.as_ptr().add(k)),
+            )
+        };
+        partial = _mm512_add_ps(partial, _mm512_mul_ps(x, y));
+        k += 16;
+    }
+    if whole < n {
+        // Lanes past the end read nothing and are 0 (as the portable code's zero padding).
+        let lanes: __mmask16 = (1u32 << (n - whole)) as u16 - 1;
+        // SAFETY: the mask allows only the n - whole < 16 lanes inside the slices; a masked
+        // load does not access (or fault on) the lanes its mask excludes.
+        let (x, y) = unsafe {
+            (
+                _mm512_maskz_loadu_ps(lanes, a.as_ptr().add(whole)),
+                _mm512_maskz_loadu_ps(lanes, b.as_ptr().add(whole)),
+            )
+        };
+        partial = _mm512_add_ps(partial, _mm512_mul_ps(x, y));
+    }
+    // Lane l += lane l + 8, then l + 4, l + 2, l + 1 (the portable fold).
+    let low = _mm512_castps512_ps256(partial);
+    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(partial)));
+    let eight = _mm256_add_ps(low, high);
+    let four = _mm_add_ps(
+        _mm256_castps256_ps128(eight),
+        _mm256_extractf128_ps::<1>(eight),
+    );
+    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
+}
+
 /// [`Product`] of `bf16` pairs into `f32`: every `u32` of `a` and `b` holds two `bf16` values
 /// that are consecutive along the summation (the first in the low half), and `depth` counts
 /// pairs, so `c[r·ldc + col] (= or +=) Σₚ lo(a)·lo(b) + hi(a)·hi(b)`. Each product of two

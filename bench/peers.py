@@ -15,7 +15,7 @@ import time
 from grid import CASES, flops
 
 
-def timed(fn, min_seconds=0.4, min_reps=5, max_reps=25):
+def timed(fn, min_seconds=0.4, min_reps=5, max_reps=200):
     """Median seconds of `fn()` after 2 warm-up calls (JAX compiles there)."""
     fn()
     fn()

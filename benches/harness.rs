@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Each measurement: 2 warm-up calls, then calls until at least 0.4 s and 5 calls have passed
-//! (at most 25), median. `--reps N` runs exactly N calls without warm-up (peak-memory runs);
+//! (at most 200), median; `bench/peers.py` times the peers the same way. `--reps N` runs exactly N calls without warm-up (peak-memory runs);
 //! `--what inputs` only allocates and fills the buffers (the baseline of the peak-memory run).
 
 // Shared by the benches and the CI smoke test; each uses part of it.
@@ -77,7 +77,7 @@ fn time(reps: Option<usize>, mut f: impl FnMut()) -> (f64, f64, usize) {
             f();
             f();
             let start = Instant::now();
-            while times.len() < 25 && (times.len() < 5 || start.elapsed().as_secs_f64() < 0.4) {
+            while times.len() < 200 && (times.len() < 5 || start.elapsed().as_secs_f64() < 0.4) {
                 let t = Instant::now();
                 f();
                 times.push(t.elapsed().as_secs_f64());

@@ -250,17 +250,49 @@ impl TileReal for f64 {
 /// Panics if an index would fall outside the operands (a bug in the caller).
 #[inline(always)]
 pub(crate) fn product_portable<T: TileReal>(p: &Product<'_, T>, c: &mut [T], ldc: usize) {
-    assert!(p.in_bounds(c.len(), ldc), "tile product out of bounds");
-    for r in 0..p.rows {
-        let c_row = &mut c[r * ldc..r * ldc + p.cols];
-        if !p.accumulate {
-            c_row.fill(T::ZERO);
-        }
+    product_rows(p, c, ldc, |r, acc| {
         for k in 0..p.depth {
             let a = p.a[r * p.a_row + k * p.a_step];
             let b_row = &p.b[k * p.b_step..k * p.b_step + p.cols];
-            for (c, &b) in c_row.iter_mut().zip(b_row) {
+            for (c, &b) in acc.iter_mut().zip(b_row) {
                 *c = *c + a * b;
+            }
+        }
+    });
+}
+
+/// The frame of the portable products: checks the bounds, then for each row `r` lets
+/// `add_products(r, acc)` add that row's products to `acc` and writes the row of `c` as
+/// [`Product`] says. A scaled product is summed from 0 and scaled before `c` is added (as the
+/// AVX-512 micro-kernels do); else the sums start from `c` (or 0).
+/// Panics if an index would fall outside the operands (a bug in the caller).
+#[inline(always)]
+fn product_rows<T: TileReal, X>(
+    p: &Product<'_, X>,
+    c: &mut [T],
+    ldc: usize,
+    mut add_products: impl FnMut(usize, &mut [T]),
+) {
+    assert!(p.in_bounds(c.len(), ldc), "tile product out of bounds");
+    let scale = T::from_f64(p.scale.into());
+    let mut sums = Vec::new();
+    for r in 0..p.rows {
+        let c_row = &mut c[r * ldc..r * ldc + p.cols];
+        if p.scale == 1.0 {
+            if !p.accumulate {
+                c_row.fill(T::ZERO);
+            }
+            add_products(r, c_row);
+        } else {
+            sums.clear();
+            sums.resize(p.cols, T::ZERO);
+            add_products(r, &mut sums);
+            for (c, &x) in c_row.iter_mut().zip(&sums) {
+                *c = if p.accumulate {
+                    *c + scale * x
+                } else {
+                    scale * x
+                };
             }
         }
     }
@@ -273,27 +305,22 @@ pub(crate) fn product_bf16_pairs_portable<T: TileReal>(
     c: &mut [T],
     ldc: usize,
 ) {
-    assert!(p.in_bounds(c.len(), ldc), "tile product out of bounds");
     let unpair = |x: u32| {
         (
             T::of(f32::from_bits(x << 16)),
             T::of(f32::from_bits(x & 0xFFFF_0000)),
         )
     };
-    for r in 0..p.rows {
-        let c_row = &mut c[r * ldc..r * ldc + p.cols];
-        if !p.accumulate {
-            c_row.fill(T::ZERO);
-        }
+    product_rows(p, c, ldc, |r, acc| {
         for k in 0..p.depth {
             let (a_lo, a_hi) = unpair(p.a[r * p.a_row + k * p.a_step]);
             let b_row = &p.b[k * p.b_step..k * p.b_step + p.cols];
-            for (c, &b) in c_row.iter_mut().zip(b_row) {
+            for (c, &b) in acc.iter_mut().zip(b_row) {
                 let (b_lo, b_hi) = unpair(b);
                 *c = *c + a_lo * b_lo + a_hi * b_hi;
             }
         }
-    }
+    });
 }
 
 /// A bias operand behind a trait object, so that the kernel body is compiled once per input
@@ -986,6 +1013,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
                 cols: width,
                 depth: half_depth,
                 accumulate: false,
+                scale: 1.0,
             },
             scores,
             width,
@@ -1004,6 +1032,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
                 cols: width,
                 depth,
                 accumulate: false,
+                scale: 1.0,
             },
             scores,
             width,
@@ -1070,6 +1099,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
                 cols: v_depth,
                 depth: half_cols,
                 accumulate: true,
+                scale: 1.0,
             },
             acc,
             v_depth,
@@ -1090,6 +1120,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
             cols: v_depth,
             depth: cols,
             accumulate: true,
+            scale: 1.0,
         },
         acc,
         v_depth,

@@ -18,7 +18,7 @@ use super::dot::dot;
 use super::exp::MulAdd;
 use super::gemm::{MatMut, MatRef, gemm, head_blocks_mut};
 use super::real::{Real, SPARE_MAX_BYTES};
-use super::round::{KeepF32, Narrow, ToBf16, ToF16};
+use super::round::{Narrow, ToBf16, ToF16};
 use super::rowpass::{MaskRow, RowPass};
 use super::simd::{self, Body, Isa, Product};
 use crate::array::Array;
@@ -769,12 +769,12 @@ impl<'t, 'a: 't, 'o, E: Element, B: Element, W: Element, O: Element, T: Real> Bo
 /// in L1 while every row of the block is multiplied by it.
 const KEY_PANEL: usize = 64;
 
-/// `x ← N(alpha · x)` on every value of `rows` (one panel of logits, still in L1).
+/// `x ← N(x)` on every value of `rows` (one panel of logits, still in L1).
 #[inline(always)]
-fn scale_round<'r, N: Narrow>(rows: impl Iterator<Item = &'r mut [f32]>, alpha: f32) {
+fn round_panel<'r, N: Narrow>(rows: impl Iterator<Item = &'r mut [f32]>) {
     for row in rows {
         for x in row {
-            *x = N::round(alpha * *x);
+            *x = N::round(*x);
         }
     }
 }
@@ -829,13 +829,14 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     cols: keys,
                     depth: dk,
                     accumulate: false,
+                    // (The micro-kernel scales the sums before it stores them.)
+                    scale: alpha,
                 };
                 simd::product_avx512(&product, &mut c[first_key..], kv);
                 let panel = c[first_key..].chunks_mut(kv).map(|row| &mut row[..keys]);
                 match (operands.round_logits, call.plan.compute) {
-                    (true, DType::BF16) => scale_round::<ToBf16>(panel, alpha),
-                    (true, DType::F16) => scale_round::<ToF16>(panel, alpha),
-                    _ if alpha != 1.0 => scale_round::<KeepF32>(panel, alpha),
+                    (true, DType::BF16) => round_panel::<ToBf16>(panel),
+                    (true, DType::F16) => round_panel::<ToF16>(panel),
                     _ => {}
                 }
             }
@@ -857,11 +858,12 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     cols: keys,
                     depth: pairs,
                     accumulate: false,
+                    // (The query is scaled already.)
+                    scale: 1.0,
                 };
                 simd::product_bf16_pairs(&product, &mut c[first_key..], kv);
-                // The query is scaled already: round the logits to bf16.
                 let panel = c[first_key..].chunks_mut(kv).map(|row| &mut row[..keys]);
-                scale_round::<ToBf16>(panel, 1.0);
+                round_panel::<ToBf16>(panel);
             }
             true
         }

@@ -142,6 +142,8 @@ pub(crate) struct Product<'s, T> {
     pub depth: usize,
     /// Add to `c` (`true`) or overwrite it (`false`).
     pub accumulate: bool,
+    /// Factor of the products: `c (=|+=) scale · (a · b)` (1: none).
+    pub scale: f32,
 }
 
 impl<T> Product<'_, T> {
@@ -337,6 +339,7 @@ fn for_each_tile<T>(
                         (1u16 << tail) - 1
                     },
                     accumulate: p.accumulate,
+                    scale: p.scale,
                 },
             );
             col += cols;
@@ -359,6 +362,7 @@ struct RawTile<T> {
     depth: usize,
     tail_mask: u16,
     accumulate: bool,
+    scale: f32,
 }
 
 /// `$tile::<R, V>($t)` for `R = $rows` (1..=6) and `V = $vectors` (1..=4); larger values
@@ -411,7 +415,8 @@ unsafe fn dispatch_tile(rows: usize, vectors: usize, t: &RawTile<f32>) {
 unsafe fn tile<const R: usize, const V: usize>(t: &RawTile<f32>) {
     let lanes = |v: usize| if v + 1 == V { t.tail_mask } else { u16::MAX };
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    if t.accumulate {
+    // A scaled product is summed from 0 and scaled before `c` is added; else `c` is the start.
+    if t.accumulate && t.scale == 1.0 {
         for (r, acc_row) in acc.iter_mut().enumerate() {
             for (v, acc_v) in acc_row.iter_mut().enumerate() {
                 // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
@@ -430,6 +435,19 @@ unsafe fn tile<const R: usize, const V: usize>(t: &RawTile<f32>) {
             let a = _mm512_set1_ps(unsafe { *t.a.add(r * t.a_row + k * t.a_step) });
             for (acc_v, b_v) in acc_row.iter_mut().zip(&b) {
                 *acc_v = _mm512_fmadd_ps(a, *b_v, *acc_v);
+            }
+        }
+    }
+    if t.scale != 1.0 {
+        let scale = _mm512_set1_ps(t.scale);
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            for (v, acc_v) in acc_row.iter_mut().enumerate() {
+                *acc_v = _mm512_mul_ps(scale, *acc_v);
+                if t.accumulate {
+                    // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
+                    let c = unsafe { _mm512_maskz_loadu_ps(lanes(v), t.c.add(r * t.ldc + 16 * v)) };
+                    *acc_v = _mm512_add_ps(c, *acc_v);
+                }
             }
         }
     }
@@ -466,7 +484,8 @@ unsafe fn dispatch_tile_bf16_pairs(rows: usize, vectors: usize, t: &RawTile<u32>
 unsafe fn tile_bf16_pairs<const R: usize, const V: usize>(t: &RawTile<u32>) {
     let lanes = |v: usize| if v + 1 == V { t.tail_mask } else { u16::MAX };
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    if t.accumulate {
+    // A scaled product is summed from 0 and scaled before `c` is added; else `c` is the start.
+    if t.accumulate && t.scale == 1.0 {
         for (r, acc_row) in acc.iter_mut().enumerate() {
             for (v, acc_v) in acc_row.iter_mut().enumerate() {
                 // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
@@ -497,10 +516,81 @@ unsafe fn tile_bf16_pairs<const R: usize, const V: usize>(t: &RawTile<u32>) {
             }
         }
     }
+    if t.scale != 1.0 {
+        let scale = _mm512_set1_ps(t.scale);
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            for (v, acc_v) in acc_row.iter_mut().enumerate() {
+                *acc_v = _mm512_mul_ps(scale, *acc_v);
+                if t.accumulate {
+                    // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
+                    let c = unsafe { _mm512_maskz_loadu_ps(lanes(v), t.c.add(r * t.ldc + 16 * v)) };
+                    *acc_v = _mm512_add_ps(c, *acc_v);
+                }
+            }
+        }
+    }
     for (r, acc_row) in acc.iter().enumerate() {
         for (v, acc_v) in acc_row.iter().enumerate() {
             // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
             unsafe { _mm512_mask_storeu_ps(t.c.add(r * t.ldc + 16 * v), lanes(v), *acc_v) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `c (=|+=) scale · (a · b)` on odd sizes (partial tiles of rows and of lanes), against
+    /// f64 sums: the AVX-512 micro-kernel where the CPU has it, and the portable loops.
+    #[test]
+    fn products_scale_and_accumulate_as_documented() {
+        let (rows, cols, depth, ldc) = (7, 37, 19, 41);
+        let a: Vec<f32> = (0..rows * depth).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..depth * cols).map(|i| (i as f32 * 0.11).cos()).collect();
+        let c0: Vec<f32> = (0..rows * ldc)
+            .map(|i| (i as f32 * 0.05).sin() * 3.0)
+            .collect();
+        for scale in [1.0f32, 0.125, -3.0] {
+            for accumulate in [false, true] {
+                let p = Product {
+                    a: &a,
+                    a_row: depth,
+                    a_step: 1,
+                    b: &b,
+                    b_step: cols,
+                    rows,
+                    cols,
+                    depth,
+                    accumulate,
+                    scale,
+                };
+                let mut simd = c0.clone();
+                product_avx512(&p, &mut simd, ldc);
+                let mut portable = c0.clone();
+                super::super::flash::product_portable(&p, &mut portable, ldc);
+                for r in 0..rows {
+                    for j in 0..ldc {
+                        let at = r * ldc + j;
+                        let want = if j >= cols {
+                            f64::from(c0[at])
+                        } else {
+                            let sum: f64 = (0..depth)
+                                .map(|k| f64::from(a[r * depth + k]) * f64::from(b[k * cols + j]))
+                                .sum();
+                            let start = if accumulate { f64::from(c0[at]) } else { 0.0 };
+                            start + f64::from(scale) * sum
+                        };
+                        for (name, got) in [("avx512", simd[at]), ("portable", portable[at])] {
+                            assert!(
+                                (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{name}, scale {scale}, accumulate {accumulate}, ({r}, {j}): \
+                                 {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }

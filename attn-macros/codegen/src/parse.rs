@@ -2,7 +2,7 @@
 //!
 //! The grammar is permissive about values: every entry is `name: value` and a value is a `+`-list
 //! of terms (a shape `[..]`, an identifier, a literal, or any other tokens). Which names exist and
-//! which values they take is decided by [`crate::validate`], so that a wrong value or a misspelt
+//! which values they take is decided by [`mod@crate::validate`], so that a wrong value or a misspelt
 //! name becomes one of many accumulated errors instead of stopping the parser. Only a broken layer
 //! header (`pub struct Name { .. }`) is fatal.
 

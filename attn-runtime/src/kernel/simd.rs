@@ -404,6 +404,66 @@ unsafe fn dispatch_tile(rows: usize, vectors: usize, t: &RawTile<f32>) {
     unsafe { instantiated_tile!(tile, rows, vectors, t) }
 }
 
+/// The lanes of vector `v` of a row of an `R × V` tile: all 16, but `tail_mask` in the last.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn tile_lanes<const V: usize, T>(t: &RawTile<T>, v: usize) -> u16 {
+    if v + 1 == V { t.tail_mask } else { u16::MAX }
+}
+
+/// The accumulators an `R × V` tile starts from: its block of `c` when it adds to `c`
+/// unscaled, else 0 (a scaled product is summed from 0, and [`store_tile`] adds `c` after
+/// scaling).
+///
+/// # Safety
+/// The CPU supports AVX-512F; for r < R, v < V and every lane l of vector v allowed by
+/// [`tile_lanes`], `c + r·ldc + 16v + l` is in bounds.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn start_tile<T, const R: usize, const V: usize>(t: &RawTile<T>) -> [[__m512; V]; R] {
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    if t.accumulate && t.scale == 1.0 {
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            for (v, acc_v) in acc_row.iter_mut().enumerate() {
+                let lanes = tile_lanes::<V, T>(t, v);
+                // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
+                *acc_v = unsafe { _mm512_maskz_loadu_ps(lanes, t.c.add(r * t.ldc + 16 * v)) };
+            }
+        }
+    }
+    acc
+}
+
+/// Stores the sums of an `R × V` tile started by [`start_tile`]: `c = scale · acc` (plus
+/// `c` when the tile adds to it and `scale ≠ 1`; with `scale = 1` the sums started from `c`).
+///
+/// # Safety
+/// As [`start_tile`].
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_tile<T, const R: usize, const V: usize>(t: &RawTile<T>, acc: [[__m512; V]; R]) {
+    let scale = _mm512_set1_ps(t.scale);
+    for (r, acc_row) in acc.iter().enumerate() {
+        for (v, &acc_v) in acc_row.iter().enumerate() {
+            let lanes = tile_lanes::<V, T>(t, v);
+            let c = t.c.wrapping_add(r * t.ldc + 16 * v);
+            let value = if t.scale == 1.0 {
+                acc_v
+            } else if t.accumulate {
+                // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
+                let old = unsafe { _mm512_maskz_loadu_ps(lanes, c) };
+                _mm512_add_ps(old, _mm512_mul_ps(scale, acc_v))
+            } else {
+                _mm512_mul_ps(scale, acc_v)
+            };
+            // SAFETY: as above.
+            unsafe { _mm512_mask_storeu_ps(c, lanes, value) };
+        }
+    }
+}
+
 /// `R × V` vectors of `c` (=|+=) `a · b` over `t.depth`, accumulators held in registers.
 ///
 /// # Safety
@@ -413,17 +473,9 @@ unsafe fn dispatch_tile(rows: usize, vectors: usize, t: &RawTile<f32>) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile<const R: usize, const V: usize>(t: &RawTile<f32>) {
-    let lanes = |v: usize| if v + 1 == V { t.tail_mask } else { u16::MAX };
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
-    // A scaled product is summed from 0 and scaled before `c` is added; else `c` is the start.
-    if t.accumulate && t.scale == 1.0 {
-        for (r, acc_row) in acc.iter_mut().enumerate() {
-            for (v, acc_v) in acc_row.iter_mut().enumerate() {
-                // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
-                *acc_v = unsafe { _mm512_maskz_loadu_ps(lanes(v), t.c.add(r * t.ldc + 16 * v)) };
-            }
-        }
-    }
+    let lanes = |v: usize| tile_lanes::<V, _>(t, v);
+    // SAFETY: the contract of this function covers `c`'s accesses.
+    let mut acc = unsafe { start_tile::<_, R, V>(t) };
     for k in 0..t.depth {
         let mut b = [_mm512_setzero_ps(); V];
         for (v, b_v) in b.iter_mut().enumerate() {
@@ -438,25 +490,8 @@ unsafe fn tile<const R: usize, const V: usize>(t: &RawTile<f32>) {
             }
         }
     }
-    if t.scale != 1.0 {
-        let scale = _mm512_set1_ps(t.scale);
-        for (r, acc_row) in acc.iter_mut().enumerate() {
-            for (v, acc_v) in acc_row.iter_mut().enumerate() {
-                *acc_v = _mm512_mul_ps(scale, *acc_v);
-                if t.accumulate {
-                    // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
-                    let c = unsafe { _mm512_maskz_loadu_ps(lanes(v), t.c.add(r * t.ldc + 16 * v)) };
-                    *acc_v = _mm512_add_ps(c, *acc_v);
-                }
-            }
-        }
-    }
-    for (r, acc_row) in acc.iter().enumerate() {
-        for (v, acc_v) in acc_row.iter().enumerate() {
-            // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
-            unsafe { _mm512_mask_storeu_ps(t.c.add(r * t.ldc + 16 * v), lanes(v), *acc_v) };
-        }
-    }
+    // SAFETY: the contract of this function covers `c`'s accesses.
+    unsafe { store_tile::<_, R, V>(t, acc) }
 }
 
 /// Calls the `bf16`-pair micro-kernel instantiated for `rows × vectors`.
@@ -482,17 +517,9 @@ unsafe fn dispatch_tile_bf16_pairs(rows: usize, vectors: usize, t: &RawTile<u32>
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn tile_bf16_pairs<const R: usize, const V: usize>(t: &RawTile<u32>) {
-    let lanes = |v: usize| if v + 1 == V { t.tail_mask } else { u16::MAX };
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
-    // A scaled product is summed from 0 and scaled before `c` is added; else `c` is the start.
-    if t.accumulate && t.scale == 1.0 {
-        for (r, acc_row) in acc.iter_mut().enumerate() {
-            for (v, acc_v) in acc_row.iter_mut().enumerate() {
-                // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
-                *acc_v = unsafe { _mm512_maskz_loadu_ps(lanes(v), t.c.add(r * t.ldc + 16 * v)) };
-            }
-        }
-    }
+    let lanes = |v: usize| tile_lanes::<V, _>(t, v);
+    // SAFETY: the contract of this function covers `c`'s accesses.
+    let mut acc = unsafe { start_tile::<_, R, V>(t) };
     // `__m512i` and `__m512bh` are both 64 bytes of plain lanes: the reinterpretation reads
     // each 32-bit lane as two `bf16` values.
     let as_pairs = |x: __m512i| -> __m512bh {
@@ -516,25 +543,8 @@ unsafe fn tile_bf16_pairs<const R: usize, const V: usize>(t: &RawTile<u32>) {
             }
         }
     }
-    if t.scale != 1.0 {
-        let scale = _mm512_set1_ps(t.scale);
-        for (r, acc_row) in acc.iter_mut().enumerate() {
-            for (v, acc_v) in acc_row.iter_mut().enumerate() {
-                *acc_v = _mm512_mul_ps(scale, *acc_v);
-                if t.accumulate {
-                    // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
-                    let c = unsafe { _mm512_maskz_loadu_ps(lanes(v), t.c.add(r * t.ldc + 16 * v)) };
-                    *acc_v = _mm512_add_ps(c, *acc_v);
-                }
-            }
-        }
-    }
-    for (r, acc_row) in acc.iter().enumerate() {
-        for (v, acc_v) in acc_row.iter().enumerate() {
-            // SAFETY: row r < R, lanes allowed by the mask: in bounds by the contract.
-            unsafe { _mm512_mask_storeu_ps(t.c.add(r * t.ldc + 16 * v), lanes(v), *acc_v) };
-        }
-    }
+    // SAFETY: the contract of this function covers `c`'s accesses.
+    unsafe { store_tile::<_, R, V>(t, acc) }
 }
 
 #[cfg(test)]

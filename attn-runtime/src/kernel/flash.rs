@@ -556,7 +556,7 @@ fn run<C: TileReal, E: Element, O: Element>(args: &FlashArgs<'_, E>, out: &mut [
     // Tasks: (batch element, first query row, first head, output rows). With one query row
     // (decoding) the output row of a batch element is split by groups of heads instead, so
     // that a small batch still has work for every thread.
-    let tasks: Vec<(usize, usize, usize, &mut [O])> = if d.q_len == 1 {
+    let mut tasks: Vec<(usize, usize, usize, &mut [O])> = if d.q_len == 1 {
         let groups = MIN_TASKS.div_ceil(d.batch).clamp(1, d.heads);
         let per_group = d.heads.div_ceil(groups);
         out.chunks_mut(row_len)
@@ -578,8 +578,15 @@ fn run<C: TileReal, E: Element, O: Element>(args: &FlashArgs<'_, E>, out: &mut [
             })
             .collect()
     };
+    if args.mask.causal {
+        // A causal task's cost grows with its last row. The costliest go first and every task
+        // can be taken by an idle thread on its own (`with_max_len(1)`), so that the threads
+        // end together instead of one finishing the last, longest blocks alone.
+        tasks.sort_by_key(|&(_, first_row, _, _)| std::cmp::Reverse(first_row));
+    }
     tasks
         .into_par_iter()
+        .with_max_len(1)
         .for_each(|(b, first_row, first_head, out_rows)| {
             with_thread_scratch::<C, ()>(|scratch, converted| {
                 scratch.prepare(&d, block);

@@ -1,7 +1,10 @@
 //! [`Context`]: the run-time arguments of an attention call that are not tensors
 //! (`deterministic`, `dropout_rng`, the sow sink and the thread pool).
 
+use core::convert::Infallible;
 use core::fmt;
+
+use rayon::prelude::*;
 
 use rand_pcg::Pcg32;
 
@@ -135,30 +138,87 @@ impl<'a> Context<'a> {
     pub(crate) fn threads(&self) -> Threads<'a> {
         Threads(self.pool)
     }
-
-    /// Runs `f` on the context's pool (see [`Threads::install`]).
-    pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.threads().install(f)
-    }
 }
 
 /// Where a call's parallel work runs: a [`Context`]'s pool, or (`None`) the pool of the
 /// calling thread if it is a rayon worker, else rayon's global pool. Unlike a `Context` it is
 /// `Copy` and `Sync`, so work already running on the pool can pass it on.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Threads<'a>(Option<&'a rayon::ThreadPool>);
+pub(crate) struct Threads<'a>(pub(crate) Option<&'a rayon::ThreadPool>);
 
 impl Threads<'_> {
-    /// Runs `f` on a worker of the pool and returns its result. From outside the pool this is
-    /// one hand-over to a worker and back (tens of microseconds when the workers sleep), so a
-    /// call enters the pool once and nests its parallel steps inside; from a worker of the
-    /// pool, `f` runs in place.
-    pub(crate) fn install<R: Send>(self, f: impl FnOnce() -> R + Send) -> R {
-        match self.0 {
-            Some(pool) => pool.install(f),
-            None => rayon::scope(|_| f()),
+    /// Runs `run` on every task, as [`Threads::try_for_each`] does.
+    pub(crate) fn for_each<T: Send>(self, tasks: Vec<T>, run: impl Fn(T) + Sync) {
+        let Ok(()) = self.try_for_each(tasks, |task| -> Result<(), Infallible> {
+            run(task);
+            Ok(())
+        });
+    }
+
+    /// Runs `run` on every task and returns the first error met (tasks not yet started when
+    /// one fails may be skipped): a parallel iterator on the pool (see [`Threads::install`]
+    /// for where it starts), or one task after the other on the caller's thread when the pool
+    /// has a single thread. Which thread runs a task never changes its result: every task
+    /// writes its own part.
+    pub(crate) fn try_for_each<T: Send, E: Send>(
+        self,
+        tasks: Vec<T>,
+        run: impl Fn(T) -> Result<(), E> + Sync,
+    ) -> Result<(), E> {
+        match self.place() {
+            Place::Alone => tasks.into_iter().try_for_each(run),
+            Place::Inside | Place::Outside => {
+                self.install(|| tasks.into_par_iter().with_max_len(1).try_for_each(&run))
+            }
         }
     }
+
+    /// Runs `f` with this pool as the current one and returns its result: in place on a worker
+    /// of the pool, and on the caller's thread when the pool has a single thread (whose work
+    /// is all sequential anyway, so no hand-over is needed: [`Threads::try_for_each`] then
+    /// runs its tasks in order); else handed over to a worker of the pool and back. A hand-over
+    /// costs tens of microseconds when the workers sleep, so a call makes one and nests its
+    /// parallel steps inside.
+    ///
+    /// (The caller does not work next to the pool's workers: pools are sized to the cores,
+    /// and a third thread on two cores made decoding 30% slower, an idle worker spinning.)
+    pub(crate) fn install<R: Send>(self, f: impl FnOnce() -> R + Send) -> R {
+        match (self.place(), self.0) {
+            (Place::Inside | Place::Alone, _) => f(),
+            (Place::Outside, Some(pool)) => pool.install(f),
+            (Place::Outside, None) => rayon::scope(|_| f()),
+        }
+    }
+
+    /// Where work of this pool runs when it starts on the calling thread.
+    fn place(self) -> Place {
+        let (inside, threads) = match self.0 {
+            Some(pool) => (
+                pool.current_thread_index().is_some(),
+                pool.current_num_threads(),
+            ),
+            None => (
+                rayon::current_thread_index().is_some(),
+                rayon::current_num_threads(),
+            ),
+        };
+        match (inside, threads) {
+            (true, _) => Place::Inside,
+            (false, 1) => Place::Alone,
+            (false, _) => Place::Outside,
+        }
+    }
+}
+
+/// Where the calling thread stands to a pool ([`Threads::install`]).
+#[derive(Clone, Copy)]
+enum Place {
+    /// A worker of the pool.
+    Inside,
+    /// Outside a pool of one thread.
+    Alone,
+    /// Outside a pool of several threads.
+    Outside,
 }
 
 impl fmt::Debug for Context<'_> {

@@ -37,7 +37,6 @@ use std::ops::{Add, Mul, Range, Sub};
 
 use rand_core::RngCore;
 use rand_pcg::Pcg32;
-use rayon::prelude::*;
 
 use super::Call;
 use super::broadcast::Resolved;
@@ -45,6 +44,7 @@ use super::dot::{Dot, dot};
 use super::exp::{MulAdd, Unfused, exp_f32};
 use super::round::bf16_bits;
 use super::simd::{self, Body, Isa, Product};
+use crate::context::Threads;
 use crate::element::{DType, Element};
 
 /// Query rows per task (fewer when that would leave fewer than [`MIN_TASKS`] tasks).
@@ -513,6 +513,7 @@ pub(crate) fn flash_attention<E: Element, O: Element>(
     args: &FlashArgs<'_, E>,
     out: &mut [O],
     isa: Isa,
+    threads: Threads<'_>,
 ) {
     let d = args.dims;
     let rows = d.batch * d.q_len;
@@ -534,9 +535,9 @@ pub(crate) fn flash_attention<E: Element, O: Element>(
         return;
     }
     if args.accumulate_f64 {
-        run::<f64, E, O>(args, out, Isa::Portable);
+        run::<f64, E, O>(args, out, Isa::Portable, threads);
     } else {
-        run::<f32, E, O>(args, out, isa);
+        run::<f32, E, O>(args, out, isa, threads);
     }
 }
 
@@ -549,7 +550,12 @@ fn query_block(d: &Dims) -> usize {
     block
 }
 
-fn run<C: TileReal, E: Element, O: Element>(args: &FlashArgs<'_, E>, out: &mut [O], isa: Isa) {
+fn run<C: TileReal, E: Element, O: Element>(
+    args: &FlashArgs<'_, E>,
+    out: &mut [O],
+    isa: Isa,
+    threads: Threads<'_>,
+) {
     let d = args.dims;
     let block = query_block(&d);
     let row_len = d.heads * d.v_depth;
@@ -584,40 +590,37 @@ fn run<C: TileReal, E: Element, O: Element>(args: &FlashArgs<'_, E>, out: &mut [
         // end together instead of one finishing the last, longest blocks alone.
         tasks.sort_by_key(|&(_, first_row, _, _)| std::cmp::Reverse(first_row));
     }
-    tasks
-        .into_par_iter()
-        .with_max_len(1)
-        .for_each(|(b, first_row, first_head, out_rows)| {
-            with_thread_scratch::<C, ()>(|scratch, converted| {
-                scratch.prepare(&d, block);
-                // The body writes `C`; other output types go through a buffer, so that the body
-                // is not compiled once per output type.
-                let direct = C::direct_mut(&mut *out_rows).is_some();
-                if !direct {
-                    converted.clear();
-                    converted.resize(out_rows.len(), C::ZERO);
+    threads.for_each(tasks, |(b, first_row, first_head, out_rows)| {
+        with_thread_scratch::<C, ()>(|scratch, converted| {
+            scratch.prepare(&d, block);
+            // The body writes `C`; other output types go through a buffer, so that the body
+            // is not compiled once per output type.
+            let direct = C::direct_mut(&mut *out_rows).is_some();
+            if !direct {
+                converted.clear();
+                converted.resize(out_rows.len(), C::ZERO);
+            }
+            let out_c = match C::direct_mut(&mut *out_rows) {
+                Some(out_c) => out_c,
+                None => &mut converted[..],
+            };
+            let task = Task {
+                args,
+                b,
+                first_row,
+                first_head,
+                out: out_c,
+                scratch,
+                isa,
+            };
+            C::dispatch::<TaskBody<'_, '_, C, E>>(isa, task);
+            if !direct {
+                for (o, &x) in out_rows.iter_mut().zip(converted.iter()) {
+                    *o = x.to::<O>();
                 }
-                let out_c = match C::direct_mut(&mut *out_rows) {
-                    Some(out_c) => out_c,
-                    None => &mut converted[..],
-                };
-                let task = Task {
-                    args,
-                    b,
-                    first_row,
-                    first_head,
-                    out: out_c,
-                    scratch,
-                    isa,
-                };
-                C::dispatch::<TaskBody<'_, '_, C, E>>(isa, task);
-                if !direct {
-                    for (o, &x) in out_rows.iter_mut().zip(converted.iter()) {
-                        *o = x.to::<O>();
-                    }
-                }
-            })
+            }
         });
+    });
 }
 
 /// Per-task buffers, reused across the tasks a rayon job runs. The task keeps the state of every
@@ -1550,7 +1553,7 @@ mod tests {
         let want = reference(args);
         for isa in Isa::available() {
             let mut got = vec![O::from_f64(0.0); want.len()];
-            flash_attention(args, &mut got, isa);
+            flash_attention(args, &mut got, isa, Threads(None));
             for (n, (g, w)) in got.iter().zip(&want).enumerate() {
                 let g = g.to_f64();
                 assert!(
@@ -1627,7 +1630,7 @@ mod tests {
         let d = dims(2, 3, 0, 2, 4, 5);
         let x = inputs::<f32>(&d, 15);
         let mut out = vec![f32::NAN; 2 * 3 * 2 * 5];
-        flash_attention(&args::<f32>(d, &x), &mut out, Isa::detect());
+        flash_attention(&args::<f32>(d, &x), &mut out, Isa::detect(), Threads(None));
         assert!(out.iter().all(|&v| v == 0.0), "{out:?}");
     }
 
@@ -1749,7 +1752,7 @@ mod tests {
         let bias = resolved(&bias, &[2, 20], &[1], 1, 2, 20).unwrap();
         a.bias = Some(&bias);
         let mut got = vec![0.0f32; 6];
-        flash_attention(&a, &mut got, Isa::detect());
+        flash_attention(&a, &mut got, Isa::detect(), Threads(None));
         assert!(got[..3].iter().all(|x| x.is_nan()), "{got:?}");
         let v7 = &x.value[7 * 3..8 * 3];
         assert_eq!(&got[3..], v7);
@@ -1766,19 +1769,25 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            let mut out = vec![0.0f32; 2 * 200 * 3 * 64];
-            pool.install(|| flash_attention(&a, &mut out, Isa::detect()));
-            out
+            // From outside the pool (a hand-over, or the caller alone for one thread) and from
+            // inside it (a parallel iterator on its workers).
+            let mut outside = vec![0.0f32; 2 * 200 * 3 * 64];
+            flash_attention(&a, &mut outside, Isa::detect(), Threads(Some(&pool)));
+            let mut inside = vec![0.0f32; 2 * 200 * 3 * 64];
+            pool.install(|| flash_attention(&a, &mut inside, Isa::detect(), Threads(None)));
+            (outside, inside)
         };
-        let one = run(1);
-        for threads in [2, 3, 5] {
-            let other = run(threads);
-            assert!(
-                one.iter()
-                    .zip(&other)
-                    .all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{threads} threads differ from 1"
-            );
+        let (one, _) = run(1);
+        for threads in [1, 2, 3, 5] {
+            let (outside, inside) = run(threads);
+            for (other, how) in [(outside, "from outside"), (inside, "from inside")] {
+                assert!(
+                    one.iter()
+                        .zip(&other)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{threads} threads ({how} the pool) differ from 1"
+                );
+            }
         }
     }
 }

@@ -11,8 +11,6 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use rayon::prelude::*;
-
 use super::Call;
 use super::dot::dot;
 use super::exp::MulAdd;
@@ -96,6 +94,10 @@ enum KeyOperand<'a, T: Clone> {
     /// while it is used; rows of one `[depth, kv]` matrix lie a power of two apart in common
     /// shapes and would all fall into the same few cache sets.
     Panels(Vec<T>),
+    /// As [`KeyOperand::Panels`], but each task lays out the panels of its own head, in its
+    /// thread's spare buffer: when a head is one task (`q_len` ≤ one query block), no task
+    /// would read another's panels, and the call needs no parallel step before its tasks.
+    PanelsPerTask,
     /// `[batch, kv, heads, depth]` as given (borrowed) or widened, for short queries: each
     /// logit is one dot product of two contiguous rows.
     Rows(Cow<'a, [T]>),
@@ -108,7 +110,11 @@ enum KeyOperand<'a, T: Clone> {
 }
 
 impl<'a, T: Real> Operands<'a, T> {
-    fn new<E: Element, B>(call: &Call<'a, E, B>, threads: Threads<'_>) -> Result<Self, AttnError> {
+    fn new<E: Element, B>(
+        call: &Call<'a, E, B>,
+        threads: Threads<'_>,
+        block_rows: usize,
+    ) -> Result<Self, AttnError> {
         let scale = T::from_f64(call.query_scale);
         let compute = call.plan.compute;
         let panels =
@@ -122,16 +128,20 @@ impl<'a, T: Real> Operands<'a, T> {
                 && compute == DType::BF16
         });
         let plain_key = || -> Result<KeyOperand<'a, T>, AttnError> {
-            Ok(if call.q_len >= TRANSPOSE_MIN_QUERIES && panels {
-                KeyOperand::Panels(transpose_key(call, threads, KEY_PANEL)?)
-            } else if call.q_len >= TRANSPOSE_MIN_QUERIES {
-                KeyOperand::Transposed(transpose_key(call, threads, call.kv_len)?)
-            } else {
-                KeyOperand::Rows(match T::same_slice(call.key) {
-                    Some(key) => Cow::Borrowed(key),
-                    None => Cow::Owned(widen(call.key, "widened key", threads, T::ONE, None)?),
-                })
-            })
+            Ok(
+                if call.q_len >= TRANSPOSE_MIN_QUERIES && panels && call.q_len <= block_rows {
+                    KeyOperand::PanelsPerTask
+                } else if call.q_len >= TRANSPOSE_MIN_QUERIES && panels {
+                    KeyOperand::Panels(transpose_key(call, threads, KEY_PANEL)?)
+                } else if call.q_len >= TRANSPOSE_MIN_QUERIES {
+                    KeyOperand::Transposed(transpose_key(call, threads, call.kv_len)?)
+                } else {
+                    KeyOperand::Rows(match T::same_slice(call.key) {
+                        Some(key) => Cow::Borrowed(key),
+                        None => Cow::Owned(widen(call.key, "widened key", threads, T::ONE, None)?),
+                    })
+                },
+            )
         };
         if let Some(query) = T::same_slice(call.query) {
             return Ok(Operands {
@@ -191,24 +201,22 @@ fn transpose_key<E: Element, B, T: Real>(
         return Ok(key_t);
     }
     let isa = Isa::detect();
-    threads.install(|| {
-        key_t
-            .par_chunks_mut(head_len)
-            .enumerate()
-            .for_each(|(bh, panels)| {
-                let input = TransposeInput {
-                    key: call.key,
-                    panels,
-                    width,
-                    b: bh / heads,
-                    h: bh % heads,
-                    heads,
-                    kv,
-                    dk,
-                };
-                simd::with_features::<TransposeHead<'_, E, T>>(isa, input)
-            })
-    });
+    threads.for_each(
+        key_t.chunks_mut(head_len).enumerate().collect(),
+        |(bh, panels)| {
+            let input = TransposeInput {
+                key: call.key,
+                panels,
+                width,
+                b: bh / heads,
+                h: bh % heads,
+                heads,
+                kv,
+                dk,
+            };
+            simd::with_features::<TransposeHead<'_, E, T>>(isa, input)
+        },
+    );
     Ok(key_t)
 }
 
@@ -332,46 +340,44 @@ fn key_pair_panels<E: Element, B>(
     }
     // With an even depth (and an aligned key), every key row is whole pairs in place.
     let key_pairs = simd::as_u32_pairs(key_bits).filter(|_| dk.is_multiple_of(2));
-    threads.install(|| {
-        panels
-            .par_chunks_mut(head_len)
-            .enumerate()
-            .for_each(|(bh, head)| {
-                let (b, h) = (bh / heads, bh % heads);
-                let row = |j: usize| ((b * kv + j) * heads + h) * dk;
-                if let Some(key_pairs) = key_pairs {
-                    // Even depth: a key row is already `pairs` pairs; transpose them in tiles.
-                    const N: usize = TRANSPOSE_TILE;
-                    let mut tile = [[0u32; N]; N];
-                    for first_key in (0..kv).step_by(N) {
-                        let panel = &mut head[first_key / KEY_PANEL * KEY_PANEL * pairs..];
-                        for first_pair in (0..pairs).step_by(N) {
-                            transpose_tile(
-                                &mut tile,
-                                (N.min(kv - first_key), N.min(pairs - first_pair)),
-                                |j| &key_pairs[row(first_key + j) / 2 + first_pair..],
-                                |x| x,
-                                &mut panel[first_pair * KEY_PANEL + first_key % KEY_PANEL..],
-                                KEY_PANEL,
-                            );
-                        }
-                    }
-                    return;
-                }
-                for (j, panel) in (0..kv)
-                    .step_by(KEY_PANEL)
-                    .zip(head.chunks_exact_mut(KEY_PANEL * pairs))
-                {
-                    for jj in 0..KEY_PANEL.min(kv - j) {
-                        let key_row = &key_bits[row(j + jj)..][..dk];
-                        for (p, two) in key_row.chunks(2).enumerate() {
-                            let hi = two.get(1).map_or(0, |&x| u32::from(x));
-                            panel[p * KEY_PANEL + jj] = u32::from(two[0]) | (hi << 16);
-                        }
+    threads.for_each(
+        panels.chunks_mut(head_len).enumerate().collect(),
+        |(bh, head)| {
+            let (b, h) = (bh / heads, bh % heads);
+            let row = |j: usize| ((b * kv + j) * heads + h) * dk;
+            if let Some(key_pairs) = key_pairs {
+                // Even depth: a key row is already `pairs` pairs; transpose them in tiles.
+                const N: usize = TRANSPOSE_TILE;
+                let mut tile = [[0u32; N]; N];
+                for first_key in (0..kv).step_by(N) {
+                    let panel = &mut head[first_key / KEY_PANEL * KEY_PANEL * pairs..];
+                    for first_pair in (0..pairs).step_by(N) {
+                        transpose_tile(
+                            &mut tile,
+                            (N.min(kv - first_key), N.min(pairs - first_pair)),
+                            |j| &key_pairs[row(first_key + j) / 2 + first_pair..],
+                            |x| x,
+                            &mut panel[first_pair * KEY_PANEL + first_key % KEY_PANEL..],
+                            KEY_PANEL,
+                        );
                     }
                 }
-            })
-    });
+                return;
+            }
+            for (j, panel) in (0..kv)
+                .step_by(KEY_PANEL)
+                .zip(head.chunks_exact_mut(KEY_PANEL * pairs))
+            {
+                for jj in 0..KEY_PANEL.min(kv - j) {
+                    let key_row = &key_bits[row(j + jj)..][..dk];
+                    for (p, two) in key_row.chunks(2).enumerate() {
+                        let hi = two.get(1).map_or(0, |&x| u32::from(x));
+                        panel[p * KEY_PANEL + jj] = u32::from(two[0]) | (hi << 16);
+                    }
+                }
+            }
+        },
+    );
     Ok(panels)
 }
 
@@ -389,28 +395,29 @@ fn query_pairs(query: &[f32], depth: usize, threads: Threads<'_>) -> Result<Vec<
         return Ok(packed);
     }
     let bits = |x: f32| x.to_bits() >> 16;
-    threads.install(|| {
+    threads.for_each(
         packed
-            .par_chunks_mut(ROWS * pairs)
-            .zip(query.par_chunks(ROWS * depth))
-            .for_each(|(packed, query)| {
-                if depth.is_multiple_of(2) {
-                    // Rows of whole pairs: the block is one run of pairs.
-                    for (two, out) in query.chunks_exact(2).zip(packed.iter_mut()) {
-                        *out = bits(two[0]) | (two[1].to_bits() & 0xFFFF_0000);
-                    }
-                    return;
+            .chunks_mut(ROWS * pairs)
+            .zip(query.chunks(ROWS * depth))
+            .collect(),
+        |(packed, query)| {
+            if depth.is_multiple_of(2) {
+                // Rows of whole pairs: the block is one run of pairs.
+                for (two, out) in query.chunks_exact(2).zip(packed.iter_mut()) {
+                    *out = bits(two[0]) | (two[1].to_bits() & 0xFFFF_0000);
                 }
-                for (row, out) in query
-                    .chunks_exact(depth)
-                    .zip(packed.chunks_exact_mut(pairs))
-                {
-                    for (two, o) in row.chunks(2).zip(out.iter_mut()) {
-                        *o = bits(two[0]) | (two.get(1).map_or(0, |&x| bits(x)) << 16);
-                    }
+                return;
+            }
+            for (row, out) in query
+                .chunks_exact(depth)
+                .zip(packed.chunks_exact_mut(pairs))
+            {
+                for (two, o) in row.chunks(2).zip(out.iter_mut()) {
+                    *o = bits(two[0]) | (two.get(1).map_or(0, |&x| bits(x)) << 16);
                 }
-            })
-    });
+            }
+        },
+    );
     Ok(packed)
 }
 
@@ -483,19 +490,18 @@ fn widen<E: Element, T: Real>(
     const CHUNK: usize = 16 * 1024;
     let mut out = try_filled(tensor, src.len(), T::ZERO)?;
     let isa = Isa::detect();
-    threads.install(|| {
-        out.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(dst, src)| {
-                let input = WidenInput {
-                    src,
-                    dst,
-                    scale,
-                    round,
-                };
-                simd::with_features::<Widen<'_, E, T>>(isa, input)
-            })
-    });
+    threads.for_each(
+        out.chunks_mut(CHUNK).zip(src.chunks(CHUNK)).collect(),
+        |(dst, src)| {
+            let input = WidenInput {
+                src,
+                dst,
+                scale,
+                round,
+            };
+            simd::with_features::<Widen<'_, E, T>>(isa, input)
+        },
+    );
     Ok(out)
 }
 
@@ -600,8 +606,8 @@ fn compute<E: Element, B: Element, W: Element, O: Element, T: Real>(
 ) -> Result<(), AttnError> {
     let (nb, heads, q, kv) = (call.batch, call.heads, call.q_len, call.kv_len);
     let heads_n = nb * heads;
-    let operands = Operands::<T>::new(call, threads)?;
     let block_rows = query_block_rows(kv);
+    let operands = Operands::<T>::new(call, threads, block_rows)?;
     let per_head = q.div_ceil(block_rows);
     let tasks_n = heads_n * per_head;
     let mut tasks: Vec<Task<'_, W, O, T>> = Vec::new();
@@ -674,21 +680,28 @@ fn compute<E: Element, B: Element, W: Element, O: Element, T: Real>(
         0
     };
     let isa = Isa::detect();
+    let scratch_key = match operands.key {
+        KeyOperand::PanelsPerTask => kv.div_ceil(KEY_PANEL) * KEY_PANEL * call.qk_depth,
+        _ => 0,
+    };
     let operands_ref = &operands;
-    let result = tasks.into_par_iter().try_for_each(|task| {
+    let result = threads.try_for_each(tasks, |task| {
         let mut logits = spare_buffer(SPARE_LOGITS, "logits scratch", scratch_logits)?;
         let mut output = spare_buffer(SPARE_OUTPUT, "output scratch", scratch_output)?;
+        let mut key_panels = spare_buffer(SPARE_KEY, "transposed key", scratch_key)?;
         let input = BlockInput {
             call,
             operands: operands_ref,
             pass: &pass,
             logits: &mut logits,
             output: &mut output,
+            key_panels: &mut key_panels,
             task,
         };
         let result = simd::with_features::<BlockBody<'_, '_, '_, E, B, W, O, T>>(isa, input);
         T::put_spare(SPARE_LOGITS, logits);
         T::put_spare(SPARE_OUTPUT, output);
+        T::put_spare(SPARE_KEY, key_panels);
         result
     });
     match operands.key {
@@ -697,7 +710,7 @@ fn compute<E: Element, B: Element, W: Element, O: Element, T: Real>(
             put_spare_pairs(SPARE_KEY, key);
             put_spare_pairs(SPARE_LOGITS, query);
         }
-        KeyOperand::Rows(_) => {}
+        KeyOperand::Rows(_) | KeyOperand::PanelsPerTask => {}
     }
     result
 }
@@ -744,6 +757,8 @@ struct BlockInput<'t, 'a, 'o, E, B, W, O, T: Clone> {
     logits: &'t mut [T],
     /// Scratch rows of `P·V` (when the output is not `T`).
     output: &'t mut [T],
+    /// Scratch panels of the task's head of `kᵀ` ([`KeyOperand::PanelsPerTask`]).
+    key_panels: &'t mut [T],
     task: Task<'o, W, O, T>,
 }
 
@@ -761,6 +776,20 @@ impl<'t, 'a: 't, 'o, E: Element, B: Element, W: Element, O: Element, T: Real> Bo
 
     #[inline(always)]
     fn run<M: MulAdd>(input: Self::Input) -> Self::Output {
+        if let KeyOperand::PanelsPerTask = input.operands.key {
+            let call = input.call;
+            let heads = call.heads;
+            TransposeHead::<E, T>::run::<M>(TransposeInput {
+                key: call.key,
+                panels: &mut *input.key_panels,
+                width: KEY_PANEL,
+                b: input.task.bh / heads,
+                h: input.task.bh % heads,
+                heads,
+                kv: call.kv_len,
+                dk: call.qk_depth,
+            });
+        }
         run_block(input)
     }
 }
@@ -790,6 +819,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         pass,
         logits: scratch_logits,
         output: scratch_output,
+        key_panels,
         task,
     } = input;
     let (heads, q, kv, dk) = (call.heads, call.q_len, call.kv_len, call.qk_depth);
@@ -812,8 +842,15 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
     let rounded = match &operands.key {
         // (Only with `depth > 0`: with `depth = 0` the GEMM below gives the logits, the empty
         // sum 0 whatever the scale.)
-        KeyOperand::Panels(key_t) => {
+        KeyOperand::Panels(_) | KeyOperand::PanelsPerTask => {
             let query = T::as_f32(&operands.query).ok_or_else(view_bug)?;
+            // This head's panels, `[kv / 64, depth, 64]`.
+            let key_t = match &operands.key {
+                KeyOperand::Panels(key_t) => {
+                    &key_t[task.bh * kv.div_ceil(KEY_PANEL) * KEY_PANEL * dk..]
+                }
+                _ => &key_panels[..],
+            };
             let key_t = T::as_f32(key_t).ok_or_else(view_bug)?;
             let c = T::as_f32_mut(logits).ok_or_else(view_bug)?;
             let alpha = operands.alpha.to_elem::<f32>();
@@ -823,7 +860,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     a: &query[q_off..],
                     a_row: heads * dk,
                     a_step: 1,
-                    b: &key_t[(task.bh * kv.div_ceil(KEY_PANEL) * KEY_PANEL + first_key) * dk..],
+                    b: &key_t[first_key * dk..],
                     b_step: KEY_PANEL,
                     rows,
                     cols: keys,

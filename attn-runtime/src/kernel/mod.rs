@@ -340,7 +340,8 @@ fn run<E: Element, B: Element, W: Element, O: Element>(
             };
             let args = flash::FlashArgs::of_call(call, value);
             let isa = simd::Isa::detect();
-            ctx.install(|| flash::flash_attention(&args, out, isa));
+            let threads = ctx.threads();
+            threads.install(|| flash::flash_attention(&args, out, isa, threads));
             Ok(())
         }
         Path::Materialized => {

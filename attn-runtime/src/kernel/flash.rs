@@ -44,6 +44,7 @@ use super::dot::{Dot, dot};
 use super::exp::{MulAdd, Unfused, exp_f32};
 use super::round::bf16_bits;
 use super::simd::{self, Body, Isa, Product};
+use super::transpose::{TRANSPOSE_TILE, transpose_tile};
 use crate::context::Threads;
 use crate::element::{DType, Element};
 
@@ -90,6 +91,8 @@ pub(crate) trait TileReal:
     fn direct<E: Element>(values: &[E]) -> Option<&[Self]>;
     /// The slice itself when its elements already have this type.
     fn direct_mut<E: Element>(values: &mut [E]) -> Option<&mut [Self]>;
+    /// The slice itself when this type is `f32`.
+    fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
     /// `c (=|+=) a · b` (see [`Product`]).
     fn product(isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize);
     /// `c (=|+=) a · b` over `bf16` pairs (see [`simd::product_bf16_pairs`]).
@@ -144,6 +147,10 @@ impl TileReal for f32 {
     #[inline(always)]
     fn direct_mut<E: Element>(values: &mut [E]) -> Option<&mut [Self]> {
         E::as_f32_slice_mut(values)
+    }
+    #[inline(always)]
+    fn as_f32_mut(values: &mut [f32]) -> Option<&mut [f32]> {
+        Some(values)
     }
     #[inline(always)]
     fn product(isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize) {
@@ -215,6 +222,10 @@ impl TileReal for f64 {
     #[inline(always)]
     fn direct_mut<E: Element>(values: &mut [E]) -> Option<&mut [Self]> {
         E::as_f64_slice_mut(values)
+    }
+    #[inline(always)]
+    fn as_f32_mut(_values: &mut [f64]) -> Option<&mut [f32]> {
+        None
     }
     #[inline(always)]
     fn product(_isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize) {
@@ -877,26 +888,62 @@ where
     }
 }
 
-/// Packs the scaled, transposed queries of every head of the task: `query_t[h][k][r]`. The
-/// task's query rows (all heads) are read once, front to back.
+/// Packs the scaled, transposed queries of every head of the task: `query_t[h][k][r]`, zero in
+/// the columns after the task's last row. Tiles of 16 rows × 16 values: a column of `query_t`
+/// touches a cache line per value, so filled one query row at a time it left L1 long before
+/// the row's next value came.
 #[inline(always)]
 fn pack_queries<C: TileReal, E: Element>(args: &FlashArgs<'_, E>, rows: Rows, s: &mut Scratch<C>) {
+    const N: usize = TRANSPOSE_TILE;
     let d = args.dims;
     let (depth, width) = (d.qk_depth, rows.width);
     let scale = C::from_f64(args.query_scale);
     let heads = rows.heads();
+    let row_len = rows.heads * depth;
     let query_t = &mut s.query_t[heads.start * depth * width..heads.end * depth * width];
-    for r in 0..width {
-        if r < rows.count {
-            let start = ((rows.b * d.q_len + rows.first + r) * d.heads + heads.start) * depth;
-            let row = &args.query[start..start + rows.heads * depth];
-            for (hk, &q) in row.iter().enumerate() {
-                query_t[hk * width + r] = C::of(q) * scale;
+    let query_row = |r: usize| {
+        let start = ((rows.b * d.q_len + rows.first + r) * d.heads + heads.start) * depth;
+        &args.query[start..start + row_len]
+    };
+    // f32 queries into f32 columns: whole tiles transposed in registers.
+    let query_f32 = f32::direct(args.query);
+    let scale_f32 = args.query_scale as f32;
+    let mut tile = [[C::ZERO; N]; N];
+    for first_row in (0..rows.count).step_by(N) {
+        for first in (0..row_len).step_by(N) {
+            let whole = first_row + N <= rows.count && first + N <= row_len;
+            if let (true, Some(query), Some(columns)) = (
+                whole,
+                query_f32,
+                C::as_f32_mut(&mut query_t[first * width + first_row..]),
+            ) {
+                let start = ((rows.b * d.q_len + rows.first + first_row) * d.heads + heads.start)
+                    * depth
+                    + first;
+                let row_stride = d.heads * depth;
+                if simd::transpose_16x16_avx512(
+                    &query[start..],
+                    row_stride,
+                    scale_f32,
+                    columns,
+                    width,
+                ) {
+                    continue;
+                }
             }
-        } else {
-            for hk in 0..rows.heads * depth {
-                query_t[hk * width + r] = C::ZERO;
-            }
+            transpose_tile(
+                &mut tile,
+                (N.min(rows.count - first_row), N.min(row_len - first)),
+                |j| &query_row(first_row + j)[first..],
+                |q| C::of(q) * scale,
+                &mut query_t[first * width + first_row..],
+                width,
+            );
+        }
+    }
+    if rows.count < width {
+        for column in query_t.chunks_exact_mut(width) {
+            column[rows.count..].fill(C::ZERO);
         }
     }
 }

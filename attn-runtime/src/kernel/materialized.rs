@@ -19,6 +19,7 @@ use super::real::{Real, SPARE_MAX_BYTES};
 use super::round::{Narrow, ToBf16, ToF16};
 use super::rowpass::{MaskRow, RowPass};
 use super::simd::{self, Body, Isa, Product};
+use super::transpose::{TRANSPOSE_TILE, transpose_tile};
 use crate::array::Array;
 use crate::context::{Context, Threads};
 use crate::element::{DType, Element};
@@ -174,11 +175,6 @@ impl<'a, T: Real> Operands<'a, T> {
     }
 }
 
-/// The side of the square tiles [`transpose_key`] works in: 16 key rows are read 16 values
-/// (one cache line of f32) at a time, and each of the 16 rows of the result they go to gets
-/// 16 consecutive values.
-const TRANSPOSE_TILE: usize = 16;
-
 /// The key `[batch, kv, heads, depth]` as `T`, transposed to panels of `width` keys,
 /// `[batch·heads, kv / width, depth, width]` (the last panel padded to `width`; `width = kv`
 /// gives `[batch·heads, depth, kv]`), one (batch, head) per parallel task, in this thread's
@@ -265,52 +261,31 @@ impl<'s, E: Element, T: Real> Body for TransposeHead<'s, E, T> {
             for first_depth in (0..dk).step_by(N) {
                 let key_row =
                     |j: usize| &key[((b * kv + first_key + j) * heads + h) * dk + first_depth..];
+                let panel = &mut panel[first_depth * width + first_key % width..];
+                // f32 keys into f32 panels: whole tiles transposed in registers.
+                let whole = keys == N && first_depth + N <= dk;
+                if let (true, Some(key_f32), Some(panel)) =
+                    (whole, f32::same_slice(key), T::as_f32_mut(&mut *panel))
+                {
+                    let start = ((b * kv + first_key) * heads + h) * dk + first_depth;
+                    if simd::transpose_16x16_avx512(
+                        &key_f32[start..],
+                        heads * dk,
+                        1.0,
+                        panel,
+                        width,
+                    ) {
+                        continue;
+                    }
+                }
                 transpose_tile(
                     &mut tile,
                     (keys, N.min(dk - first_depth)),
                     key_row,
                     T::from_elem,
-                    &mut panel[first_depth * width + first_key % width..],
+                    panel,
                     width,
                 );
-            }
-        }
-    }
-}
-
-/// Copies the `rows × cols` block whose row `j` starts at `src(j)` into `dst` transposed (row
-/// `d` of the result at `dst[d * ld..][..rows]`), converting each value, through `tile`. Full
-/// tiles have constant bounds, so that their loops vectorize.
-#[inline(always)]
-fn transpose_tile<'s, X: Copy + 's, Y: Copy>(
-    tile: &mut [[Y; TRANSPOSE_TILE]; TRANSPOSE_TILE],
-    (rows, cols): (usize, usize),
-    src: impl Fn(usize) -> &'s [X],
-    convert: impl Fn(X) -> Y,
-    dst: &mut [Y],
-    ld: usize,
-) {
-    const N: usize = TRANSPOSE_TILE;
-    if rows == N && cols == N {
-        for (j, row) in tile.iter_mut().enumerate() {
-            for (y, &x) in row.iter_mut().zip(&src(j)[..N]) {
-                *y = convert(x);
-            }
-        }
-        for d in 0..N {
-            for (y, row) in dst[d * ld..][..N].iter_mut().zip(&*tile) {
-                *y = row[d];
-            }
-        }
-    } else {
-        for (j, row) in tile.iter_mut().enumerate().take(rows) {
-            for (y, &x) in row.iter_mut().zip(&src(j)[..cols]) {
-                *y = convert(x);
-            }
-        }
-        for d in 0..cols {
-            for (y, row) in dst[d * ld..][..rows].iter_mut().zip(&*tile) {
-                *y = row[d];
             }
         }
     }

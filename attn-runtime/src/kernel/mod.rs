@@ -6,7 +6,8 @@
 //! `materialized.rs` (the per-(batch, head) driver that builds the `q × kv` logits matrix),
 //! `gemm.rs` (strided views and `matrixmultiply` calls), `real.rs` (f32/f64 arithmetic),
 //! `flash.rs` (the tiled online-softmax output path that never builds the `q × kv` matrix),
-//! `exp.rs` (a vectorizable `exp`), `dot.rs` (a vectorizable dot product), `simd.rs` (CPU feature detection and AVX-512
+//! `exp.rs` (a vectorizable `exp`), `dot.rs` (a vectorizable dot product), `transpose.rs` (the
+//! tiled transpose of operand layouts), `simd.rs` (CPU feature detection and AVX-512
 //! micro-kernels). `unsafe` code lives in `gemm.rs` and `simd.rs` only. Which driver computes a
 //! call is decided in one place: `choose_path`.
 
@@ -21,6 +22,7 @@ mod real;
 pub(crate) mod round;
 mod rowpass;
 mod simd;
+mod transpose;
 
 pub use broadcast::{Broadcast, Mask, broadcast_shapes};
 pub use plan::DTypePlan;

@@ -1,0 +1,46 @@
+//! The tiled transpose both kernel paths lay their operands out with.
+
+/// The side of the square tiles [`transpose_tile`] works in: 16 source rows are read 16 values
+/// (one cache line of f32) at a time, and each of the 16 rows of the result they go to gets
+/// 16 consecutive values.
+pub(super) const TRANSPOSE_TILE: usize = 16;
+
+/// Copies the `rows × cols` block (at most [`TRANSPOSE_TILE`] each) whose row `j` starts at
+/// `src(j)` into `dst` transposed (row `d` of the result at `dst[d * ld..][..rows]`), converting
+/// each value, through `tile`: rows of the source and of the result often lie a power of two
+/// apart and would evict each other from the same cache sets if copied value by value. Full
+/// tiles have constant bounds, so that their loops vectorize.
+#[inline(always)]
+pub(super) fn transpose_tile<'s, X: Copy + 's, Y: Copy>(
+    tile: &mut [[Y; TRANSPOSE_TILE]; TRANSPOSE_TILE],
+    (rows, cols): (usize, usize),
+    src: impl Fn(usize) -> &'s [X],
+    convert: impl Fn(X) -> Y,
+    dst: &mut [Y],
+    ld: usize,
+) {
+    const N: usize = TRANSPOSE_TILE;
+    if rows == N && cols == N {
+        for (j, row) in tile.iter_mut().enumerate() {
+            for (y, &x) in row.iter_mut().zip(&src(j)[..N]) {
+                *y = convert(x);
+            }
+        }
+        for d in 0..N {
+            for (y, row) in dst[d * ld..][..N].iter_mut().zip(&*tile) {
+                *y = row[d];
+            }
+        }
+    } else {
+        for (j, row) in tile.iter_mut().enumerate().take(rows) {
+            for (y, &x) in row.iter_mut().zip(&src(j)[..cols]) {
+                *y = convert(x);
+            }
+        }
+        for d in 0..cols {
+            for (y, row) in dst[d * ld..][..rows].iter_mut().zip(&*tile) {
+                *y = row[d];
+            }
+        }
+    }
+}

@@ -44,7 +44,7 @@ use super::dot::{Dot, dot};
 use super::exp::{MulAdd, Unfused, exp_f32};
 use super::round::bf16_bits;
 use super::simd::{self, Body, Isa, Product};
-use super::transpose::{TRANSPOSE_TILE, transpose_tile};
+use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32};
 use crate::context::Threads;
 use crate::element::{DType, Element};
 
@@ -902,42 +902,30 @@ fn pack_queries<C: TileReal, E: Element>(args: &FlashArgs<'_, E>, rows: Rows, s:
     let heads = rows.heads();
     let row_len = rows.heads * depth;
     let query_t = &mut s.query_t[heads.start * depth * width..heads.end * depth * width];
-    let query_row = |r: usize| {
-        let start = ((rows.b * d.q_len + rows.first + r) * d.heads + heads.start) * depth;
-        &args.query[start..start + row_len]
-    };
-    // f32 queries into f32 columns: whole tiles transposed in registers.
+    // Query row `r` of the task starts at `row_start(r)`; rows are `stride` apart.
+    let row_start =
+        |r: usize| ((rows.b * d.q_len + rows.first + r) * d.heads + heads.start) * depth;
+    let stride = d.heads * depth;
     let query_f32 = f32::direct(args.query);
-    let scale_f32 = args.query_scale as f32;
     let mut tile = [[C::ZERO; N]; N];
+    let mut tile_f32 = [[0.0f32; N]; N];
     for first_row in (0..rows.count).step_by(N) {
         for first in (0..row_len).step_by(N) {
-            let whole = first_row + N <= rows.count && first + N <= row_len;
-            if let (true, Some(query), Some(columns)) = (
-                whole,
-                query_f32,
-                C::as_f32_mut(&mut query_t[first * width + first_row..]),
-            ) {
-                let start = ((rows.b * d.q_len + rows.first + first_row) * d.heads + heads.start)
-                    * depth
-                    + first;
-                let row_stride = d.heads * depth;
-                if simd::transpose_16x16_avx512(
-                    &query[start..],
-                    row_stride,
-                    scale_f32,
-                    columns,
-                    width,
-                ) {
-                    continue;
-                }
+            let block = (N.min(rows.count - first_row), N.min(row_len - first));
+            let src = row_start(first_row) + first;
+            let dst = first * width + first_row;
+            if let (Some(query), Some(query_t)) = (query_f32, C::as_f32_mut(&mut *query_t)) {
+                let scale = args.query_scale as f32;
+                let src = (&query[src..], stride);
+                transpose_tile_f32(&mut tile_f32, block, src, scale, &mut query_t[dst..], width);
+                continue;
             }
             transpose_tile(
                 &mut tile,
-                (N.min(rows.count - first_row), N.min(row_len - first)),
-                |j| &query_row(first_row + j)[first..],
+                block,
+                |j| &args.query[src + j * stride..],
                 |q| C::of(q) * scale,
-                &mut query_t[first * width + first_row..],
+                &mut query_t[dst..],
                 width,
             );
         }

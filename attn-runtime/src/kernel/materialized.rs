@@ -19,7 +19,7 @@ use super::real::{Real, SPARE_MAX_BYTES};
 use super::round::{Narrow, ToBf16, ToF16};
 use super::rowpass::{MaskRow, RowPass};
 use super::simd::{self, Body, Isa, Product};
-use super::transpose::{TRANSPOSE_TILE, transpose_tile};
+use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32};
 use crate::array::Array;
 use crate::context::{Context, Threads};
 use crate::element::{DType, Element};
@@ -253,37 +253,30 @@ impl<'s, E: Element, T: Real> Body for TransposeHead<'s, E, T> {
             kv,
             dk,
         } = input;
+        // Key `j` of the head starts at `key_start(j)`; keys are `stride` apart.
+        let key_start = |j: usize| ((b * kv + j) * heads + h) * dk;
+        let stride = heads * dk;
+        let key_f32 = f32::same_slice(key);
         let mut tile = [[T::ZERO; N]; N];
+        let mut tile_f32 = [[0.0f32; N]; N];
         for first_key in (0..kv).step_by(N) {
-            let keys = N.min(kv - first_key);
             // The tile's keys lie in one panel (`width` is a multiple of N, or kv).
             let panel = &mut panels[first_key / width * width * dk..];
             for first_depth in (0..dk).step_by(N) {
-                let key_row =
-                    |j: usize| &key[((b * kv + first_key + j) * heads + h) * dk + first_depth..];
-                let panel = &mut panel[first_depth * width + first_key % width..];
-                // f32 keys into f32 panels: whole tiles transposed in registers.
-                let whole = keys == N && first_depth + N <= dk;
-                if let (true, Some(key_f32), Some(panel)) =
-                    (whole, f32::same_slice(key), T::as_f32_mut(&mut *panel))
-                {
-                    let start = ((b * kv + first_key) * heads + h) * dk + first_depth;
-                    if simd::transpose_16x16_avx512(
-                        &key_f32[start..],
-                        heads * dk,
-                        1.0,
-                        panel,
-                        width,
-                    ) {
-                        continue;
-                    }
+                let block = (N.min(kv - first_key), N.min(dk - first_depth));
+                let src = key_start(first_key) + first_depth;
+                let dst = first_depth * width + first_key % width;
+                if let (Some(key), Some(panel)) = (key_f32, T::as_f32_mut(&mut *panel)) {
+                    let src = (&key[src..], stride);
+                    transpose_tile_f32(&mut tile_f32, block, src, 1.0, &mut panel[dst..], width);
+                    continue;
                 }
                 transpose_tile(
                     &mut tile,
-                    (keys, N.min(dk - first_depth)),
-                    key_row,
+                    block,
+                    |j| &key[src + j * stride..],
                     T::from_elem,
-                    panel,
+                    &mut panel[dst..],
                     width,
                 );
             }

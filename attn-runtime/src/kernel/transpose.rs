@@ -1,5 +1,7 @@
 //! The tiled transpose both kernel paths lay their operands out with.
 
+use super::simd;
+
 /// The side of the square tiles [`transpose_tile`] works in: 16 source rows are read 16 values
 /// (one cache line of f32) at a time, and each of the 16 rows of the result they go to gets
 /// 16 consecutive values.
@@ -43,4 +45,31 @@ pub(super) fn transpose_tile<'s, X: Copy + 's, Y: Copy>(
             }
         }
     }
+}
+
+/// [`transpose_tile`] of `f32` into `f32` times `scale`, the rows of the block `src_row` apart
+/// from the start of `src`: a whole tile goes through the AVX-512 registers where the CPU has
+/// them ([`simd::transpose_16x16_avx512`]; the portable tile stays scalar), a partial one
+/// through `tile`.
+#[inline(always)]
+pub(super) fn transpose_tile_f32(
+    tile: &mut [[f32; TRANSPOSE_TILE]; TRANSPOSE_TILE],
+    (rows, cols): (usize, usize),
+    (src, src_row): (&[f32], usize),
+    scale: f32,
+    dst: &mut [f32],
+    ld: usize,
+) {
+    const N: usize = TRANSPOSE_TILE;
+    if rows == N && cols == N && simd::transpose_16x16_avx512(src, src_row, scale, dst, ld) {
+        return;
+    }
+    transpose_tile(
+        tile,
+        (rows, cols),
+        |j| &src[j * src_row..],
+        |x| x * scale,
+        dst,
+        ld,
+    );
 }

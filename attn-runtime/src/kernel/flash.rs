@@ -1334,11 +1334,7 @@ fn softmax_block<C: TileReal, E: Element, M: MulAdd>(
     // Online softmax, vectorized along the query columns.
     let block_max = &mut block_max[..width];
     block_max.fill(C::NEG_INFINITY);
-    for row in scores.chunks_exact(width) {
-        for (m, &x) in block_max.iter_mut().zip(row) {
-            *m = m.max(x);
-        }
-    }
+    column_max(scores, width, block_max);
     for r in 0..width {
         let new_max = max[r].max(block_max[r]);
         // A row whose logits so far are all -inf keeps shift 0, so that exp(-inf) = 0
@@ -1353,14 +1349,7 @@ fn softmax_block<C: TileReal, E: Element, M: MulAdd>(
         max[r] = new_max;
         sum[r] = sum[r] * alpha[r];
     }
-    let shift = &shift[..width];
-    for row in scores.chunks_exact_mut(width) {
-        for ((x, &m), l) in row.iter_mut().zip(shift).zip(sum.iter_mut()) {
-            let p = (*x - m).exp::<M>();
-            *x = p;
-            *l = *l + p;
-        }
-    }
+    exp_and_column_sum::<C, M>(scores, width, &shift[..width], sum);
     if let Some(dropout) = &args.dropout {
         for r in 0..rows.count {
             dropout.for_run::<C>(&d, (b, h, rows.first + r), j0, cols, |jj, keep| {
@@ -1375,6 +1364,72 @@ fn softmax_block<C: TileReal, E: Element, M: MulAdd>(
                 *x = *x * a;
             }
         }
+    }
+}
+
+/// Columns that the column passes below hold in registers across all rows of a block (four
+/// AVX-512 vectors of `f32`). A pass that went through memory row by row would make every row
+/// wait for the previous row's store of the same maxima or sums.
+const REGISTER_COLUMNS: usize = 64;
+
+/// `max[c] = max(max[c], scores[j][c])` over the rows `j` of `scores` (`width` columns each).
+#[inline(always)]
+fn column_max<C: TileReal>(scores: &[C], width: usize, max: &mut [C]) {
+    #[inline(always)]
+    fn columns<C: TileReal, const N: usize>(scores: &[C], width: usize, c0: usize, max: &mut [C]) {
+        let mut m: [C; N] = max[c0..c0 + N].try_into().expect("N columns");
+        for row in scores.chunks_exact(width) {
+            for (m, &x) in m.iter_mut().zip(&row[c0..c0 + N]) {
+                *m = m.max(x);
+            }
+        }
+        max[c0..c0 + N].copy_from_slice(&m);
+    }
+    let mut c0 = 0;
+    while c0 + REGISTER_COLUMNS <= width {
+        columns::<C, REGISTER_COLUMNS>(scores, width, c0, max);
+        c0 += REGISTER_COLUMNS;
+    }
+    for c in c0..width {
+        columns::<C, 1>(scores, width, c, max);
+    }
+}
+
+/// `scores[j][c] = exp(scores[j][c] - shift[c])` and `sum[c] += scores[j][c]` over the rows `j`
+/// of `scores` in order (`width` columns each).
+#[inline(always)]
+fn exp_and_column_sum<C: TileReal, M: MulAdd>(
+    scores: &mut [C],
+    width: usize,
+    shift: &[C],
+    sum: &mut [C],
+) {
+    #[inline(always)]
+    fn columns<C: TileReal, M: MulAdd, const N: usize>(
+        scores: &mut [C],
+        width: usize,
+        c0: usize,
+        shift: &[C],
+        sum: &mut [C],
+    ) {
+        let shift: [C; N] = shift[c0..c0 + N].try_into().expect("N columns");
+        let mut l: [C; N] = sum[c0..c0 + N].try_into().expect("N columns");
+        for row in scores.chunks_exact_mut(width) {
+            for ((x, &m), l) in row[c0..c0 + N].iter_mut().zip(&shift).zip(&mut l) {
+                let p = (*x - m).exp::<M>();
+                *x = p;
+                *l = *l + p;
+            }
+        }
+        sum[c0..c0 + N].copy_from_slice(&l);
+    }
+    let mut c0 = 0;
+    while c0 + REGISTER_COLUMNS <= width {
+        columns::<C, M, REGISTER_COLUMNS>(scores, width, c0, shift, sum);
+        c0 += REGISTER_COLUMNS;
+    }
+    for c in c0..width {
+        columns::<C, M, 1>(scores, width, c, shift, sum);
     }
 }
 

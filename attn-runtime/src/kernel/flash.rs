@@ -48,8 +48,12 @@ use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32};
 use crate::context::Threads;
 use crate::element::{DType, Element};
 
-/// Query rows per task (fewer when that would leave fewer than [`MIN_TASKS`] tasks).
-pub(crate) const QUERY_BLOCK: usize = 64;
+/// Query rows per task (fewer when that would leave fewer than [`MIN_TASKS`] tasks). Each task
+/// reads the keys and values of its batch element once, so larger blocks read them less often.
+pub(crate) const QUERY_BLOCK: usize = 128;
+/// Query rows per task under a causal mask: smaller blocks skip more of the keys above the
+/// diagonal (at `B = 4, L = 512`, 128 rows were 14% slower than 64 with 2 threads).
+const CAUSAL_QUERY_BLOCK: usize = 64;
 /// Keys per inner block.
 pub(crate) const KEY_BLOCK: usize = 128;
 /// The query block shrinks (down to 16 rows) until there are at least this many tasks.
@@ -554,8 +558,12 @@ pub(crate) fn flash_attention<E: Element, O: Element>(
 }
 
 /// The query block for these sizes: depends on the shape only, never on the thread count.
-fn query_block(d: &Dims) -> usize {
-    let mut block = QUERY_BLOCK;
+fn query_block(d: &Dims, causal: bool) -> usize {
+    let mut block = if causal {
+        CAUSAL_QUERY_BLOCK
+    } else {
+        QUERY_BLOCK
+    };
     while block > 16 && d.batch * d.q_len.div_ceil(block) < MIN_TASKS {
         block /= 2;
     }
@@ -569,7 +577,7 @@ fn run<C: TileReal, E: Element, O: Element>(
     threads: Threads<'_>,
 ) {
     let d = args.dims;
-    let block = query_block(&d);
+    let block = query_block(&d, args.mask.causal);
     let row_len = d.heads * d.v_depth;
     // Tasks: (batch element, first query row, first head, output rows). With one query row
     // (decoding) the output row of a batch element is split by groups of heads instead, so

@@ -19,7 +19,7 @@ use super::real::{Real, SPARE_MAX_BYTES};
 use super::round::{Narrow, ToBf16, ToF16};
 use super::rowpass::{MaskRow, RowPass};
 use super::simd::{self, Body, Isa, Product};
-use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32};
+use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32, transpose_tile_u32};
 use crate::array::Array;
 use crate::context::{Context, Threads};
 use crate::element::{DType, Element};
@@ -320,11 +320,13 @@ fn key_pair_panels<E: Element, B>(
                 for first_key in (0..kv).step_by(N) {
                     let panel = &mut head[first_key / KEY_PANEL * KEY_PANEL * pairs..];
                     for first_pair in (0..pairs).step_by(N) {
-                        transpose_tile(
+                        transpose_tile_u32(
                             &mut tile,
                             (N.min(kv - first_key), N.min(pairs - first_pair)),
-                            |j| &key_pairs[row(first_key + j) / 2 + first_pair..],
-                            |x| x,
+                            (
+                                &key_pairs[row(first_key) / 2 + first_pair..],
+                                heads * dk / 2,
+                            ),
                             &mut panel[first_pair * KEY_PANEL + first_key % KEY_PANEL..],
                             KEY_PANEL,
                         );

@@ -213,26 +213,71 @@ pub(crate) fn transpose_16x16_avx512(
     {
         // SAFETY: the CPU has AVX-512F (checked above) and the assertion above keeps the 16
         // rows of 16 values read from `src` and written to `dst` inside the slices.
-        unsafe { transpose_16x16(src.as_ptr(), src_row, scale, dst.as_mut_ptr(), ld) };
+        unsafe { transpose_16x16(src.as_ptr(), src_row, Some(scale), dst.as_mut_ptr(), ld) };
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
-/// [`transpose_16x16_avx512`]'s body.
+/// [`transpose_16x16_avx512`] of 32-bit words moved as they are (no arithmetic touches them,
+/// so the bits of `bf16` pairs come through unchanged).
+#[inline]
+pub(crate) fn transpose_16x16_bits_avx512(
+    src: &[u32],
+    src_row: usize,
+    dst: &mut [u32],
+    ld: usize,
+) -> bool {
+    assert!(
+        src.len() >= 15 * src_row + 16 && dst.len() >= 15 * ld + 16,
+        "16 × 16 transpose out of bounds"
+    );
+    if !Isa::detect().has_avx512() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU has AVX-512F (checked above) and the assertion above keeps the 16
+        // rows of 16 words read from `src` and written to `dst` inside the slices; `u32` and
+        // `f32` have the same size and alignment, and without a scale the words are only
+        // loaded, shuffled and stored.
+        unsafe {
+            transpose_16x16(
+                src.as_ptr().cast::<f32>(),
+                src_row,
+                None,
+                dst.as_mut_ptr().cast::<f32>(),
+                ld,
+            )
+        };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`transpose_16x16_avx512`]'s body (values times `scale` if given, else moved bit for bit).
 ///
 /// # Safety
 /// The CPU supports AVX-512F; `src + j · src_row` and `dst + d · ld` are valid for 16 `f32`
 /// each for `j, d < 16`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose_16x16(src: *const f32, src_row: usize, scale: f32, dst: *mut f32, ld: usize) {
-    let scale = _mm512_set1_ps(scale);
+unsafe fn transpose_16x16(
+    src: *const f32,
+    src_row: usize,
+    scale: Option<f32>,
+    dst: *mut f32,
+    ld: usize,
+) {
     let rows: [__m512; 16] = std::array::from_fn(|j| {
         // SAFETY: row j < 16 of the block, valid by the contract.
         let row = unsafe { _mm512_loadu_ps(src.add(j * src_row)) };
-        _mm512_mul_ps(row, scale)
+        match scale {
+            Some(scale) => _mm512_mul_ps(row, _mm512_set1_ps(scale)),
+            None => row,
+        }
     });
     // In each 128-bit lane ℓ (values 4ℓ..4ℓ + 3 of a row): pairs of rows interleaved, then
     // `columns[4k + m]` holds value 4ℓ + m of rows 4k..4k + 3.
@@ -709,6 +754,27 @@ mod tests {
                 -1.0
             };
             assert_eq!(got.to_bits(), want.to_bits(), "dst[{d}][{j}]");
+        }
+    }
+
+    #[test]
+    fn bits_transpose_moves_every_word_unchanged() {
+        if !Isa::detect().has_avx512() {
+            return;
+        }
+        let (src_row, ld) = (18, 23);
+        // Words that arithmetic would change: signalling NaNs (quieted), subnormals (flushed
+        // under DAZ), negative zero; and plain bf16 pairs.
+        let special = [0x7f80_0001, 0xff80_0001, 0x0000_0001, 0x8000_0000, 0x3f80_bf80];
+        let src: Vec<u32> = (0..15 * src_row + 16)
+            .map(|i| special[i % 5] ^ ((i as u32) << 8))
+            .collect();
+        let mut dst = vec![7u32; 15 * ld + 16 + 2];
+        assert!(transpose_16x16_bits_avx512(&src, src_row, &mut dst, ld));
+        for (i, &got) in dst.iter().enumerate() {
+            let (d, j) = (i / ld, i % ld);
+            let want = if d < 16 && j < 16 { src[j * src_row + d] } else { 7 };
+            assert_eq!(got, want, "dst[{d}][{j}]");
         }
     }
 }

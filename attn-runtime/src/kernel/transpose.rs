@@ -73,3 +73,21 @@ pub(super) fn transpose_tile_f32(
         ld,
     );
 }
+
+/// [`transpose_tile`] of 32-bit words (`bf16` pairs) moved as they are, the rows of the block
+/// `src_row` apart from the start of `src`: a whole tile through the AVX-512 registers where
+/// the CPU has them ([`simd::transpose_16x16_bits_avx512`]), else through `tile`.
+#[inline(always)]
+pub(super) fn transpose_tile_u32(
+    tile: &mut [[u32; TRANSPOSE_TILE]; TRANSPOSE_TILE],
+    (rows, cols): (usize, usize),
+    (src, src_row): (&[u32], usize),
+    dst: &mut [u32],
+    ld: usize,
+) {
+    const N: usize = TRANSPOSE_TILE;
+    if rows == N && cols == N && simd::transpose_16x16_bits_avx512(src, src_row, dst, ld) {
+        return;
+    }
+    transpose_tile(tile, (rows, cols), |j| &src[j * src_row..], |x| x, dst, ld);
+}

@@ -1114,6 +1114,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
     if bf16_pairs && args.weights_bf16 {
         let half_cols = cols.div_ceil(2);
         let value_bits = E::as_bf16_bits(args.value).unwrap_or_default();
+        let key_bits = E::as_bf16_bits(args.key).unwrap_or_default();
         pairs.probs.resize(half_cols * width, 0);
         pairs.value.resize(half_cols * v_depth, 0);
         let probs = pairs.probs.chunks_exact_mut(width);
@@ -1132,6 +1133,15 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
                 }
                 for ((out, &a), &b) in values.iter_mut().zip(value_row(lo)).zip(value_row(hi)) {
                     *out = pair(a.into(), b.into());
+                }
+                // The next head's rows of this block, while this head's wait on memory: its
+                // keys and values are read next, right after the product below.
+                if h + 1 < d.heads {
+                    for j in [lo, hi] {
+                        let next_value = value_start + v_depth + j * kv_values;
+                        simd::prefetch(&value_bits[next_value..][..v_depth]);
+                        simd::prefetch(&key_bits[key_start + depth + j * kv_rows..][..depth]);
+                    }
                 }
             } else {
                 for (out, &a) in probs.iter_mut().zip(&scores[lo * width..][..width]) {

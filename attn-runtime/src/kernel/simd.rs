@@ -190,6 +190,21 @@ pub(crate) fn product_avx512(p: &Product<'_, f32>, c: &mut [f32], ldc: usize) {
     });
 }
 
+/// Asks the CPU to bring the cache lines of `data` into L1: a hint, with no effect on any
+/// result (nothing at all off x86-64).
+#[inline(always)]
+pub(crate) fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let start = data.as_ptr().cast::<i8>();
+        for offset in (0..std::mem::size_of_val(data)).step_by(64) {
+            // SAFETY: `start + offset` lies inside `data`; a prefetch never faults and changes
+            // no memory.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(offset)) };
+        }
+    }
+}
+
 /// `dst[d · ld + j] = src[j · src_row + d] · scale` for `j, d < 16`: a 16 × 16 block
 /// transposed in the AVX-512 registers (16 loads, 64 shuffles, 16 stores, where a copy through
 /// memory moves one value at a time). Returns `false`, writing nothing, where [`Isa::detect`]
@@ -765,7 +780,13 @@ mod tests {
         let (src_row, ld) = (18, 23);
         // Words that arithmetic would change: signalling NaNs (quieted), subnormals (flushed
         // under DAZ), negative zero; and plain bf16 pairs.
-        let special = [0x7f80_0001, 0xff80_0001, 0x0000_0001, 0x8000_0000, 0x3f80_bf80];
+        let special = [
+            0x7f80_0001,
+            0xff80_0001,
+            0x0000_0001,
+            0x8000_0000,
+            0x3f80_bf80,
+        ];
         let src: Vec<u32> = (0..15 * src_row + 16)
             .map(|i| special[i % 5] ^ ((i as u32) << 8))
             .collect();
@@ -773,7 +794,11 @@ mod tests {
         assert!(transpose_16x16_bits_avx512(&src, src_row, &mut dst, ld));
         for (i, &got) in dst.iter().enumerate() {
             let (d, j) = (i / ld, i % ld);
-            let want = if d < 16 && j < 16 { src[j * src_row + d] } else { 7 };
+            let want = if d < 16 && j < 16 {
+                src[j * src_row + d]
+            } else {
+                7
+            };
             assert_eq!(got, want, "dst[{d}][{j}]");
         }
     }

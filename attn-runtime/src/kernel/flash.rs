@@ -44,7 +44,7 @@ use super::dot::{Dot, dot};
 use super::exp::{MulAdd, Unfused, exp_f32};
 use super::round::bf16_bits;
 use super::simd::{self, Body, Isa, Product};
-use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32};
+use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32, transpose_tile_u32};
 use crate::context::Threads;
 use crate::element::{DType, Element};
 
@@ -678,6 +678,9 @@ pub(crate) struct Scratch<C> {
 struct Bf16Pairs {
     /// Per head: scaled queries rounded to `bf16`, `[qk_depth / 2][width]`.
     query: Vec<u32>,
+    /// Up to [`TRANSPOSE_TILE`] query rows of the task as pairs, `[row][heads][qk_depth / 2]`,
+    /// on their way into `query`.
+    query_rows: Vec<u32>,
     /// Keys of one block and head, `[cols][qk_depth / 2]`.
     key: Vec<u32>,
     /// Values of one block and head, `[cols / 2][v_depth]`.
@@ -723,6 +726,7 @@ impl<C: TileReal> Scratch<C> {
             active: Vec::new(),
             pairs: Bf16Pairs {
                 query: Vec::new(),
+                query_rows: Vec::new(),
                 key: Vec::new(),
                 value: Vec::new(),
                 probs: Vec::new(),
@@ -949,23 +953,48 @@ fn pack_queries<C: TileReal, E: Element>(args: &FlashArgs<'_, E>, rows: Rows, s:
 /// rounded to `bf16` (Flax scales the query in its dtype).
 #[inline(always)]
 fn pack_query_pairs<E: Element>(args: &FlashArgs<'_, E>, rows: Rows, pairs: &mut Bf16Pairs) {
+    const N: usize = TRANSPOSE_TILE;
     let d = args.dims;
     let (depth, width) = (d.qk_depth, rows.width);
     let half_depth = depth.div_ceil(2);
+    let row_pairs = d.heads * half_depth;
     let scale = args.query_scale as f32;
+    let bits = |x: E| u32::from(bf16_bits(x.to_f32() * scale));
     pairs.query.clear();
     pairs.query.resize(d.heads * half_depth * width, 0);
-    for r in 0..rows.count {
-        let start = ((rows.b * d.q_len + rows.first + r) * d.heads) * depth;
+    pairs.query_rows.resize(N * row_pairs, 0);
+    let mut tile = [[0u32; N]; N];
+    // 16 rows at a time: paired along each row (a contiguous pass), then transposed 16 × 16.
+    for first in (0..rows.count).step_by(N) {
+        let count = N.min(rows.count - first);
+        for (r, out) in pairs
+            .query_rows
+            .chunks_exact_mut(row_pairs)
+            .take(count)
+            .enumerate()
+        {
+            let start = (rows.b * d.q_len + rows.first + first + r) * d.heads * depth;
+            for h in rows.heads() {
+                let q = &args.query[start + h * depth..start + (h + 1) * depth];
+                let out = &mut out[h * half_depth..(h + 1) * half_depth];
+                let (whole, last) = q.split_at(depth / 2 * 2);
+                for (o, two) in out.iter_mut().zip(whole.chunks_exact(2)) {
+                    *o = pair(bits(two[0]), bits(two[1]));
+                }
+                if let [x] = last {
+                    out[half_depth - 1] = bits(*x);
+                }
+            }
+        }
         for h in rows.heads() {
-            let q = &args.query[start + h * depth..start + (h + 1) * depth];
-            let packed = &mut pairs.query[h * half_depth * width..];
-            for (p, two) in q.chunks(2).enumerate() {
-                let lo = u32::from(bf16_bits(two[0].to_f32() * scale));
-                let hi = two
-                    .get(1)
-                    .map_or(0, |x| u32::from(bf16_bits(x.to_f32() * scale)));
-                packed[p * width + r] = pair(lo, hi);
+            for p in (0..half_depth).step_by(N) {
+                transpose_tile_u32(
+                    &mut tile,
+                    (count, N.min(half_depth - p)),
+                    (&pairs.query_rows[h * half_depth + p..], row_pairs),
+                    &mut pairs.query[(h * half_depth + p) * width + first..],
+                    width,
+                );
             }
         }
     }

@@ -217,22 +217,7 @@ pub(crate) fn transpose_16x16_avx512(
     dst: &mut [f32],
     ld: usize,
 ) -> bool {
-    assert!(
-        src.len() >= 15 * src_row + 16 && dst.len() >= 15 * ld + 16,
-        "16 × 16 transpose out of bounds"
-    );
-    if !Isa::detect().has_avx512() {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: the CPU has AVX-512F (checked above) and the assertion above keeps the 16
-        // rows of 16 values read from `src` and written to `dst` inside the slices.
-        unsafe { transpose_16x16(src.as_ptr(), src_row, Some(scale), dst.as_mut_ptr(), ld) };
-        true
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    transpose_16x16_words(src, src_row, Some(scale), dst, ld)
 }
 
 /// [`transpose_16x16_avx512`] of 32-bit words moved as they are (no arithmetic touches them,
@@ -242,6 +227,24 @@ pub(crate) fn transpose_16x16_bits_avx512(
     src: &[u32],
     src_row: usize,
     dst: &mut [u32],
+    ld: usize,
+) -> bool {
+    transpose_16x16_words(src, src_row, None, dst, ld)
+}
+
+/// The 32-bit element types [`transpose_16x16_words`] moves.
+trait Word32: Copy {}
+impl Word32 for f32 {}
+impl Word32 for u32 {}
+
+/// The two transposes above: words times `scale` (only ever given for `f32`) or moved as
+/// they are.
+#[inline]
+fn transpose_16x16_words<T: Word32>(
+    src: &[T],
+    src_row: usize,
+    scale: Option<f32>,
+    dst: &mut [T],
     ld: usize,
 ) -> bool {
     assert!(
@@ -254,14 +257,14 @@ pub(crate) fn transpose_16x16_bits_avx512(
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: the CPU has AVX-512F (checked above) and the assertion above keeps the 16
-        // rows of 16 words read from `src` and written to `dst` inside the slices; `u32` and
-        // `f32` have the same size and alignment, and without a scale the words are only
-        // loaded, shuffled and stored.
+        // rows of 16 words read from `src` and written to `dst` inside the slices; `T` is
+        // `f32` or `u32`, of the size and alignment of `f32`, and a `u32` block comes without
+        // a scale, so that its words are only loaded, shuffled and stored.
         unsafe {
             transpose_16x16(
                 src.as_ptr().cast::<f32>(),
                 src_row,
-                None,
+                scale,
                 dst.as_mut_ptr().cast::<f32>(),
                 ld,
             )

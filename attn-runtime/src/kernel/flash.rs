@@ -1418,6 +1418,9 @@ fn softmax_block<C: TileReal, E: Element, M: MulAdd>(
 /// AVX-512 vectors of `f32`). A pass that went through memory row by row would make every row
 /// wait for the previous row's store of the same maxima or sums.
 const REGISTER_COLUMNS: usize = 64;
+/// The columns of narrower blocks (16-row tasks of short sequences, the widths are multiples
+/// of 16): one vector of `f32` at a time, still across all rows.
+const VECTOR_COLUMNS: usize = 16;
 
 /// `max[c] = max(max[c], scores[j][c])` over the rows `j` of `scores` (`width` columns each).
 #[inline(always)]
@@ -1436,6 +1439,10 @@ fn column_max<C: TileReal>(scores: &[C], width: usize, max: &mut [C]) {
     while c0 + REGISTER_COLUMNS <= width {
         columns::<C, REGISTER_COLUMNS>(scores, width, c0, max);
         c0 += REGISTER_COLUMNS;
+    }
+    while c0 + VECTOR_COLUMNS <= width {
+        columns::<C, VECTOR_COLUMNS>(scores, width, c0, max);
+        c0 += VECTOR_COLUMNS;
     }
     for c in c0..width {
         columns::<C, 1>(scores, width, c, max);
@@ -1474,6 +1481,10 @@ fn exp_and_column_sum<C: TileReal, M: MulAdd>(
     while c0 + REGISTER_COLUMNS <= width {
         columns::<C, M, REGISTER_COLUMNS>(scores, width, c0, shift, sum);
         c0 += REGISTER_COLUMNS;
+    }
+    while c0 + VECTOR_COLUMNS <= width {
+        columns::<C, M, VECTOR_COLUMNS>(scores, width, c0, shift, sum);
+        c0 += VECTOR_COLUMNS;
     }
     for c in c0..width {
         columns::<C, M, 1>(scores, width, c, shift, sum);

@@ -1422,6 +1422,21 @@ const REGISTER_COLUMNS: usize = 64;
 /// of 16): one vector of `f32` at a time, still across all rows.
 const VECTOR_COLUMNS: usize = 16;
 
+/// The column chunks `(first column, columns)` of a block `width` columns wide that the column
+/// passes take one at a time: [`REGISTER_COLUMNS`] while they fit, then [`VECTOR_COLUMNS`],
+/// then single columns (a decoding task's one column).
+#[inline(always)]
+fn column_chunks(width: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut c0 = 0;
+    std::iter::from_fn(move || {
+        let n = [REGISTER_COLUMNS, VECTOR_COLUMNS, 1]
+            .into_iter()
+            .find(|&n| c0 + n <= width)?;
+        c0 += n;
+        Some((c0 - n, n))
+    })
+}
+
 /// `max[c] = max(max[c], scores[j][c])` over the rows `j` of `scores` (`width` columns each).
 #[inline(always)]
 fn column_max<C: TileReal>(scores: &[C], width: usize, max: &mut [C]) {
@@ -1435,17 +1450,12 @@ fn column_max<C: TileReal>(scores: &[C], width: usize, max: &mut [C]) {
         }
         max[c0..c0 + N].copy_from_slice(&m);
     }
-    let mut c0 = 0;
-    while c0 + REGISTER_COLUMNS <= width {
-        columns::<C, REGISTER_COLUMNS>(scores, width, c0, max);
-        c0 += REGISTER_COLUMNS;
-    }
-    while c0 + VECTOR_COLUMNS <= width {
-        columns::<C, VECTOR_COLUMNS>(scores, width, c0, max);
-        c0 += VECTOR_COLUMNS;
-    }
-    for c in c0..width {
-        columns::<C, 1>(scores, width, c, max);
+    for (c0, n) in column_chunks(width) {
+        match n {
+            REGISTER_COLUMNS => columns::<C, REGISTER_COLUMNS>(scores, width, c0, max),
+            VECTOR_COLUMNS => columns::<C, VECTOR_COLUMNS>(scores, width, c0, max),
+            _ => columns::<C, 1>(scores, width, c0, max),
+        }
     }
 }
 
@@ -1477,17 +1487,12 @@ fn exp_and_column_sum<C: TileReal, M: MulAdd>(
         }
         sum[c0..c0 + N].copy_from_slice(&l);
     }
-    let mut c0 = 0;
-    while c0 + REGISTER_COLUMNS <= width {
-        columns::<C, M, REGISTER_COLUMNS>(scores, width, c0, shift, sum);
-        c0 += REGISTER_COLUMNS;
-    }
-    while c0 + VECTOR_COLUMNS <= width {
-        columns::<C, M, VECTOR_COLUMNS>(scores, width, c0, shift, sum);
-        c0 += VECTOR_COLUMNS;
-    }
-    for c in c0..width {
-        columns::<C, M, 1>(scores, width, c, shift, sum);
+    for (c0, n) in column_chunks(width) {
+        match n {
+            REGISTER_COLUMNS => columns::<C, M, REGISTER_COLUMNS>(scores, width, c0, shift, sum),
+            VECTOR_COLUMNS => columns::<C, M, VECTOR_COLUMNS>(scores, width, c0, shift, sum),
+            _ => columns::<C, M, 1>(scores, width, c0, shift, sum),
+        }
     }
 }
 

@@ -324,7 +324,7 @@ fn row_max(row: &[f32]) -> f32 {
 /// `op` over the lanes as a tree (halves, quarters, eighths, the last pair): four dependent
 /// steps, where a left fold waits on fifteen (one in ten samples of the row pass at `kv = 128`).
 #[inline(always)]
-fn reduce_lanes(lanes: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
+fn reduce_lanes(lanes: [f32; 16], op: impl Fn(f32, f32) -> f32) -> f32 {
     let halves: [f32; 8] = std::array::from_fn(|i| op(lanes[i], lanes[i + 8]));
     let quarters: [f32; 4] = std::array::from_fn(|i| op(halves[i], halves[i + 4]));
     op(op(quarters[0], quarters[2]), op(quarters[1], quarters[3]))

@@ -100,6 +100,12 @@ impl Array {
         &self.data
     }
 
+    /// The dtype-tagged elements, to write in place (the shape stays; the KV cache writes its
+    /// slots this way).
+    pub(crate) fn data_mut(&mut self) -> &mut ArrayData {
+        &mut self.data
+    }
+
     /// The elements as a slice of `T`, or `None` if the array holds another dtype.
     pub fn as_slice<T: Scalar>(&self) -> Option<&[T]> {
         T::slice_of(&self.data)

@@ -16,6 +16,7 @@ pub mod element;
 pub mod error;
 pub mod flax;
 pub mod kernel;
+pub mod layer;
 pub mod sow;
 pub mod tensor;
 

@@ -15,7 +15,7 @@ mod broadcast;
 mod dot;
 pub(crate) mod exp;
 mod flash;
-mod gemm;
+pub(crate) mod gemm;
 mod materialized;
 mod plan;
 mod real;

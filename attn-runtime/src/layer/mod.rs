@@ -233,6 +233,7 @@ impl MultiHeadDotProductAttention {
 
     /// `DenseGeneral(features=(heads, D))` of `x [batch.., len, E]` -> `[batch.., len, heads,
     /// D]`, then the LayerNorm when given.
+    #[allow(clippy::too_many_arguments)]
     fn project(
         &self,
         name: &'static str,

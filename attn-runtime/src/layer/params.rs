@@ -104,7 +104,7 @@ impl Dims {
     pub fn new(config: &MhaConfig, features: InFeatures) -> Result<Self, AttnError> {
         let heads = config.num_heads;
         let qkv = config.qkv_features.unwrap_or(features.q);
-        if heads == 0 || qkv % heads != 0 {
+        if heads == 0 || !qkv.is_multiple_of(heads) {
             return Err(AttnError::InvalidArgument {
                 argument: "num_heads",
                 reason: format!(
@@ -113,7 +113,7 @@ impl Dims {
             });
         }
         let kv_heads = config.num_kv_heads.unwrap_or(heads);
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(AttnError::InvalidArgument {
                 argument: "num_kv_heads",
                 reason: format!("must be > 0 and divide num_heads ({heads}), found {kv_heads}"),

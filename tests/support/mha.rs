@@ -499,7 +499,7 @@ fn run_decode(
     let mut actual = BTreeMap::new();
     let mut sink = Intermediates::new();
     let sow = sow_weights(case);
-    let mut run = |cache: &mut KvCache, x: &Array, sink: &mut Intermediates| {
+    let run = |cache: &mut KvCache, x: &Array, sink: &mut Intermediates| {
         let mut ctx = call_ctx(case);
         if sow {
             layer.decode(cache, x, mask.as_ref(), &mut ctx.sow(sink))

@@ -373,7 +373,13 @@ fn fit_input<'x, E: Element>(
     if target == shape {
         return Ok(data);
     }
-    Ok(Cow::Owned(broadcast_to(name, &data, shape, &target)?))
+    // The copy is of the enlarged shape, not the caller's: say so in the error.
+    let enlarged = match name {
+        "query" => "query (broadcast to the batch and heads of bias/mask)",
+        "key" => "key (broadcast to the batch and heads of bias/mask)",
+        _ => "value (broadcast to the batch and heads of bias/mask)",
+    };
+    Ok(Cow::Owned(broadcast_to(enlarged, &data, shape, &target)?))
 }
 
 fn run<E: Element, B: Element, R: Element>(
@@ -386,17 +392,58 @@ fn run<E: Element, B: Element, R: Element>(
 ) -> Result<Array, AttnError> {
     let rank = query.ndim();
     let (qs, ks) = (query.shape(), key.shape());
-    let q = fit_input("query", cast::<E>(query), qs, layout, layout.q_len)?;
-    let k = fit_input("key", cast::<E>(key), ks, layout, layout.kv_len)?;
+    // Cheap checks first: the result's size, and whether there is anything to compute. An
+    // empty result nobody sows returns before any copy, cast or task (whose sizes scale with
+    // dims that multiply to nothing here).
+    let mut result_shape = layout.batch_shape.clone();
+    match value {
+        Some(v) => {
+            result_shape.extend_from_slice(&[layout.q_len, layout.heads, v.shape()[rank - 1]])
+        }
+        None => result_shape.extend_from_slice(&[layout.heads, layout.q_len, layout.kv_len]),
+    }
+    let result_name = if value.is_some() { "output" } else { "weights" };
+    if num_elements(result_name, &result_shape)? == 0 && args.module.is_none() {
+        let ctx = Context {
+            deterministic: args.deterministic,
+            dropout_rng: args.dropout_rng,
+            sow: None,
+            pool: None,
+        };
+        kernel::check_dropout(&opts, &ctx, E::DTYPE)?;
+        return Array::new(Vec::<R>::new(), result_shape);
+    }
+    let q = fit_input(
+        "query",
+        cast::<E>("query", query)?,
+        qs,
+        layout,
+        layout.q_len,
+    )?;
+    let k = fit_input("key", cast::<E>("key", key)?, ks, layout, layout.kv_len)?;
     let v = value
-        .map(|v| fit_input("value", cast::<E>(v), v.shape(), layout, layout.kv_len))
+        .map(|v| {
+            fit_input(
+                "value",
+                cast::<E>("value", v)?,
+                v.shape(),
+                layout,
+                layout.kv_len,
+            )
+        })
         .transpose()?;
-    let bias_data = args.bias.map(cast::<B>);
+    let bias_data = args.bias.map(|b| cast::<B>("bias", b)).transpose()?;
     let bias = match (&bias_data, args.bias) {
         (Some(d), Some(b)) => Some(Broadcast::new("bias", d, b.shape())?),
         _ => None,
     };
-    let mask_data = args.mask.map(Array::to_bool_vec);
+    let mask_data: Option<Cow<'_, [bool]>> = args
+        .mask
+        .map(|m| match m.as_slice::<bool>() {
+            Some(s) => Ok(Cow::Borrowed(s)),
+            None => m.try_bool_vec("mask").map(Cow::Owned),
+        })
+        .transpose()?;
     let mask = match (&mask_data, args.mask) {
         (Some(d), Some(m)) => Mask::Explicit(Broadcast::new("mask", d, m.shape())?),
         _ => Mask::None,

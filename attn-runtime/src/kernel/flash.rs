@@ -737,10 +737,17 @@ impl<C: TileReal> Scratch<C> {
     /// Sizes the buffers for tasks of `block` query rows of a call of sizes `d`. Each task
     /// resets what it reads, so the contents need not be cleared.
     fn prepare(&mut self, d: &Dims, block: usize) {
-        let width = block.next_multiple_of(16);
+        // What one task needs: at most `min(block, q_len)` rows, one column wide for a single
+        // row (decoding), as `Rows::width` lays them out; not a whole padded block.
+        let rows = block.min(d.q_len).max(1);
+        let width = if rows == 1 {
+            1
+        } else {
+            rows.next_multiple_of(16)
+        };
         let key_rows = KEY_BLOCK.min(d.kv_len);
         self.query_t.resize(d.heads * d.qk_depth * width, C::ZERO);
-        self.acc.resize(d.heads * block * d.v_depth, C::ZERO);
+        self.acc.resize(d.heads * rows * d.v_depth, C::ZERO);
         self.max.resize(d.heads * width, C::ZERO);
         self.sum.resize(d.heads * width, C::ZERO);
         self.skipped.resize_with(d.heads, Vec::new);

@@ -302,6 +302,23 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
     }
 }
 
+/// The checks of a call's dropout arguments alone (the rate, the generator), for callers that
+/// return an empty result without running a call: the same errors as a call would give.
+pub(crate) fn check_dropout(
+    opts: &Options,
+    ctx: &Context<'_>,
+    compute: DType,
+) -> Result<(), AttnError> {
+    DropoutPlan::new(
+        opts.dropout_rate,
+        opts.broadcast_dropout,
+        ctx.deterministic,
+        ctx.dropout_rng.is_some(),
+        compute,
+    )
+    .map(drop)
+}
+
 /// The algorithms that can compute a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
@@ -335,6 +352,13 @@ fn run<E: Element, B: Element, W: Element, O: Element>(
     ctx: &mut Context<'_>,
 ) -> Result<(), AttnError> {
     let needs_weights = weights.is_some() || ctx.sow.is_some();
+    // An empty result nobody sows costs nothing: no logit is computed for an output of depth 0
+    // (or of no query, head or batch element), however long the keys.
+    let empty = weights.as_ref().is_none_or(|w| w.is_empty())
+        && output.as_ref().is_none_or(|o| o.is_empty());
+    if empty && ctx.sow.is_none() {
+        return Ok(());
+    }
     match choose_path(call, needs_weights) {
         Path::Tiled => {
             let (Some(out), Some(value)) = (output, call.value) else {

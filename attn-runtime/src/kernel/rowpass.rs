@@ -221,18 +221,20 @@ impl<T: Real> RowPass<T> {
         tail.fill((T::ZERO * scale).round_to(self.softmax));
     }
 
-    /// Dropout on a row of weights: element `j` keeps its weight (times the multiplier,
-    /// rounded to the dropped-weights dtype) when the `j`-th draw of `rng` is below the
-    /// threshold, else becomes 0. `rng` must be positioned at the row's first logical index.
+    /// Dropout on a row of weights: element `j` is multiplied by the multiplier when the `j`-th
+    /// draw of `rng` is below the threshold, else by 0, and rounded to the dropped-weights dtype.
+    /// A multiplication as in Flax (`weights * keep / keep_prob`): a dropped NaN or infinite
+    /// weight stays NaN. `rng` must be positioned at the row's first logical index.
     pub(crate) fn dropout(&self, row: &mut [T], rng: &mut Pcg32, plan: &DropoutPlan) {
         let multiplier = T::from_f64(plan.multiplier);
         for x in row.iter_mut() {
             let draw = u64::from(rng.next_u32());
-            *x = if draw < plan.threshold {
-                (*x * multiplier).round_to(self.dropped)
+            let keep = if draw < plan.threshold {
+                multiplier
             } else {
                 T::ZERO
             };
+            *x = (*x * keep).round_to(self.dropped);
         }
     }
 }

@@ -129,6 +129,7 @@ fn finding_1_empty_bias_with_huge_dims_is_an_error_or_an_empty_result() {
             q_len: 6,
             kv_len: 1 << 60,
             heads: 1usize,
+            kv_heads: 1usize,
             qk_depth: 1usize,
             v_depth: 0usize,
         };
@@ -139,12 +140,12 @@ fn finding_1_empty_bias_with_huge_dims_is_an_error_or_an_empty_result() {
             pool: None,
         };
         let mut out: Vec<f32> = Vec::new();
-        kernel::attention_weights::<f32, f32, f32, _, _, _>(
+        kernel::attention_weights::<f32, f32, f32, _, _, _, _>(
             &geom,
             &[],
             &[],
             None,
-            &Mask::Explicit(mask),
+            &Mask::dense(mask),
             &Options::default(),
             &mut ctx,
             &mut out,
@@ -193,6 +194,7 @@ fn finding_3_empty_results_and_cheap_errors_come_before_allocations() {
             q_len: 1,
             kv_len: 1,
             heads: 0usize,
+            kv_heads: 0usize,
             qk_depth: 1usize,
             v_depth: 1usize,
         };
@@ -203,13 +205,13 @@ fn finding_3_empty_results_and_cheap_errors_come_before_allocations() {
             pool: None,
         };
         let mut out: Vec<f64> = Vec::new();
-        kernel::attention::<f32, f32, f64, _, _, _>(
+        kernel::attention::<f32, f32, f64, _, _, _, _>(
             &geom,
             &[],
             &[],
             &[],
             None,
-            &Mask::Explicit(mask),
+            &Mask::dense(mask),
             &Options::default(),
             &mut ctx,
             &mut out,

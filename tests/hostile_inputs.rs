@@ -185,6 +185,7 @@ fn kernel_weights(
         q_len,
         kv_len: kv,
         heads: 1usize,
+        kv_heads: 1usize,
         qk_depth: depth,
         v_depth: 0usize,
     };
@@ -365,6 +366,7 @@ fn cases() -> Vec<Case> {
                     q_len: 3,
                     kv_len: 5,
                     heads: 1usize,
+                    kv_heads: 1usize,
                     qk_depth: 4usize,
                     v_depth: 0usize,
                 };
@@ -374,7 +376,7 @@ fn cases() -> Vec<Case> {
                     &q,
                     &k,
                     Some(&bias),
-                    &Mask::None,
+                    &Mask::none(),
                     &Options::default(),
                     &mut Context::deterministic(),
                     &mut out,
@@ -448,7 +450,7 @@ fn cases() -> Vec<Case> {
             "kernel: query slice too short",
             || {
                 let (q, k) = (vec![0.5f32; 3 * 4 - 1], vec![0.25f32; 5 * 4]);
-                kernel_weights(3, 5, 4, &q, &k, &Mask::None, 15)
+                kernel_weights(3, 5, 4, &q, &k, &Mask::none(), 15)
             },
             error(AttnError::Length {
                 tensor: "query",
@@ -461,7 +463,7 @@ fn cases() -> Vec<Case> {
             "kernel: weights buffer too long",
             || {
                 let (q, k) = (vec![0.5f32; 3 * 4], vec![0.25f32; 5 * 4]);
-                kernel_weights(3, 5, 4, &q, &k, &Mask::None, 16)
+                kernel_weights(3, 5, 4, &q, &k, &Mask::none(), 16)
             },
             error(AttnError::Length {
                 tensor: "weights",
@@ -479,6 +481,7 @@ fn cases() -> Vec<Case> {
                     q_len: 3,
                     kv_len: 5,
                     heads: 1usize,
+                    kv_heads: 1usize,
                     qk_depth: 4usize,
                     v_depth: 0usize,
                 };
@@ -488,7 +491,7 @@ fn cases() -> Vec<Case> {
                     &q,
                     &k,
                     None::<&Broadcast<'_, f32>>,
-                    &Mask::None,
+                    &Mask::none(),
                     &Options::default(),
                     &mut Context::deterministic(),
                     &mut out,
@@ -519,7 +522,7 @@ fn cases() -> Vec<Case> {
             "kernel: explicit mask with more elements than its shape",
             || {
                 let keep = vec![true; 16];
-                let mask = Mask::Explicit(Broadcast::new("mask", &keep, &[3, 5])?);
+                let mask = Mask::dense(Broadcast::new("mask", &keep, &[3, 5])?);
                 let (q, k) = (vec![0.5f32; 12], vec![0.25f32; 20]);
                 kernel_weights(3, 5, 4, &q, &k, &mask, 15)
             },
@@ -667,6 +670,7 @@ fn cases() -> Vec<Case> {
                     q_len: 1,
                     kv_len: 1,
                     heads: 1usize,
+                    kv_heads: 1usize,
                     qk_depth: 1usize,
                     v_depth: 0usize,
                 };
@@ -676,7 +680,7 @@ fn cases() -> Vec<Case> {
                     &[0.0f32; 0],
                     &[0.0f32; 0],
                     None::<&Broadcast<'_, f32>>,
-                    &Mask::None,
+                    &Mask::none(),
                     &Options::default(),
                     &mut Context::deterministic(),
                     &mut out,

@@ -560,16 +560,17 @@ fn run_kernel_as<E: Element>(p: &Problem) -> Result<Array, AttnError> {
         .map(|m| Broadcast::new("mask", &m.data, &m.shape))
         .transpose()?;
     let mask = match (p.causal, explicit) {
-        (false, None) => Mask::None,
-        (true, None) => Mask::Causal,
-        (false, Some(m)) => Mask::Explicit(m),
-        (true, Some(m)) => Mask::CausalAnd(m),
+        (false, None) => Mask::none(),
+        (true, None) => Mask::causal(),
+        (false, Some(m)) => Mask::dense(m),
+        (true, Some(m)) => Mask::causal().with_dense(m),
     };
     let geom = Geometry {
         batch_shape: &p.batch,
         q_len: p.q_len,
         kv_len: p.kv_len,
         heads: p.heads,
+        kv_heads: p.heads,
         qk_depth: p.depth,
         v_depth: p.v_depth,
     };

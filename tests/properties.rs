@@ -472,6 +472,7 @@ fn bf16_weights_with_a_causal_mask_match_the_same_mask_as_a_tensor() {
             q_len: q,
             kv_len: kv,
             heads: h,
+            kv_heads: h,
             qk_depth: d,
             v_depth: d,
         };
@@ -493,8 +494,8 @@ fn bf16_weights_with_a_causal_mask_match_the_same_mask_as_a_tensor() {
             .unwrap();
             out
         };
-        let structured = weights(&Mask::Causal);
-        let explicit = weights(&Mask::Explicit(tensor));
+        let structured = weights(&Mask::causal());
+        let explicit = weights(&Mask::dense(tensor));
         for (n, (s, e)) in structured.iter().zip(&explicit).enumerate() {
             assert_eq!(
                 s.to_bits(),

@@ -47,36 +47,6 @@ impl<'a, T> Broadcast<'a, T> {
     }
 }
 
-/// The mask of an attention call. `false` entries are replaced by `finfo(dtype).min` before the
-/// softmax (Flax's `jnp.where(mask, logits, big_neg)`).
-#[derive(Clone, Debug, Default)]
-pub enum Mask<'a> {
-    /// No mask.
-    #[default]
-    None,
-    /// Causal: query `i` sees keys `j <= i` (top-left aligned, as `make_causal_mask`).
-    Causal,
-    /// An explicit boolean mask, broadcast to `[batch..., heads, q_len, kv_len]`.
-    Explicit(Broadcast<'a, bool>),
-    /// Causal and an explicit mask (`combine_masks(causal, mask)`).
-    CausalAnd(Broadcast<'a, bool>),
-}
-
-impl<'a> Mask<'a> {
-    /// The explicit part, if any.
-    pub(crate) fn explicit(&self) -> Option<&Broadcast<'a, bool>> {
-        match self {
-            Mask::Explicit(b) | Mask::CausalAnd(b) => Some(b),
-            Mask::None | Mask::Causal => None,
-        }
-    }
-
-    /// Whether the causal rule applies.
-    pub(crate) fn is_causal(&self) -> bool {
-        matches!(self, Mask::Causal | Mask::CausalAnd(_))
-    }
-}
-
 /// One row (fixed batch, head, query) of a broadcast operand along the kv axis.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Row<'a, T> {

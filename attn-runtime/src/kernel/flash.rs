@@ -508,7 +508,7 @@ impl<'a, E: Element> FlashArgs<'a, E> {
                 causal: call.causal,
                 explicit: call.mask.clone(),
             },
-            big_neg: call.plan.compute.finfo_min().unwrap_or(f64::MIN),
+            big_neg: call.big_neg,
             dropout: call.dropout.as_ref().map(|(plan, rng)| FlashDropout {
                 rng: rng.clone(),
                 threshold: plan.threshold,
@@ -522,12 +522,14 @@ impl<'a, E: Element> FlashArgs<'a, E> {
 }
 
 /// Computes attention into `out` (`[batch..., q_len, heads, v_depth]`) with the instruction set
-/// `isa`, on the current rayon pool.
+/// `isa`, on the current rayon pool; with `lse`, also each row's logsumexp `max + ln(sum)` of
+/// the masked logits (`[batch..., q_len, heads]`; not computed when `v_depth = 0`).
 ///
 /// Panics if a slice length does not match `args.dims` (the caller validated the shapes).
 pub(crate) fn flash_attention<E: Element, O: Element>(
     args: &FlashArgs<'_, E>,
     out: &mut [O],
+    mut lse: Option<&mut [f64]>,
     isa: Isa,
     threads: Threads<'_>,
 ) {
@@ -542,6 +544,15 @@ pub(crate) fn flash_attention<E: Element, O: Element>(
     assert_eq!(args.key.len(), keys * d.heads * d.qk_depth, "key length");
     assert_eq!(args.value.len(), keys * d.heads * d.v_depth, "value length");
     assert_eq!(out.len(), rows * d.heads * d.v_depth, "output length");
+    if let Some(lse) = lse.as_deref_mut() {
+        assert_eq!(lse.len(), rows * d.heads, "lse length");
+        // (Kept when `v_depth = 0`, which computes nothing: NaN, not a value.)
+        lse.fill(if d.kv_len == 0 {
+            f64::NEG_INFINITY
+        } else {
+            f64::NAN
+        });
+    }
     if out.is_empty() {
         return;
     }
@@ -551,9 +562,9 @@ pub(crate) fn flash_attention<E: Element, O: Element>(
         return;
     }
     if args.accumulate_f64 {
-        run::<f64, E, O>(args, out, Isa::Portable, threads);
+        run::<f64, E, O>(args, out, lse, Isa::Portable, threads);
     } else {
-        run::<f32, E, O>(args, out, isa, threads);
+        run::<f32, E, O>(args, out, lse, isa, threads);
     }
 }
 
@@ -573,6 +584,7 @@ fn query_block(d: &Dims, causal: bool) -> usize {
 fn run<C: TileReal, E: Element, O: Element>(
     args: &FlashArgs<'_, E>,
     out: &mut [O],
+    lse: Option<&mut [f64]>,
     isa: Isa,
     threads: Threads<'_>,
 ) {
@@ -582,7 +594,23 @@ fn run<C: TileReal, E: Element, O: Element>(
     // Tasks: (batch element, first query row, first head, output rows). With one query row
     // (decoding) the output row of a batch element is split by groups of heads instead, so
     // that a small batch still has work for every thread.
-    let mut tasks: Vec<(usize, usize, usize, &mut [O])> = if d.q_len == 1 {
+    // The logsumexp rows of each task, in task order (`[rows][heads of the task]`).
+    let mut lse_chunks: Vec<&mut [f64]> = match lse {
+        None => Vec::new(),
+        Some(lse) if d.q_len == 1 => {
+            let per_group = d
+                .heads
+                .div_ceil(MIN_TASKS.div_ceil(d.batch).clamp(1, d.heads));
+            lse.chunks_mut(d.heads)
+                .flat_map(|row| row.chunks_mut(per_group))
+                .collect()
+        }
+        Some(lse) => lse
+            .chunks_mut(d.q_len * d.heads)
+            .flat_map(|per_batch| per_batch.chunks_mut(block * d.heads))
+            .collect(),
+    };
+    let tasks: Vec<(usize, usize, usize, &mut [O])> = if d.q_len == 1 {
         let groups = MIN_TASKS.div_ceil(d.batch).clamp(1, d.heads);
         let per_group = d.heads.div_ceil(groups);
         out.chunks_mut(row_len)
@@ -604,13 +632,19 @@ fn run<C: TileReal, E: Element, O: Element>(
             })
             .collect()
     };
+    let mut tasks: Vec<_> = if lse_chunks.is_empty() {
+        tasks.into_iter().map(|t| (t, None)).collect()
+    } else {
+        lse_chunks.reverse();
+        tasks.into_iter().map(|t| (t, lse_chunks.pop())).collect()
+    };
     if args.mask.causal {
         // A causal task's cost grows with its last row. The costliest go first and every task
         // can be taken by an idle thread on its own (`with_max_len(1)`), so that the threads
         // end together instead of one finishing the last, longest blocks alone.
-        tasks.sort_by_key(|&(_, first_row, _, _)| std::cmp::Reverse(first_row));
+        tasks.sort_by_key(|&((_, first_row, _, _), _)| std::cmp::Reverse(first_row));
     }
-    threads.for_each(tasks, |(b, first_row, first_head, out_rows)| {
+    threads.for_each(tasks, |((b, first_row, first_head, out_rows), lse)| {
         with_thread_scratch::<C, ()>(|scratch, converted| {
             scratch.prepare(&d, block);
             // The body writes `C`; other output types go through a buffer, so that the body
@@ -630,6 +664,7 @@ fn run<C: TileReal, E: Element, O: Element>(
                 first_row,
                 first_head,
                 out: out_c,
+                lse,
                 scratch,
                 isa,
             };
@@ -785,6 +820,8 @@ struct Task<'t, 'a, C, E> {
     first_head: usize,
     /// `[rows][heads of the task][v_depth]`.
     out: &'t mut [C],
+    /// `[rows][heads of the task]`: each row's logsumexp, if wanted.
+    lse: Option<&'t mut [f64]>,
     scratch: &'t mut Scratch<C>,
     isa: Isa,
 }
@@ -827,6 +864,7 @@ where
             first_row,
             first_head,
             out,
+            mut lse,
             scratch,
             isa,
         } = task;
@@ -897,6 +935,13 @@ where
             }
             let acc = &scratch.acc[h * count * d.v_depth..(h + 1) * count * d.v_depth];
             let sum = &scratch.sum[h * rows.width..];
+            if let Some(lse) = lse.as_deref_mut() {
+                let max = &scratch.max[h * rows.width..];
+                for r in 0..count {
+                    let (m, l) = (max[r].to::<f64>(), sum[r].to::<f64>());
+                    lse[r * heads + h - first_head] = m + l.ln();
+                }
+            }
             for (r, acc_row) in acc.chunks_exact(d.v_depth).enumerate() {
                 let inv = sum[r].recip();
                 let out_row = &mut out[(r * heads + h - first_head) * d.v_depth..][..d.v_depth];
@@ -1714,7 +1759,7 @@ mod tests {
         let want = reference(args);
         for isa in Isa::available() {
             let mut got = vec![O::from_f64(0.0); want.len()];
-            flash_attention(args, &mut got, isa, Threads(None));
+            flash_attention(args, &mut got, None, isa, Threads(None));
             for (n, (g, w)) in got.iter().zip(&want).enumerate() {
                 let g = g.to_f64();
                 assert!(
@@ -1791,7 +1836,13 @@ mod tests {
         let d = dims(2, 3, 0, 2, 4, 5);
         let x = inputs::<f32>(&d, 15);
         let mut out = vec![f32::NAN; 2 * 3 * 2 * 5];
-        flash_attention(&args::<f32>(d, &x), &mut out, Isa::detect(), Threads(None));
+        flash_attention(
+            &args::<f32>(d, &x),
+            &mut out,
+            None,
+            Isa::detect(),
+            Threads(None),
+        );
         assert!(out.iter().all(|&v| v == 0.0), "{out:?}");
     }
 
@@ -1913,7 +1964,7 @@ mod tests {
         let bias = resolved(&bias, &[2, 20], &[1], 1, 2, 20).unwrap();
         a.bias = Some(&bias);
         let mut got = vec![0.0f32; 6];
-        flash_attention(&a, &mut got, Isa::detect(), Threads(None));
+        flash_attention(&a, &mut got, None, Isa::detect(), Threads(None));
         assert!(got[..3].iter().all(|x| x.is_nan()), "{got:?}");
         let v7 = &x.value[7 * 3..8 * 3];
         assert_eq!(&got[3..], v7);
@@ -1933,9 +1984,9 @@ mod tests {
             // From outside the pool (a hand-over, or the caller alone for one thread) and from
             // inside it (a parallel iterator on its workers).
             let mut outside = vec![0.0f32; 2 * 200 * 3 * 64];
-            flash_attention(&a, &mut outside, Isa::detect(), Threads(Some(&pool)));
+            flash_attention(&a, &mut outside, None, Isa::detect(), Threads(Some(&pool)));
             let mut inside = vec![0.0f32; 2 * 200 * 3 * 64];
-            pool.install(|| flash_attention(&a, &mut inside, Isa::detect(), Threads(None)));
+            pool.install(|| flash_attention(&a, &mut inside, None, Isa::detect(), Threads(None)));
             (outside, inside)
         };
         let (one, _) = run(1);

@@ -117,7 +117,9 @@ impl<'a, T: Real> Operands<'a, T> {
         block_rows: usize,
     ) -> Result<Self, AttnError> {
         let scale = T::from_f64(call.query_scale);
-        let compute = call.plan.compute;
+        // (Flax rounds the scaled query and the logits to the computation dtype, jax.nn to
+        // the float32 logits dtype.)
+        let compute = call.query_round;
         let panels =
             Isa::detect().has_avx512() && call.qk_depth > 0 && T::as_f32(&[T::ZERO]).is_some();
         // bf16 inputs on a CPU with bf16 products (never the borrowed-query case below: a bf16
@@ -642,7 +644,7 @@ fn compute<E: Element, B: Element, W: Element, O: Element, T: Real>(
             }
         }
     }
-    let pass = RowPass::<T>::new(&call.plan);
+    let pass = RowPass::<T>::new(&call.plan).with_big_neg(call.big_neg);
     let scratch_logits = if weights_direct { 0 } else { block_rows * kv };
     let scratch_output = if convert_out {
         block_rows * call.v_depth
@@ -841,7 +843,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                 };
                 simd::product_avx512(&product, &mut c[first_key..], kv);
                 let panel = c[first_key..].chunks_mut(kv).map(|row| &mut row[..keys]);
-                match (operands.round_logits, call.plan.compute) {
+                match (operands.round_logits, call.query_round) {
                     (true, DType::BF16) => round_panel::<ToBf16>(panel),
                     (true, DType::F16) => round_panel::<ToF16>(panel),
                     _ => {}
@@ -903,7 +905,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
     };
     if operands.round_logits && !rounded {
         for row in logits.chunks_mut(kv) {
-            T::round_slice(&mut row[..cols], call.plan.compute);
+            T::round_slice(&mut row[..cols], call.query_round);
         }
     }
     // bf16 weights that nothing reads after the softmax (no sown copy, no dropout, no `P·V`)

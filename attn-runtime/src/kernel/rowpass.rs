@@ -75,6 +75,13 @@ impl<T: Real> RowPass<T> {
         }
     }
 
+    /// The same pass with `big_neg` as the masked logit (jax.nn's, instead of Flax's
+    /// `finfo(compute).min`).
+    pub(crate) fn with_big_neg(mut self, big_neg: f64) -> Self {
+        self.big_neg = T::from_f64(big_neg);
+        self
+    }
+
     /// One logit after bias and mask, in the softmax dtype: `x + bias` rounded to the logits
     /// dtype, replaced by `big_neg` where masked, then cast to the softmax dtype.
     #[inline(always)]

@@ -186,7 +186,8 @@ fn transpose_key<E: Element, B, T: Real>(
     threads: Threads<'_>,
     width: usize,
 ) -> Result<Vec<T>, AttnError> {
-    let (heads, kv, dk) = (call.heads, call.kv_len, call.qk_depth);
+    // One layout per key/value head: query heads of a group share it.
+    let (heads, kv, dk) = (call.kv_heads, call.kv_len, call.qk_depth);
     let head_len = kv.div_ceil(width) * width * dk;
     let len = (call.batch * heads)
         .checked_mul(head_len)
@@ -294,7 +295,7 @@ fn key_pair_panels<E: Element, B>(
     key_bits: &[u16],
     threads: Threads<'_>,
 ) -> Result<Vec<u32>, AttnError> {
-    let (heads, kv, dk) = (call.heads, call.kv_len, call.qk_depth);
+    let (heads, kv, dk) = (call.kv_heads, call.kv_len, call.qk_depth);
     let pairs = dk.div_ceil(2);
     let head_len = kv.div_ceil(KEY_PANEL) * KEY_PANEL * pairs;
     let len = (call.batch * heads)
@@ -756,8 +757,8 @@ impl<'t, 'a: 't, 'o, E: Element, B: Element, W: Element, O: Element, T: Real> Bo
                 panels: &mut *input.key_panels,
                 width: KEY_PANEL,
                 b: input.task.bh / heads,
-                h: input.task.bh % heads,
-                heads,
+                h: call.kv_head(input.task.bh % heads),
+                heads: call.kv_heads,
                 kv: call.kv_len,
                 dk: call.qk_depth,
             });
@@ -796,18 +797,23 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
     } = input;
     let (heads, q, kv, dk) = (call.heads, call.q_len, call.kv_len, call.qk_depth);
     let (b, h) = (task.bh / heads, task.bh % heads);
+    // The key/value head of query head `h`, and the index of (b, g) among the layouts of the
+    // key per key/value head.
+    let (g, kv_heads) = (call.kv_head(h), call.kv_heads);
+    let bg = b * kv_heads + g;
     let (first, rows) = (task.first_row, task.rows);
     let (logits, convert_to) = match task.weights {
         Some(WeightsBlock::Direct(w)) => (w, None),
         Some(WeightsBlock::Convert(w)) => (&mut scratch_logits[..rows * kv], Some(w)),
         None => (&mut scratch_logits[..rows * kv], None),
     };
-    // Causal: no query of the block sees a key past its last query, so those logits are not
-    // computed (the row pass neither reads them nor needs them, see `RowPass::softmax_rows`).
-    let cols = if call.causal {
-        kv.min(first + rows)
-    } else {
+    // Keys past the end of every row's visible range (causal: past the block's last query;
+    // kv lengths; windows) are not computed (the row pass neither reads them nor needs them,
+    // see `RowPass::softmax_rows`).
+    let cols = if call.vis.is_trivial() {
         kv
+    } else {
+        call.vis.block_range(b, first..first + rows).end
     };
     let q_off = ((b * q + first) * heads + h) * dk;
     // Whether the logits are already scaled and rounded to the computation dtype.
@@ -818,9 +824,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
             let query = T::as_f32(&operands.query).ok_or_else(view_bug)?;
             // This head's panels, `[kv / 64, depth, 64]`.
             let key_t = match &operands.key {
-                KeyOperand::Panels(key_t) => {
-                    &key_t[task.bh * kv.div_ceil(KEY_PANEL) * KEY_PANEL * dk..]
-                }
+                KeyOperand::Panels(key_t) => &key_t[bg * kv.div_ceil(KEY_PANEL) * KEY_PANEL * dk..],
                 _ => &key_panels[..],
             };
             let key_t = T::as_f32(key_t).ok_or_else(view_bug)?;
@@ -861,7 +865,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     a: &query[q_off..],
                     a_row: heads * pairs,
                     a_step: 1,
-                    b: &key[(task.bh * kv.div_ceil(KEY_PANEL) * KEY_PANEL + first_key) * pairs..],
+                    b: &key[(bg * kv.div_ceil(KEY_PANEL) * KEY_PANEL + first_key) * pairs..],
                     b_step: KEY_PANEL,
                     rows,
                     cols: keys,
@@ -879,7 +883,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         KeyOperand::Transposed(key_t) => {
             let a = MatRef::new(&operands.query, q_off, rows, dk, heads * dk, 1)
                 .ok_or_else(view_bug)?;
-            let bt = MatRef::new(key_t, task.bh * dk * kv, dk, cols, kv, 1).ok_or_else(view_bug)?;
+            let bt = MatRef::new(key_t, bg * dk * kv, dk, cols, kv, 1).ok_or_else(view_bug)?;
             gemm(
                 operands.alpha,
                 a,
@@ -890,7 +894,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         }
         KeyOperand::Rows(key) => {
             let query_row = |r: usize| &operands.query[q_off + r * heads * dk..][..dk];
-            let key_row = |j: usize| &key[((b * kv + j) * heads + h) * dk..][..dk];
+            let key_row = |j: usize| &key[((b * kv + j) * kv_heads + g) * dk..][..dk];
             // With `depth = 0` the scale is `1/√0 = ∞` and every logit is the empty sum 0, as
             // in Flax (and in the GEMM branch, which ignores alpha when k = 0).
             let alpha = if dk == 0 { T::ZERO } else { operands.alpha };
@@ -925,7 +929,8 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         |r| {
             let i = first + r;
             let mask = MaskRow {
-                causal_limit: call.causal.then_some(i),
+                visible: call.vis.row_range(b, i),
+                segment: call.vis.segments(b, i),
                 explicit: call.mask.as_ref().map(|m| m.row(b, h, i)),
             };
             (call.bias.as_ref().map(|r| r.row(b, h, i)), mask)
@@ -961,8 +966,8 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         let dv = call.v_depth;
         let p = MatRef::row_major(logits, rows, kv).ok_or_else(view_bug)?;
         let value = operands.value.as_deref().ok_or_else(view_bug)?;
-        let v_off = b * kv * heads * dv + h * dv;
-        let v = MatRef::new(value, v_off, kv, dv, heads * dv, 1).ok_or_else(view_bug)?;
+        let v_off = b * kv * kv_heads * dv + g * dv;
+        let v = MatRef::new(value, v_off, kv, dv, kv_heads * dv, 1).ok_or_else(view_bug)?;
         match out {
             OutBlock::Direct(mut c) => gemm(T::ONE, p, v, &mut c),
             OutBlock::Convert(mut c) => {

@@ -157,7 +157,6 @@ pub fn attention<E: Element, B: Element, O: Element, H: Dim, G: Dim, Dk: Dim, Dv
 }
 
 /// A validated call: sizes, operands resolved against the logits shape, dtype and dropout plans.
-#[allow(dead_code)] // (`kv_heads`, `vis`: read by the drivers in the next step)
 pub(crate) struct Call<'a, E, B> {
     batch_shape: Vec<usize>,
     batch: usize,
@@ -173,7 +172,6 @@ pub(crate) struct Call<'a, E, B> {
     value: Option<&'a [E]>,
     bias: Option<Resolved<'a, B>>,
     mask: Option<Resolved<'a, bool>>,
-    causal: bool,
     /// The structured terms of the mask.
     vis: Visibility<'a>,
     plan: DTypePlan,
@@ -236,17 +234,6 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
             check("value", v.len(), shape(kv_len, kv_heads, v_depth))?;
         }
         let vis = Visibility::new(mask, batch, q_len, kv_len)?;
-        let plain = mask.causal.is_none_or(|a| a.q_offset(q_len, kv_len) == 0)
-            && mask.window.is_none()
-            && mask.query_lengths.is_none()
-            && mask.kv_lengths.is_none()
-            && mask.segment_ids.is_none();
-        if !plain || kv_heads != heads {
-            return Err(AttnError::InvalidArgument {
-                argument: "mask",
-                reason: "structured masks and grouped key/value heads are not supported yet".into(),
-            });
-        }
         let mut logits_shape = geom.batch_shape.to_vec();
         logits_shape.extend_from_slice(&[heads, q_len, kv_len]);
         num_elements("weights", &logits_shape)?;
@@ -289,7 +276,6 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
             value,
             bias: resolve_bias,
             mask: resolve_mask,
-            causal: mask.causal.is_some(),
             vis,
             query_scale: plan.query_scale(qk_depth, opts.scale),
             big_neg: plan.compute.finfo_min().unwrap_or(f64::MIN),
@@ -330,6 +316,12 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
             });
         }
         Ok(())
+    }
+
+    /// The key/value head query head `h` reads (grouped-query attention).
+    #[inline]
+    fn kv_head(&self, h: usize) -> usize {
+        h / (self.heads / self.kv_heads)
     }
 
     /// `[batch..., heads, q_len, kv_len]`

@@ -130,7 +130,6 @@ impl<'a> Mask<'a> {
 }
 
 /// The structured terms of a [`Mask`], validated against a call's sizes.
-#[allow(dead_code)] // (used by the drivers in the next step)
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Visibility<'a> {
     q_len: usize,
@@ -175,7 +174,6 @@ fn check_lengths(
     Ok(())
 }
 
-#[allow(dead_code)] // (used by the drivers in the next step)
 impl<'a> Visibility<'a> {
     /// Validates the structured terms of `mask` for `batch` batch elements (flattened).
     pub(crate) fn new(
@@ -245,10 +243,18 @@ impl<'a> Visibility<'a> {
             && self.segments.is_none()
     }
 
-    /// Whether the visible keys of a row are exactly its [`Visibility::row_range`] (no segment
-    /// ids to compare inside it).
-    pub(crate) fn ranges_exact(&self) -> bool {
-        self.segments.is_none()
+    /// Whether the only term is a top-left causal mask (`j <= i`).
+    pub(crate) fn is_causal_only(&self) -> bool {
+        self.causal == Some(0)
+            && self.window.is_none()
+            && self.query_lengths.is_none()
+            && self.kv_lengths.is_none()
+            && self.segments.is_none()
+    }
+
+    /// Whether the visible keys move with the query row (a causal term or a window).
+    pub(crate) fn banded(&self) -> bool {
+        self.causal.is_some() || self.window.is_some()
     }
 
     /// The keys row `(b, i)` may see: every key outside is invisible; inside, the segment ids
@@ -333,7 +339,7 @@ impl<'a> Visibility<'a> {
     }
 
     /// Whether query `(b, i)` sees key `j` by the structured terms (the dense mask aside).
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn keeps(&self, b: usize, i: usize, j: usize) -> bool {
         self.row_range(b, i).contains(&j)
             && self.segments(b, i).is_none_or(|(id, keys)| keys[j] == id)

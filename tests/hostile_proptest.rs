@@ -906,8 +906,8 @@ fn check_edge(d: &EdgeDraw) -> Result<(), String> {
     let r = qs.len();
     let shapes_agree = qs[..r - 3] == ks[..r - 3]
         && qs[..r - 3] == vs[..r - 3]
-        && qs[r - 2] == ks[r - 2]
-        && qs[r - 2] == vs[r - 2]
+        && (qs[r - 2] == ks[r - 2] || ks[r - 2] > 0 && qs[r - 2].is_multiple_of(ks[r - 2]))
+        && ks[r - 2] == vs[r - 2]
         && qs[r - 1] == ks[r - 1]
         && ks[r - 3] == vs[r - 3];
     let mut logits = qs[..r - 3].to_vec();

@@ -461,7 +461,9 @@ fn run<E: Element, B: Element, R: Element>(
     // The kernel's check of the key/value heads (grouped-query attention), which an empty
     // result must not skip.
     let (heads, kv_heads) = (layout.heads, ks[rank - 2]);
-    if kv_heads != heads && (kv_heads == 0 || kv_heads > heads || !heads.is_multiple_of(kv_heads)) {
+    if kv_heads != heads
+        && (kv_heads == 0 && heads > 0 || kv_heads > 0 && !heads.is_multiple_of(kv_heads))
+    {
         return Err(AttnError::Axis {
             tensor: "key",
             axis: "heads (axis -2)".into(),

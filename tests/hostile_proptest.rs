@@ -906,8 +906,8 @@ fn check_edge(d: &EdgeDraw) -> Result<(), String> {
     let r = qs.len();
     let shapes_agree = qs[..r - 3] == ks[..r - 3]
         && qs[..r - 3] == vs[..r - 3]
-        && qs[r - 2] == ks[r - 2]
-        && qs[r - 2] == vs[r - 2]
+        && (qs[r - 2] == ks[r - 2] || ks[r - 2] > 0 && qs[r - 2].is_multiple_of(ks[r - 2]))
+        && ks[r - 2] == vs[r - 2]
         && qs[r - 1] == ks[r - 1]
         && ks[r - 3] == vs[r - 3];
     let mut logits = qs[..r - 3].to_vec();
@@ -944,18 +944,18 @@ fn check_edge(d: &EdgeDraw) -> Result<(), String> {
     let mut operands: Vec<&[usize]> = vec![&logits];
     operands.extend(bias.as_ref().map(Array::shape));
     operands.extend(mask.as_ref().map(Array::shape));
-    let Ok(full) = kernel::broadcast_shapes(&operands) else {
-        return match got {
-            Err(AttnError::Broadcast { .. }) => Ok(()),
-            other => Err(format!("operands do not broadcast, got {other:?}")),
-        };
-    };
     if !shapes_agree {
         return got
             .err()
             .map(drop)
             .ok_or("mismatched inputs accepted".into());
     }
+    let Ok(full) = kernel::broadcast_shapes(&operands) else {
+        return match got {
+            Err(AttnError::Broadcast { .. }) => Ok(()),
+            other => Err(format!("operands do not broadcast, got {other:?}")),
+        };
+    };
     let n = full.len();
     let mut want = full[..n - 3].to_vec();
     if d.with_value {

@@ -76,9 +76,16 @@ pub fn make_attention_mask(
         // key's own length.
         let (qb, kb) = (&qs[..qs.len() - 2], &ks[..ks.len() - 2]);
         let axis = first_mismatch(qb, kb).unwrap_or(0);
-        let mut target = vec![1; kb.len().saturating_sub(qb.len())];
-        target.extend_from_slice(qb);
-        target.push(ks[ks.len() - 1]);
+        // Against the query's shape as it is when the ranks allow (the message then shows
+        // the caller's shapes), else its batch axes padded to the key's rank.
+        let target = if kb.len() <= qb.len() {
+            query_input.shape().to_vec()
+        } else {
+            let mut t = vec![1; kb.len() - qb.len()];
+            t.extend_from_slice(qb);
+            t.push(ks[ks.len() - 1]);
+            t
+        };
         AttnError::Broadcast {
             tensor: "key_input",
             shape: key_input.shape().to_vec(),

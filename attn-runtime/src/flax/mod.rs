@@ -458,6 +458,19 @@ fn run<E: Element, B: Element, R: Element>(
         None => result_shape.extend_from_slice(&[layout.heads, layout.q_len, layout.kv_len]),
     }
     let result_name = if value.is_some() { "output" } else { "weights" };
+    // The kernel's check of the key/value heads (grouped-query attention), which an empty
+    // result must not skip.
+    let (heads, kv_heads) = (layout.heads, ks[rank - 2]);
+    if kv_heads != heads
+        && (kv_heads == 0 && heads > 0 || kv_heads > 0 && !heads.is_multiple_of(kv_heads))
+    {
+        return Err(AttnError::Axis {
+            tensor: "key",
+            axis: "heads (axis -2)".into(),
+            expected: format!("a divisor of the query's {heads} heads"),
+            found: kv_heads,
+        });
+    }
     if num_elements(result_name, &result_shape)? == 0 && args.module.is_none() {
         let ctx = Context {
             deterministic: args.deterministic,

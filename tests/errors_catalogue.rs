@@ -114,6 +114,7 @@ fn runtime_examples() -> Vec<(&'static str, AttnError, &'static str)> {
         q_len: 1,
         kv_len: 1,
         heads: 1usize,
+        kv_heads: 1usize,
         qk_depth: 1usize,
         v_depth: 0usize,
     };
@@ -123,7 +124,7 @@ fn runtime_examples() -> Vec<(&'static str, AttnError, &'static str)> {
         &[1.0f32],
         &[1.0f32],
         None::<&Broadcast<'_, f32>>,
-        &Mask::None,
+        &Mask::none(),
         &Options::default(),
         &mut Context::deterministic(),
         &mut out,

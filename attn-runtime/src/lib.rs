@@ -15,6 +15,7 @@ pub mod dim;
 pub mod element;
 pub mod error;
 pub mod flax;
+pub mod jax_nn;
 pub mod kernel;
 pub mod layer;
 pub mod sow;

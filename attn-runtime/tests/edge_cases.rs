@@ -127,6 +127,7 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         q_len: 3,
         kv_len: 4,
         heads: Const::<2>,
+        kv_heads: Const::<2>,
         qk_depth: 5usize,
         v_depth: Const::<1>,
     };
@@ -141,7 +142,7 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         &q,
         &k,
         none,
-        &Mask::Causal,
+        &Mask::causal(),
         &opts,
         &mut ctx,
         &mut out,
@@ -155,7 +156,7 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         &q[1..],
         &k,
         none,
-        &Mask::None,
+        &Mask::none(),
         &opts,
         &mut ctx,
         &mut out,
@@ -171,7 +172,7 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         &q,
         &k,
         none,
-        &Mask::None,
+        &Mask::none(),
         &opts,
         &mut ctx,
         &mut short,
@@ -188,7 +189,7 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         &q,
         &k,
         none,
-        &Mask::None,
+        &Mask::none(),
         &opts,
         &mut ctx,
         &mut wrong,
@@ -202,8 +203,17 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         batch_shape: &[usize::MAX, 2],
         ..geom
     };
-    let e = kernel::attention_weights(&huge, &q, &k, none, &Mask::None, &opts, &mut ctx, &mut out)
-        .unwrap_err();
+    let e = kernel::attention_weights(
+        &huge,
+        &q,
+        &k,
+        none,
+        &Mask::none(),
+        &opts,
+        &mut ctx,
+        &mut out,
+    )
+    .unwrap_err();
     assert!(matches!(e, AttnError::Overflow { .. }), "{e}");
     let data = [true; 3];
     let e = Broadcast::new("mask", &data, &[2, 2]).unwrap_err();
@@ -352,6 +362,7 @@ fn causal_and_fully_masked_row<E: attn_runtime::Element>(eps: f64) {
         q_len,
         kv_len,
         heads: 1usize,
+        kv_heads: 1usize,
         qk_depth: 2usize,
         v_depth: 2usize,
     };
@@ -366,7 +377,7 @@ fn causal_and_fully_masked_row<E: attn_runtime::Element>(eps: f64) {
     for j in 0..kv_len {
         keep[2 * kv_len + j] = j > 2;
     }
-    let mask = Mask::CausalAnd(Broadcast::new("mask", &keep, &[q_len, kv_len]).unwrap());
+    let mask = Mask::causal().with_dense(Broadcast::new("mask", &keep, &[q_len, kv_len]).unwrap());
     // Every weight must be written, whatever the buffer held.
     let mut out = vec![E::from_f32(f32::NAN); q_len * kv_len];
     let mut ctx = Context::deterministic();

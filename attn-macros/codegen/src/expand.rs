@@ -417,10 +417,10 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
         ::attn::__private::Broadcast::new("mask", mask.as_slice(), &mask_shape.dims())?
     };
     let mask = match (layer.mask.causal, &layer.mask.explicit) {
-        (false, None) => quote!(::attn::__private::Mask::None),
-        (true, None) => quote!(::attn::__private::Mask::Causal),
-        (false, Some(_)) => quote!(::attn::__private::Mask::Explicit(#explicit_mask)),
-        (true, Some(_)) => quote!(::attn::__private::Mask::CausalAnd(#explicit_mask)),
+        (false, None) => quote!(::attn::__private::Mask::none()),
+        (true, None) => quote!(::attn::__private::Mask::causal()),
+        (false, Some(_)) => quote!(::attn::__private::Mask::dense(#explicit_mask)),
+        (true, Some(_)) => quote!(::attn::__private::Mask::causal().with_dense(#explicit_mask)),
     };
 
     let (name, kernel, result_var, value_arg) = match which {
@@ -465,6 +465,7 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
                 q_len: #q_len.size(),
                 kv_len: #kv_len.size(),
                 heads: #heads,
+                kv_heads: #heads,
                 qk_depth: #qk_depth,
                 v_depth: #v_depth,
             };

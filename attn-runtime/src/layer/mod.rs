@@ -330,6 +330,7 @@ impl MultiHeadDotProductAttention {
             force_fp32_for_softmax: c.force_fp32_for_softmax,
             pool: ctx.pool,
             bias: None,
+            ..FlaxArgs::default()
         };
         if let Some(s) = &mut ctx.sow {
             args.module = Some(&mut **s);

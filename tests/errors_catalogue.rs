@@ -79,7 +79,7 @@ fn runtime_examples() -> Vec<(&'static str, AttnError, &'static str)> {
     examples.push((
         "Axis",
         e,
-        "`key` axis heads (axis -2): expected 2, as in query, found 3",
+        "`key` axis heads (axis -2): expected 2, as in query, or a divisor of it (grouped-query attention), found 3",
     ));
 
     let e = TensorView::new(&[0.0f32; 5], (2usize, 3usize)).unwrap_err();

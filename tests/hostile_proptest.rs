@@ -1049,7 +1049,7 @@ fn zero_dims_beside_huge_ones_child() {
     let done = std::sync::atomic::AtomicUsize::new(0);
     let result = runner.run(&edge_draws(), |d| {
         let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        if n % 50_000 == 0 {
+        if n.is_multiple_of(50_000) {
             eprintln!("zero_dims_beside_huge_ones: {n} cases done");
         }
         let outcome = catch_unwind(AssertUnwindSafe(|| {

@@ -642,6 +642,8 @@ fn effective(p: &Problem) -> Mistake {
         _ if p.kernel_path && flax_only => Mistake::None,
         _ if !p.kernel_path && kernel_only => Mistake::None,
         Mistake::BatchDim if p.batch.is_empty() => Mistake::None,
+        // One key head divides zero query heads (grouped-query attention, as `jax.nn`): valid.
+        Mistake::KeyHeads if p.heads == 0 => Mistake::None,
         Mistake::ValueLength if p.value.is_none() => Mistake::None,
         Mistake::BiasAxis if !has_wide_bias_axis => Mistake::None,
         Mistake::MaskCount if p.mask.is_none() => Mistake::None,
@@ -904,12 +906,13 @@ fn check_edge(d: &EdgeDraw) -> Result<(), String> {
     // The call as built (edge_array may have shrunk impossible dims): keys must agree with the
     // query on the batch, heads and depth axes, else an error is all that is checked.
     let r = qs.len();
+    // The value takes part only in `dot_product_attention`.
+    let value_agrees = !d.with_value
+        || qs[..r - 3] == vs[..r - 3] && ks[r - 2] == vs[r - 2] && ks[r - 3] == vs[r - 3];
     let shapes_agree = qs[..r - 3] == ks[..r - 3]
-        && qs[..r - 3] == vs[..r - 3]
         && (qs[r - 2] == ks[r - 2] || ks[r - 2] > 0 && qs[r - 2].is_multiple_of(ks[r - 2]))
-        && ks[r - 2] == vs[r - 2]
         && qs[r - 1] == ks[r - 1]
-        && ks[r - 3] == vs[r - 3];
+        && value_agrees;
     let mut logits = qs[..r - 3].to_vec();
     logits.extend([qs[r - 2], qs[r - 3], ks[r - 3]]);
     let bias = d.bias.as_ref().map(|p| {

@@ -44,7 +44,8 @@ fn shape_errors_name_tensor_axis_expected_found() {
     ));
     assert_eq!(
         e,
-        "`key` axis heads (axis -2): expected 3, as in query, found 2"
+        "`key` axis heads (axis -2): expected 3, as in query, or a divisor of it (grouped-query \
+         attention), found 2"
     );
     let e = err_text(dot_product_attention_weights(
         &q,

@@ -84,6 +84,19 @@ fn measure<T>(f: impl FnOnce() -> T) -> (T, usize, Duration) {
     (out, PEAK.load(Ordering::SeqCst) - base, time)
 }
 
+/// [`measure`] of `f(setup())`, with `setup` run under the same lock (its allocations are not
+/// counted, and do not land in another test's measurement).
+fn measure_after<S, T>(setup: impl FnOnce() -> S, f: impl FnOnce(&S) -> T) -> (T, usize, Duration) {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let inputs = setup();
+    let base = LIVE.load(Ordering::SeqCst);
+    PEAK.store(base, Ordering::SeqCst);
+    let start = Instant::now();
+    let out = f(&inputs);
+    let time = start.elapsed();
+    (out, PEAK.load(Ordering::SeqCst) - base, time)
+}
+
 const MB: usize = 1 << 20;
 
 fn empty_f32(shape: &[usize]) -> Array {
@@ -395,4 +408,31 @@ fn finding_8_overflow_errors_name_the_callers_shapes() {
     let (r, peak, _) = measure(|| dot_product_attention_weights(&q, &q, FlaxArgs::new().mask(&m)));
     assert_empty(&r.unwrap(), DType::F32, &[2, 3, 0, 1 << 20, 1 << 20]);
     assert!(peak < MB, "{peak} bytes for an empty result");
+}
+
+/// Finding 8, second part: a one-row (decode) call's per-thread scratch was sized for a full
+/// query block of every head, about 17 times the input (16.8 MB of keys and values kept 292 MB
+/// between calls). Now one task's needs: the peak during the call, scratch included (it stays
+/// allocated in the worker threads), is a small fraction of the keys and values.
+#[test]
+fn finding_8_decode_scratch_is_sized_by_one_task() {
+    let (kv, heads, depth) = (4096, 8, 128);
+    let setup = || {
+        let q = Array::new(vec![0.25f32; heads * depth], vec![1, 1, heads, depth]).unwrap();
+        let kd: Vec<f32> = (0..kv * heads * depth)
+            .map(|i| (i as f32 * 0.001).sin())
+            .collect();
+        let k = Array::new(kd.clone(), vec![1, kv, heads, depth]).unwrap();
+        let v = Array::new(kd, vec![1, kv, heads, depth]).unwrap();
+        (q, k, v)
+    };
+    let input = 2 * kv * heads * depth * 4;
+    let (r, peak, _) = measure_after(setup, |(q, k, v)| {
+        dot_product_attention(q, k, v, FlaxArgs::new())
+    });
+    assert_eq!(r.unwrap().shape(), &[1, 1, heads, depth]);
+    assert!(
+        peak < input / 4,
+        "{peak} bytes allocated by a decode call over {input} bytes of keys and values"
+    );
 }

@@ -436,3 +436,25 @@ fn finding_8_decode_scratch_is_sized_by_one_task() {
         "{peak} bytes allocated by a decode call over {input} bytes of keys and values"
     );
 }
+
+/// The rule behind finding 5 on `Array` itself: the fallible conversions return an error under
+/// the cap where the infallible ones would abort (40 MB of bool to 320 MB of f64).
+#[test]
+fn array_conversions_have_fallible_forms() {
+    let (r, peak, _) = measure_after(
+        || Array::new(vec![true; 40 << 20], vec![40 << 20]).unwrap(),
+        |a| {
+            (
+                a.try_astype(DType::F64).map(drop),
+                a.try_to_f64_vec().map(drop),
+            )
+        },
+    );
+    for e in [r.0.unwrap_err(), r.1.unwrap_err()] {
+        assert!(
+            matches!(e, AttnError::Allocation { tensor: "array", elements } if elements == 40 << 20),
+            "{e}"
+        );
+    }
+    assert!(peak < MB, "{peak} bytes for two refused conversions");
+}

@@ -226,11 +226,13 @@ fn rank4(name: &'static str, a: &Array, s: &Shapes) -> Result<Vec<usize>, AttnEr
     Ok(shape)
 }
 
-/// A lengths argument: `int32` of shape `[B]` exactly.
+/// A lengths argument: `int32` of shape `[B]` exactly, each in `0..=bound` (the sequence
+/// length `what`); checked here so that the error names jax's argument.
 fn lengths<'a>(
     name: &'static str,
     a: Option<&'a Array>,
     s: &Shapes,
+    (bound, what): (usize, &str),
 ) -> Result<Option<&'a [i32]>, AttnError> {
     let Some(a) = a else { return Ok(None) };
     if a.dtype() != DType::I32 {
@@ -256,7 +258,20 @@ fn lengths<'a>(
             found: a.len(),
         });
     }
-    Ok(a.as_slice::<i32>())
+    let values = a.as_slice::<i32>().unwrap_or_default();
+    if let Some((b, &n)) = values
+        .iter()
+        .enumerate()
+        .find(|&(_, &n)| n < 0 || n as u64 > bound as u64)
+    {
+        return Err(AttnError::InvalidArgument {
+            argument: name,
+            reason: format!(
+                "expected lengths in 0..={bound} (the {what}), found {n} at batch element {b}"
+            ),
+        });
+    }
+    Ok(Some(values))
 }
 
 fn run<E: Element>(
@@ -285,8 +300,18 @@ fn run<E: Element>(
             reason: format!("expected a float dtype, found {}", b.dtype()),
         });
     }
-    let query_lengths = lengths("query_seq_lengths", args.query_seq_lengths, s)?;
-    let kv_lengths = lengths("key_value_seq_lengths", args.key_value_seq_lengths, s)?;
+    let query_lengths = lengths(
+        "query_seq_lengths",
+        args.query_seq_lengths,
+        s,
+        (s.q_len, "query length"),
+    )?;
+    let kv_lengths = lengths(
+        "key_value_seq_lengths",
+        args.key_value_seq_lengths,
+        s,
+        (s.kv_len, "key/value length"),
+    )?;
     if args.return_residual && args.module.is_some() {
         return Err(AttnError::InvalidArgument {
             argument: "return_residual",

@@ -497,3 +497,32 @@ fn an_empty_result_still_checks_the_dtype_of_lengths() {
         measure(|| dot_product_attention(&q, &q, &q, FlaxArgs::new().query_lengths(&good)));
     assert_empty(&r.unwrap(), DType::F32, &[2, 0, 1, 4]);
 }
+
+/// The output path's per-thread scratch follows the caller's heads and depth (16 query columns
+/// per head for a block of two rows): growing it is fallible. 2^16 heads of depth 64 and two
+/// query rows (32 MiB of query) would need 256 MiB of transposed queries: an error under the
+/// cap, not an abort.
+#[test]
+fn scratch_that_cannot_grow_is_an_error() {
+    let _alone = alone();
+    let (heads, depth) = (1 << 16, 64);
+    let setup = || {
+        let q = Array::new(vec![0.5f32; 2 * heads * depth], vec![1, 2, heads, depth]).unwrap();
+        let kv = Array::new(vec![0.25f32; heads * depth], vec![1, 1, heads, depth]).unwrap();
+        (q, kv)
+    };
+    let (r, _, _) = measure_after(setup, |(q, kv)| {
+        dot_product_attention(q, kv, kv, FlaxArgs::new())
+    });
+    let e = r.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AttnError::Allocation {
+                tensor: "scratch",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}

@@ -52,6 +52,7 @@ use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32, trans
 use super::visibility::Visibility;
 use crate::context::Threads;
 use crate::element::{DType, Element};
+use crate::error::{AttnError, num_elements};
 
 /// Query rows per task (fewer when that would leave fewer than [`MIN_TASKS`] tasks). Each task
 /// reads the keys and values of its batch element once, so larger blocks read them less often.
@@ -550,14 +551,15 @@ impl<'a, E: Element> FlashArgs<'a, E> {
 /// `isa`, on the current rayon pool; with `lse`, also each row's logsumexp `max + ln(sum)` of
 /// the masked logits (`[batch..., q_len, heads]`; not computed when `v_depth = 0`).
 ///
-/// Panics if a slice length does not match `args.dims` (the caller validated the shapes).
+/// Panics if a slice length does not match `args.dims` (the caller validated the shapes). A
+/// thread's scratch that cannot grow is `AttnError::Allocation`.
 pub(crate) fn flash_attention<E: Element, O: Element>(
     args: &FlashArgs<'_, E>,
     out: &mut [O],
     mut lse: Option<&mut [f64]>,
     isa: Isa,
     threads: Threads<'_>,
-) {
+) -> Result<(), AttnError> {
     let d = args.dims;
     let rows = d.batch * d.q_len;
     let keys = d.batch * d.kv_len;
@@ -583,17 +585,17 @@ pub(crate) fn flash_attention<E: Element, O: Element>(
         });
     }
     if out.is_empty() {
-        return;
+        return Ok(());
     }
     if d.kv_len == 0 {
         // Every output element is an empty sum (Flax gives 0).
         out.fill(O::from_f32(0.0));
-        return;
+        return Ok(());
     }
     if args.accumulate_f64 {
-        run::<f64, E, O>(args, out, lse, Isa::Portable, threads);
+        run::<f64, E, O>(args, out, lse, Isa::Portable, threads)
     } else {
-        run::<f32, E, O>(args, out, lse, isa, threads);
+        run::<f32, E, O>(args, out, lse, isa, threads)
     }
 }
 
@@ -616,7 +618,7 @@ fn run<C: TileReal, E: Element, O: Element>(
     lse: Option<&mut [f64]>,
     isa: Isa,
     threads: Threads<'_>,
-) {
+) -> Result<(), AttnError> {
     let d = args.dims;
     let block = query_block(&d, args.mask.banded());
     let row_len = d.heads * d.v_depth;
@@ -673,15 +675,15 @@ fn run<C: TileReal, E: Element, O: Element>(
         // end together instead of one finishing the last, longest blocks alone.
         tasks.sort_by_key(|&((_, first_row, _, _), _)| std::cmp::Reverse(first_row));
     }
-    threads.for_each(tasks, |((b, first_row, first_head, out_rows), lse)| {
-        with_thread_scratch::<C, ()>(|scratch, converted| {
-            scratch.prepare(&d, block);
+    threads.try_for_each(tasks, |((b, first_row, first_head, out_rows), lse)| {
+        with_thread_scratch::<C, _>(|scratch, converted| {
+            scratch.prepare(&d, block)?;
             // The body writes `C`; other output types go through a buffer, so that the body
             // is not compiled once per output type.
             let direct = C::direct_mut(&mut *out_rows).is_some();
             if !direct {
                 converted.clear();
-                converted.resize(out_rows.len(), C::ZERO);
+                grow(converted, out_rows.len(), C::ZERO)?;
             }
             let out_c = match C::direct_mut(&mut *out_rows) {
                 Some(out_c) => out_c,
@@ -703,8 +705,9 @@ fn run<C: TileReal, E: Element, O: Element>(
                     *o = x.to::<O>();
                 }
             }
-        });
-    });
+            Ok(())
+        })
+    })
 }
 
 /// Per-task buffers, reused across the tasks a rayon job runs. The task keeps the state of every
@@ -799,8 +802,9 @@ impl<C: TileReal> Scratch<C> {
     }
 
     /// Sizes the buffers for tasks of `block` query rows of a call of sizes `d`. Each task
-    /// resets what it reads, so the contents need not be cleared.
-    fn prepare(&mut self, d: &Dims, block: usize) {
+    /// resets what it reads, so the contents need not be cleared. The sizes follow the
+    /// caller's heads and depths: growing is fallible (`AttnError::Allocation`).
+    fn prepare(&mut self, d: &Dims, block: usize) -> Result<(), AttnError> {
         // What one task needs: at most `min(block, q_len)` rows, one column wide for a single
         // row (decoding), as `Rows::width` lays them out; not a whole padded block.
         let rows = block.min(d.q_len).max(1);
@@ -810,17 +814,42 @@ impl<C: TileReal> Scratch<C> {
             rows.next_multiple_of(16)
         };
         let key_rows = KEY_BLOCK.min(d.kv_len);
-        self.query_t.resize(d.heads * d.qk_depth * width, C::ZERO);
-        self.acc.resize(d.heads * rows * d.v_depth, C::ZERO);
-        self.max.resize(d.heads * width, C::ZERO);
-        self.sum.resize(d.heads * width, C::ZERO);
-        self.skipped.resize_with(d.heads, Vec::new);
-        self.scores.resize(key_rows * width.max(d.heads), C::ZERO);
-        self.alpha.resize(width, C::ZERO);
-        self.shift.resize(width, C::ZERO);
-        self.block_max.resize(width, C::ZERO);
-        self.active.resize(d.heads, true);
+        let size = |tensor, dims: &[usize]| num_elements(tensor, dims);
+        grow(
+            &mut self.query_t,
+            size("scratch", &[d.heads, d.qk_depth, width])?,
+            C::ZERO,
+        )?;
+        grow(
+            &mut self.acc,
+            size("scratch", &[d.heads, rows, d.v_depth])?,
+            C::ZERO,
+        )?;
+        let per_head = size("scratch", &[d.heads, width])?;
+        grow(&mut self.max, per_head, C::ZERO)?;
+        grow(&mut self.sum, per_head, C::ZERO)?;
+        grow(&mut self.skipped, d.heads, Vec::new())?;
+        let scores = size("scratch", &[key_rows, width.max(d.heads)])?;
+        grow(&mut self.scores, scores, C::ZERO)?;
+        grow(&mut self.alpha, width, C::ZERO)?;
+        grow(&mut self.shift, width, C::ZERO)?;
+        grow(&mut self.block_max, width, C::ZERO)?;
+        grow(&mut self.active, d.heads, true)
     }
+}
+
+/// Grows `v` to at least `len` elements (new ones `value`) with a fallible allocation; a longer
+/// `v` is left as it is (the buffers are reused across calls).
+fn grow<T: Clone>(v: &mut Vec<T>, len: usize, value: T) -> Result<(), AttnError> {
+    if len > v.len() {
+        v.try_reserve_exact(len - v.len())
+            .map_err(|_| AttnError::Allocation {
+                tensor: "scratch",
+                elements: len,
+            })?;
+        v.resize(len, value);
+    }
+    Ok(())
 }
 
 /// The scratch of the current thread for arithmetic `C`, kept between calls: allocating (and
@@ -1835,7 +1864,7 @@ mod tests {
         let want = reference(args);
         for isa in Isa::available() {
             let mut got = vec![O::from_f64(0.0); want.len()];
-            flash_attention(args, &mut got, None, isa, Threads(None));
+            flash_attention(args, &mut got, None, isa, Threads(None)).unwrap();
             for (n, (g, w)) in got.iter().zip(&want).enumerate() {
                 let g = g.to_f64();
                 assert!(
@@ -1961,7 +1990,8 @@ mod tests {
             None,
             Isa::detect(),
             Threads(None),
-        );
+        )
+        .unwrap();
         assert!(out.iter().all(|&v| v == 0.0), "{out:?}");
     }
 
@@ -2085,7 +2115,7 @@ mod tests {
         let bias = resolved(&bias, &[2, 20], &[1], 1, 2, 20).unwrap();
         a.bias = Some(&bias);
         let mut got = vec![0.0f32; 6];
-        flash_attention(&a, &mut got, None, Isa::detect(), Threads(None));
+        flash_attention(&a, &mut got, None, Isa::detect(), Threads(None)).unwrap();
         assert!(got[..3].iter().all(|x| x.is_nan()), "{got:?}");
         let v7 = &x.value[7 * 3..8 * 3];
         assert_eq!(&got[3..], v7);
@@ -2105,9 +2135,10 @@ mod tests {
             // From outside the pool (a hand-over, or the caller alone for one thread) and from
             // inside it (a parallel iterator on its workers).
             let mut outside = vec![0.0f32; 2 * 200 * 3 * 64];
-            flash_attention(&a, &mut outside, None, Isa::detect(), Threads(Some(&pool)));
+            flash_attention(&a, &mut outside, None, Isa::detect(), Threads(Some(&pool))).unwrap();
             let mut inside = vec![0.0f32; 2 * 200 * 3 * 64];
-            pool.install(|| flash_attention(&a, &mut inside, None, Isa::detect(), Threads(None)));
+            pool.install(|| flash_attention(&a, &mut inside, None, Isa::detect(), Threads(None)))
+                .unwrap();
             (outside, inside)
         };
         let (one, _) = run(1);

@@ -103,7 +103,7 @@ pub fn jax_attention<E: Element, B: Element, H: Dim, G: Dim, Dk: Dim, Dv: Dim>(
                         .into(),
                 });
             }
-            super::run_tiled(&call, out, Some(lse), ctx);
+            super::run_tiled(&call, out, Some(lse), ctx)?;
         }
         None => run(&call, None::<&mut [E]>, Some(&mut *out), ctx)?,
     }
@@ -160,8 +160,7 @@ pub fn attention_lse<E: Element, B: Element, O: Element, H: Dim, G: Dim, Dk: Dim
             reason: "expected no sow sink: the logsumexp comes from the tiled output path".into(),
         });
     }
-    super::run_tiled(&call, out, Some(lse), ctx);
-    Ok(())
+    super::run_tiled(&call, out, Some(lse), ctx)
 }
 
 #[cfg(test)]

@@ -411,8 +411,7 @@ fn run<E: Element, B: Element, W: Element, O: Element>(
             let Some(out) = output else {
                 unreachable!("the tiled path is chosen only for output calls without weights")
             };
-            run_tiled(call, out, None, ctx);
-            Ok(())
+            run_tiled(call, out, None, ctx)
         }
         Path::Materialized => {
             if call.plan.accumulate_f64() {
@@ -431,12 +430,12 @@ fn run_tiled<E: Element, B: Element, O: Element>(
     out: &mut [O],
     lse: Option<&mut [f64]>,
     ctx: &mut Context<'_>,
-) {
+) -> Result<(), AttnError> {
     let Some(value) = call.value else {
         unreachable!("the tiled path is chosen only for output calls")
     };
     let args = flash::FlashArgs::of_call(call, value);
     let isa = simd::Isa::detect();
     let threads = ctx.threads();
-    threads.install(|| flash::flash_attention(&args, out, lse, isa, threads));
+    threads.install(|| flash::flash_attention(&args, out, lse, isa, threads))
 }

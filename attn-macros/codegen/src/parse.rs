@@ -65,6 +65,15 @@ pub enum Term {
         /// The literal.
         lit: Lit,
     },
+    /// `name(arg, arg, ..)`, as in `causal(bottom_right)` or `window(512, 0)`.
+    Call {
+        /// The name before the parentheses.
+        name: Ident,
+        /// Span of the parentheses.
+        span: Span,
+        /// The arguments, split at top-level commas (each possibly empty).
+        args: Vec<TokenStream>,
+    },
     /// Anything else; always an error where it appears.
     Other(TokenStream),
 }
@@ -104,6 +113,20 @@ impl Term {
                 TokenTree::Group(group).into()
             }
             Term::Ident(ident) => ident.to_token_stream(),
+            Term::Call { name, span, args } => {
+                let mut inner = TokenStream::new();
+                for (i, arg) in args.iter().enumerate() {
+                    if i > 0 {
+                        inner.extend([TokenTree::Punct(punct(',', *span))]);
+                    }
+                    inner.extend(arg.clone());
+                }
+                let mut group = proc_macro2::Group::new(Delimiter::Parenthesis, inner);
+                group.set_span(*span);
+                let mut tokens = name.to_token_stream();
+                tokens.extend([TokenTree::Group(group)]);
+                tokens
+            }
             Term::Lit { minus, lit } => {
                 let mut tokens = TokenStream::new();
                 if let Some(span) = minus {
@@ -238,13 +261,40 @@ fn parse_entries(body: TokenStream, layer: &mut LayerSyntax) {
             ));
             continue;
         }
-        for tokens in split_missing_commas(tokens, &mut layer.errors) {
-            match parse_entry(tokens) {
-                Ok(entry) => layer.entries.push(entry),
-                Err(error) => layer.errors.push(error),
+        for tokens in split_semicolons(tokens, &mut layer.errors) {
+            for tokens in split_missing_commas(tokens, &mut layer.errors) {
+                match parse_entry(tokens) {
+                    Ok(entry) => layer.entries.push(entry),
+                    Err(error) => layer.errors.push(error),
+                }
             }
         }
     }
+}
+
+/// Splits `query: [..]; key: [..]` at each top-level `;`, reporting it: entries are separated by
+/// `,` (a struct's fields), and a `;` would otherwise make the next entry part of this value.
+fn split_semicolons(tokens: Vec<TokenTree>, errors: &mut Vec<syn::Error>) -> Vec<Vec<TokenTree>> {
+    let mut parts = Vec::new();
+    let mut current = Vec::new();
+    for tree in tokens {
+        match &tree {
+            TokenTree::Punct(p) if p.as_char() == ';' => {
+                errors.push(syn::Error::new(
+                    p.span(),
+                    "entries are separated by `,`, not `;`",
+                ));
+                if !current.is_empty() {
+                    parts.push(std::mem::take(&mut current));
+                }
+            }
+            _ => current.push(tree),
+        }
+    }
+    if !current.is_empty() {
+        parts.push(current);
+    }
+    parts
 }
 
 /// Splits `query: [..] key: [..]` (a forgotten comma) into two entries, reporting the comma.
@@ -363,6 +413,33 @@ fn parse_term(tokens: &[TokenTree], empty_span: Span) -> Term {
             })
         }
         [TokenTree::Ident(ident)] => Term::Ident(ident.clone()),
+        [TokenTree::Ident(name), TokenTree::Group(group)]
+            if group.delimiter() == Delimiter::Parenthesis =>
+        {
+            let args = if group.stream().is_empty() {
+                Vec::new()
+            } else {
+                let mut args: Vec<TokenStream> = Vec::new();
+                let mut current = TokenStream::new();
+                for tree in group.stream() {
+                    match &tree {
+                        TokenTree::Punct(p) if p.as_char() == ',' => {
+                            args.push(std::mem::take(&mut current));
+                        }
+                        _ => current.extend([tree]),
+                    }
+                }
+                if !current.is_empty() {
+                    args.push(current);
+                }
+                args
+            };
+            Term::Call {
+                name: name.clone(),
+                span: group.span(),
+                args,
+            }
+        }
         [TokenTree::Literal(literal)] => Term::Lit {
             minus: None,
             lit: Lit::new(literal.clone()),

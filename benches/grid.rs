@@ -170,7 +170,7 @@ impl Buffers {
         }
     }
 
-    fn geometry(&self) -> Geometry<'static, usize, usize, usize> {
+    fn geometry(&self) -> Geometry<'static, usize, usize, usize, usize> {
         let c = &self.case;
         Geometry {
             batch_shape: match c.batch {
@@ -183,6 +183,7 @@ impl Buffers {
             q_len: c.q_len,
             kv_len: c.kv_len,
             heads: c.heads,
+            kv_heads: c.heads,
             qk_depth: c.depth,
             v_depth: c.depth,
         }
@@ -190,9 +191,9 @@ impl Buffers {
 
     fn mask(&self) -> Mask<'static> {
         if self.case.causal {
-            Mask::Causal
+            Mask::causal()
         } else {
-            Mask::None
+            Mask::none()
         }
     }
 

@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use attn::kernel::{self, Broadcast, Geometry, Mask, Options};
+use attn::layer::{InFeatures, KvCache, MhaConfig, MultiHeadDotProductAttention};
 use attn::{
     Array, AttnError, Const, Context, DType, FlaxArgs, TensorView, attention, combine_masks,
     dot_product_attention_weights,
@@ -78,7 +79,7 @@ fn runtime_examples() -> Vec<(&'static str, AttnError, &'static str)> {
     examples.push((
         "Axis",
         e,
-        "`key` axis heads (axis -2): expected 2, as in query, found 3",
+        "`key` axis heads (axis -2): expected 2, as in query, or a divisor of it (grouped-query attention), found 3",
     ));
 
     let e = TensorView::new(&[0.0f32; 5], (2usize, 3usize)).unwrap_err();
@@ -113,6 +114,7 @@ fn runtime_examples() -> Vec<(&'static str, AttnError, &'static str)> {
         q_len: 1,
         kv_len: 1,
         heads: 1usize,
+        kv_heads: 1usize,
         qk_depth: 1usize,
         v_depth: 0usize,
     };
@@ -122,7 +124,7 @@ fn runtime_examples() -> Vec<(&'static str, AttnError, &'static str)> {
         &[1.0f32],
         &[1.0f32],
         None::<&Broadcast<'_, f32>>,
-        &Mask::None,
+        &Mask::none(),
         &Options::default(),
         &mut Context::deterministic(),
         &mut out,
@@ -186,6 +188,38 @@ fn runtime_examples() -> Vec<(&'static str, AttnError, &'static str)> {
         "Allocation",
         e,
         "cannot allocate 1152921504606846976 elements for `weights`",
+    ));
+
+    // Checkpoint: a msgpack file `{"params": {}}` has none of the layer's parameters.
+    let empty_params = [&[0x81, 0xa6][..], b"params", &[0x80]].concat();
+    let e = MultiHeadDotProductAttention::from_msgpack(
+        MhaConfig::new(2),
+        InFeatures::same(4),
+        &empty_params,
+        "params",
+    )
+    .expect_err("no parameters");
+    examples.push((
+        "Checkpoint",
+        e,
+        "checkpoint `params/query/kernel`: expected float32 [4, 2, 2], found no such entry",
+    ));
+
+    // CacheCapacity: two tokens into a cache of one.
+    let layer = MultiHeadDotProductAttention::init(MhaConfig::new(2), InFeatures::same(4), 0)
+        .expect("a layer");
+    let e = layer
+        .decode(
+            &mut KvCache::new(1),
+            &f32s(&[2, 4]),
+            None,
+            &mut Context::deterministic(),
+        )
+        .expect_err("cache full");
+    examples.push((
+        "CacheCapacity",
+        e,
+        "KV cache full: capacity 1, holds 0, 2 more requested (the cache is unchanged)",
     ));
     examples
 }

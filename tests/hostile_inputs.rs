@@ -9,7 +9,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use attn::kernel::{self, Broadcast, Geometry, Mask, Options};
+use attn::kernel::{self, Broadcast, Geometry, Mask, Options, SegmentIds};
 use attn::{
     Array, AttnError, Context, DType, DropoutRng, FlaxArgs, Tensor, TensorView, TensorViewMut,
     combine_masks, dot_product_attention, dot_product_attention_weights, make_attention_mask,
@@ -185,6 +185,7 @@ fn kernel_weights(
         q_len,
         kv_len: kv,
         heads: 1usize,
+        kv_heads: 1usize,
         qk_depth: depth,
         v_depth: 0usize,
     };
@@ -277,7 +278,7 @@ fn cases() -> Vec<Case> {
             error(AttnError::Axis {
                 tensor: "key",
                 axis: "heads (axis -2)".into(),
-                expected: "2, as in query".into(),
+                expected: "2, as in query, or a divisor of it (grouped-query attention)".into(),
                 found: 3,
             }),
         ),
@@ -307,7 +308,7 @@ fn cases() -> Vec<Case> {
             error(AttnError::Axis {
                 tensor: "value",
                 axis: "heads (axis -2)".into(),
-                expected: "2, as in query".into(),
+                expected: "2, as in key".into(),
                 found: 1,
             }),
         ),
@@ -365,6 +366,7 @@ fn cases() -> Vec<Case> {
                     q_len: 3,
                     kv_len: 5,
                     heads: 1usize,
+                    kv_heads: 1usize,
                     qk_depth: 4usize,
                     v_depth: 0usize,
                 };
@@ -374,7 +376,7 @@ fn cases() -> Vec<Case> {
                     &q,
                     &k,
                     Some(&bias),
-                    &Mask::None,
+                    &Mask::none(),
                     &Options::default(),
                     &mut Context::deterministic(),
                     &mut out,
@@ -448,7 +450,7 @@ fn cases() -> Vec<Case> {
             "kernel: query slice too short",
             || {
                 let (q, k) = (vec![0.5f32; 3 * 4 - 1], vec![0.25f32; 5 * 4]);
-                kernel_weights(3, 5, 4, &q, &k, &Mask::None, 15)
+                kernel_weights(3, 5, 4, &q, &k, &Mask::none(), 15)
             },
             error(AttnError::Length {
                 tensor: "query",
@@ -461,7 +463,7 @@ fn cases() -> Vec<Case> {
             "kernel: weights buffer too long",
             || {
                 let (q, k) = (vec![0.5f32; 3 * 4], vec![0.25f32; 5 * 4]);
-                kernel_weights(3, 5, 4, &q, &k, &Mask::None, 16)
+                kernel_weights(3, 5, 4, &q, &k, &Mask::none(), 16)
             },
             error(AttnError::Length {
                 tensor: "weights",
@@ -479,6 +481,7 @@ fn cases() -> Vec<Case> {
                     q_len: 3,
                     kv_len: 5,
                     heads: 1usize,
+                    kv_heads: 1usize,
                     qk_depth: 4usize,
                     v_depth: 0usize,
                 };
@@ -488,7 +491,7 @@ fn cases() -> Vec<Case> {
                     &q,
                     &k,
                     None::<&Broadcast<'_, f32>>,
-                    &Mask::None,
+                    &Mask::none(),
                     &Options::default(),
                     &mut Context::deterministic(),
                     &mut out,
@@ -519,7 +522,7 @@ fn cases() -> Vec<Case> {
             "kernel: explicit mask with more elements than its shape",
             || {
                 let keep = vec![true; 16];
-                let mask = Mask::Explicit(Broadcast::new("mask", &keep, &[3, 5])?);
+                let mask = Mask::dense(Broadcast::new("mask", &keep, &[3, 5])?);
                 let (q, k) = (vec![0.5f32; 12], vec![0.25f32; 20]);
                 kernel_weights(3, 5, 4, &q, &k, &mask, 15)
             },
@@ -528,6 +531,114 @@ fn cases() -> Vec<Case> {
                 shape: vec![3, 5],
                 expected: 15,
                 found: 16,
+            }),
+        ),
+        // ---- structured masks and grouped heads (issue 13) ---------------------------------
+        case(
+            "kernel: kv length beyond the keys",
+            || {
+                let (q, k) = (vec![0.5f32; 12], vec![0.25f32; 20]);
+                kernel_weights(3, 5, 4, &q, &k, &Mask::none().with_kv_lengths(&[6]), 15)
+            },
+            error(AttnError::InvalidArgument {
+                argument: "kv_lengths",
+                reason: "expected lengths in 0..=5 (the key/value length), found 6 at batch \
+                         element 0"
+                    .into(),
+            }),
+        ),
+        case(
+            "kernel: negative query length",
+            || {
+                let (q, k) = (vec![0.5f32; 12], vec![0.25f32; 20]);
+                kernel_weights(3, 5, 4, &q, &k, &Mask::none().with_query_lengths(&[-1]), 15)
+            },
+            error(AttnError::InvalidArgument {
+                argument: "query_lengths",
+                reason: "expected lengths in 0..=3 (the query length), found -1 at batch element 0"
+                    .into(),
+            }),
+        ),
+        case(
+            "kernel: one length per batch element",
+            || {
+                let (q, k) = (vec![0.5f32; 12], vec![0.25f32; 20]);
+                kernel_weights(3, 5, 4, &q, &k, &Mask::none().with_kv_lengths(&[5, 5]), 15)
+            },
+            error(AttnError::InvalidArgument {
+                argument: "kv_lengths",
+                reason: "expected one length per batch element (1), found 2 values".into(),
+            }),
+        ),
+        case(
+            "kernel: query segment ids of the wrong length",
+            || {
+                let (q, k) = (vec![0.5f32; 12], vec![0.25f32; 20]);
+                let ids = SegmentIds {
+                    query: &[0, 0],
+                    key: &[0; 5],
+                };
+                kernel_weights(3, 5, 4, &q, &k, &Mask::none().with_segment_ids(ids), 15)
+            },
+            error(AttnError::InvalidArgument {
+                argument: "query_segment_ids",
+                reason: "expected 3 ids ([batch.., 3] with 1 batch elements), found 2".into(),
+            }),
+        ),
+        case(
+            "kernel: key segment ids of the wrong length",
+            || {
+                let (q, k) = (vec![0.5f32; 12], vec![0.25f32; 20]);
+                let ids = SegmentIds {
+                    query: &[0; 3],
+                    key: &[0; 6],
+                };
+                kernel_weights(3, 5, 4, &q, &k, &Mask::none().with_segment_ids(ids), 15)
+            },
+            error(AttnError::InvalidArgument {
+                argument: "kv_segment_ids",
+                reason: "expected 5 ids ([batch.., 5] with 1 batch elements), found 6".into(),
+            }),
+        ),
+        case(
+            // Flax gives a row with no visible key uniform weights over all keys.
+            "kernel: kv length 0: uniform rows",
+            || {
+                let (q, k) = (vec![0.5f32; 12], vec![0.25f32; 20]);
+                kernel_weights(3, 5, 4, &q, &k, &Mask::causal().with_kv_lengths(&[0]), 15)
+            },
+            values(DType::F32, &[1, 3, 5], vec![0.2; 15]),
+        ),
+        case(
+            "kernel: key/value heads not dividing the query heads",
+            || {
+                let geom = Geometry {
+                    batch_shape: &[],
+                    q_len: 1,
+                    kv_len: 1,
+                    heads: 3usize,
+                    kv_heads: 2usize,
+                    qk_depth: 1usize,
+                    v_depth: 0usize,
+                };
+                let mut out = vec![0.0f32; 3];
+                kernel::attention_weights(
+                    &geom,
+                    &[1.0f32; 3],
+                    &[1.0f32; 2],
+                    None::<&Broadcast<'_, f32>>,
+                    &Mask::none(),
+                    &Options::default(),
+                    &mut Context::deterministic(),
+                    &mut out,
+                )?;
+                Array::new(out, [3, 1, 1])
+            },
+            error(AttnError::Axis {
+                tensor: "key",
+                axis: "heads (axis -2)".into(),
+                expected: "a divisor of the query's 3 heads".into(),
+                found: 2,
             }),
         ),
         // ---- empty dims and length 1 -------------------------------------------------------
@@ -667,6 +778,7 @@ fn cases() -> Vec<Case> {
                     q_len: 1,
                     kv_len: 1,
                     heads: 1usize,
+                    kv_heads: 1usize,
                     qk_depth: 1usize,
                     v_depth: 0usize,
                 };
@@ -676,7 +788,7 @@ fn cases() -> Vec<Case> {
                     &[0.0f32; 0],
                     &[0.0f32; 0],
                     None::<&Broadcast<'_, f32>>,
-                    &Mask::None,
+                    &Mask::none(),
                     &Options::default(),
                     &mut Context::deterministic(),
                     &mut out,

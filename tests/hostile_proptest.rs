@@ -560,16 +560,17 @@ fn run_kernel_as<E: Element>(p: &Problem) -> Result<Array, AttnError> {
         .map(|m| Broadcast::new("mask", &m.data, &m.shape))
         .transpose()?;
     let mask = match (p.causal, explicit) {
-        (false, None) => Mask::None,
-        (true, None) => Mask::Causal,
-        (false, Some(m)) => Mask::Explicit(m),
-        (true, Some(m)) => Mask::CausalAnd(m),
+        (false, None) => Mask::none(),
+        (true, None) => Mask::causal(),
+        (false, Some(m)) => Mask::dense(m),
+        (true, Some(m)) => Mask::causal().with_dense(m),
     };
     let geom = Geometry {
         batch_shape: &p.batch,
         q_len: p.q_len,
         kv_len: p.kv_len,
         heads: p.heads,
+        kv_heads: p.heads,
         qk_depth: p.depth,
         v_depth: p.v_depth,
     };
@@ -641,6 +642,8 @@ fn effective(p: &Problem) -> Mistake {
         _ if p.kernel_path && flax_only => Mistake::None,
         _ if !p.kernel_path && kernel_only => Mistake::None,
         Mistake::BatchDim if p.batch.is_empty() => Mistake::None,
+        // One key head divides zero query heads (grouped-query attention, as `jax.nn`): valid.
+        Mistake::KeyHeads if p.heads == 0 => Mistake::None,
         Mistake::ValueLength if p.value.is_none() => Mistake::None,
         Mistake::BiasAxis if !has_wide_bias_axis => Mistake::None,
         Mistake::MaskCount if p.mask.is_none() => Mistake::None,
@@ -776,4 +779,331 @@ fn random_problems_never_panic_and_match_the_reference() {
     // Both halves of the property are exercised.
     let n = cases() as usize;
     assert!(valid >= n / 8 && invalid >= n / 8 && enlarged >= n / 100);
+}
+
+// ---- zero-size dims beside huge ones, under a memory cap (issue 12) -------------------------
+
+/// A dim of a "zero beside huge" problem: mostly small, sometimes 0, sometimes huge (2^40 and
+/// up, so that any non-empty result holding one cannot be allocated and must be an error).
+fn edge_dim() -> impl Strategy<Value = usize> {
+    prop_oneof![4 => 1..=3usize, 3 => Just(0usize), 3 => (40..63u32).prop_map(|k| 1usize << k)]
+}
+
+/// The raw draws of one "zero beside huge" case.
+#[derive(Clone, Debug)]
+struct EdgeDraw {
+    /// batch dims, q_len, kv_len, heads, depth, v_depth.
+    dims: (Vec<usize>, usize, usize, usize, usize, usize),
+    dtype: usize,
+    with_value: bool,
+    /// Per logits axis of the bias/mask: 0 keep, 1 size 1, 2 size 0, 3 huge (only if 0 elsewhere).
+    bias: Option<Vec<u8>>,
+    mask: Option<Vec<u8>>,
+    force_fp32: bool,
+    dropout: bool,
+    helper: u8,
+}
+
+fn edge_draws() -> impl Strategy<Value = EdgeDraw> {
+    (
+        (
+            prop::collection::vec(edge_dim(), 0..=2),
+            edge_dim(),
+            edge_dim(),
+            edge_dim(),
+            edge_dim(),
+            edge_dim(),
+        ),
+        0..4usize,
+        any::<bool>(),
+        prop::option::of(prop::collection::vec(0..4u8, 3..=5)),
+        prop::option::of(prop::collection::vec(0..4u8, 3..=5)),
+        any::<bool>(),
+        any::<bool>(),
+        0..4u8,
+    )
+        .prop_map(
+            |(dims, dtype, with_value, bias, mask, force_fp32, dropout, helper)| EdgeDraw {
+                dims,
+                dtype,
+                with_value,
+                bias,
+                mask,
+                force_fp32,
+                dropout,
+                helper,
+            },
+        )
+}
+
+/// An operand shape derived from the logits shape by `pattern` (right-aligned): its element
+/// count is 0 whenever it holds a huge dim.
+fn edge_operand(logits: &[usize], pattern: &[u8]) -> Vec<usize> {
+    let n = pattern.len().min(logits.len());
+    let tail = &logits[logits.len() - n..];
+    let mut s: Vec<usize> = tail
+        .iter()
+        .zip(pattern)
+        .map(|(&t, &p)| match p {
+            0 => t,
+            1 => 1,
+            2 if t == 1 => 0,
+            3 if t == 1 => 1 << 41,
+            _ => t,
+        })
+        .collect();
+    if s.iter().any(|&x| x > 3 && x != 1 << 41) || s.contains(&(1 << 41)) {
+        // Huge dims only beside a zero (an operand's data must exist).
+        if !s.contains(&0) {
+            if let Some(x) = s.iter_mut().find(|x| **x == 1 || **x == 0) {
+                *x = 0;
+            } else {
+                s[0] = 0;
+            }
+        }
+    }
+    s
+}
+
+/// Makes an input of `shape`: empty data when its product is 0, else small data (a huge dim
+/// with no zero beside it cannot be built, and is replaced by 1).
+fn edge_array(dtype: DType, shape: &mut [usize]) -> Array {
+    if !shape.contains(&0) {
+        for x in shape.iter_mut().filter(|x| **x > 3) {
+            *x = 1;
+        }
+    }
+    // The nonzero dims must multiply to a `usize` (NumPy's rule): shrink later huge dims.
+    while attn::dim::checked_product(shape).is_none() {
+        if let Some(x) = shape.iter_mut().rev().find(|x| **x > 3) {
+            *x = 1;
+        }
+    }
+    let n: usize = if shape.contains(&0) {
+        0
+    } else {
+        shape.iter().product()
+    };
+    let v: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin()).collect();
+    Array::from_f64(dtype, &v, shape.to_vec()).unwrap()
+}
+
+/// One "zero beside huge" case: no panic (the caller catches it), no abort (the child process
+/// dies), an empty result exactly when Flax's result has no element, and an error (never an
+/// attempt to compute) when a non-empty result holds a huge dim.
+fn check_edge(d: &EdgeDraw) -> Result<(), String> {
+    let dtype = FLOATS[d.dtype];
+    let (batch, q_len, kv_len, heads, depth, v_depth) = d.dims.clone();
+    let mut qs = batch.clone();
+    qs.extend([q_len, heads, depth]);
+    let mut ks = batch.clone();
+    ks.extend([kv_len, heads, depth]);
+    let mut vs = batch.clone();
+    vs.extend([kv_len, heads, v_depth]);
+    let q = edge_array(dtype, &mut qs);
+    let k = edge_array(dtype, &mut ks);
+    let v = edge_array(dtype, &mut vs);
+    // The call as built (edge_array may have shrunk impossible dims): keys must agree with the
+    // query on the batch, heads and depth axes, else an error is all that is checked.
+    let r = qs.len();
+    // The value takes part only in `dot_product_attention`.
+    let value_agrees = !d.with_value
+        || qs[..r - 3] == vs[..r - 3] && ks[r - 2] == vs[r - 2] && ks[r - 3] == vs[r - 3];
+    let shapes_agree = qs[..r - 3] == ks[..r - 3]
+        && (qs[r - 2] == ks[r - 2] || ks[r - 2] > 0 && qs[r - 2].is_multiple_of(ks[r - 2]))
+        && qs[r - 1] == ks[r - 1]
+        && value_agrees;
+    let mut logits = qs[..r - 3].to_vec();
+    logits.extend([qs[r - 2], qs[r - 3], ks[r - 3]]);
+    let bias = d.bias.as_ref().map(|p| {
+        let mut s = edge_operand(&logits, p);
+        edge_array(dtype, &mut s)
+    });
+    let mask = d.mask.as_ref().map(|p| {
+        let mut s = edge_operand(&logits, p);
+        let b = edge_array(DType::F32, &mut s);
+        b.astype(DType::Bool)
+    });
+    let mut args = FlaxArgs::new().force_fp32_for_softmax(d.force_fp32);
+    if d.dropout {
+        args = args.dropout_rate(0.5).dropout_rng(DropoutRng::new(3));
+    }
+    if let Some(b) = &bias {
+        args = args.bias(b);
+    }
+    if let Some(m) = &mask {
+        args = args.mask(m);
+    }
+    let start = std::time::Instant::now();
+    let got = if d.with_value {
+        dot_product_attention(&q, &k, &v, args)
+    } else {
+        dot_product_attention_weights(&q, &k, args)
+    };
+    if start.elapsed() > std::time::Duration::from_secs(2) {
+        return Err(format!("{:?} for one call", start.elapsed()));
+    }
+    // Flax's result shape, when the shapes broadcast.
+    let mut operands: Vec<&[usize]> = vec![&logits];
+    operands.extend(bias.as_ref().map(Array::shape));
+    operands.extend(mask.as_ref().map(Array::shape));
+    if !shapes_agree {
+        return got
+            .err()
+            .map(drop)
+            .ok_or("mismatched inputs accepted".into());
+    }
+    let Ok(full) = kernel::broadcast_shapes(&operands) else {
+        return match got {
+            Err(AttnError::Broadcast { .. }) => Ok(()),
+            other => Err(format!("operands do not broadcast, got {other:?}")),
+        };
+    };
+    let n = full.len();
+    let mut want = full[..n - 3].to_vec();
+    if d.with_value {
+        want.extend([full[n - 2], full[n - 3], vs[r - 1]]);
+    } else {
+        want.extend([full[n - 3], full[n - 2], full[n - 1]]);
+    }
+    let empty = want.contains(&0);
+    let huge = want.iter().any(|&x| x > 3);
+    if attn::dim::checked_product(&want).is_none() {
+        // Too big even when empty (NumPy's rule): a size error.
+        return match got {
+            Err(AttnError::Overflow { .. }) => Ok(()),
+            other => Err(format!("{want:?} overflows, got {other:?}")),
+        };
+    }
+    match got {
+        Ok(a) if empty => (a.shape() == want && a.is_empty())
+            .then_some(())
+            .ok_or(format!("result {:?}, Flax's is {want:?}", a.shape())),
+        Err(e) if empty => Err(format!("empty result {want:?} expected, got {e}")),
+        Ok(a) if huge => Err(format!("a result of {:?} was computed", a.shape())),
+        Err(AttnError::Overflow { .. } | AttnError::Allocation { .. }) if huge => Ok(()),
+        Err(e) if huge => Err(format!("{e}: not a size error for {want:?}")),
+        // Small non-empty results: the values are the other property test's business.
+        _ => Ok(()),
+    }
+}
+
+/// The mask helpers on the same dims: an empty mask when the shape has a 0, else an error or a
+/// small mask, never a panic or an abort.
+fn check_edge_helpers(d: &EdgeDraw) -> Result<(), String> {
+    let (batch, q_len, kv_len, ..) = d.dims.clone();
+    let dtype = [DType::Bool, DType::F32, DType::F64, DType::I32][d.dtype];
+    let mut xs = batch.clone();
+    xs.push(q_len);
+    let mut ys = batch;
+    ys.push(kv_len);
+    match d.helper {
+        0 => match attn::make_causal_mask(&xs, 0, dtype) {
+            Ok(m) if xs.contains(&0) => m.is_empty().then_some(()).ok_or("not empty".into()),
+            _ => Ok(()),
+        },
+        1 => {
+            let (x, y) = (
+                edge_array(DType::I32, &mut xs),
+                edge_array(DType::I32, &mut ys),
+            );
+            let pf = attn::PairwiseFn::GreaterEqual;
+            attn::make_attention_mask(&x, &y, pf, 0, dtype)
+                .map(drop)
+                .or(Ok(()))
+        }
+        _ => {
+            let (x, y) = (
+                edge_array(DType::F32, &mut xs),
+                edge_array(DType::F32, &mut ys),
+            );
+            attn::combine_masks(&[Some(&x), Some(&y)], dtype)
+                .map(drop)
+                .or(Ok(()))
+        }
+    }
+}
+
+fn edge_cases() -> u32 {
+    std::env::var("ATTN_EDGE_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2_000)
+}
+
+/// Runs in the child process that `zero_dims_beside_huge_ones_under_a_memory_cap` starts (it
+/// does nothing when run directly).
+#[test]
+fn zero_dims_beside_huge_ones_child() {
+    if std::env::var_os("ATTN_EDGE_CHILD").is_none() {
+        return;
+    }
+    let config = Config {
+        cases: edge_cases(),
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = if std::env::var_os("ATTN_PROPTEST_RANDOM").is_some() {
+        TestRunner::new(config)
+    } else {
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
+    };
+    let panics = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let result = runner.run(&edge_draws(), |d| {
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if n.is_multiple_of(50_000) {
+            eprintln!("zero_dims_beside_huge_ones: {n} cases done");
+        }
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            check_edge(&d).and_then(|()| check_edge_helpers(&d))
+        }));
+        match outcome {
+            Ok(r) => r.map_err(|e| TestCaseError::fail(format!("{e}\n{d:#?}"))),
+            Err(_) => {
+                panics.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Err(TestCaseError::fail(format!("panic\n{d:#?}")))
+            }
+        }
+    });
+    eprintln!(
+        "zero_dims_beside_huge_ones: {} cases, {} panics",
+        edge_cases(),
+        panics.into_inner()
+    );
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// The "zero beside huge" cases in a child process whose address space is capped (`ulimit -v`,
+/// 1 GiB: the test binary and its threads take a few hundred MB of it): an infallible allocation
+/// of a caller-sized buffer aborts the child, which fails this test.
+#[test]
+fn zero_dims_beside_huge_ones_under_a_memory_cap() {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 1048576 && exec \"$0\" \"$@\"")
+        .arg(&exe)
+        .args(["--exact", "zero_dims_beside_huge_ones_child", "--nocapture"])
+        .env("ATTN_EDGE_CHILD", "1")
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "{}",
+        stderr
+            .lines()
+            .filter(|l| l.contains("zero_dims"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        out.status.success(),
+        "child {:?}\n{}\n{stderr}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

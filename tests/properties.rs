@@ -472,6 +472,7 @@ fn bf16_weights_with_a_causal_mask_match_the_same_mask_as_a_tensor() {
             q_len: q,
             kv_len: kv,
             heads: h,
+            kv_heads: h,
             qk_depth: d,
             v_depth: d,
         };
@@ -493,8 +494,8 @@ fn bf16_weights_with_a_causal_mask_match_the_same_mask_as_a_tensor() {
             .unwrap();
             out
         };
-        let structured = weights(&Mask::Causal);
-        let explicit = weights(&Mask::Explicit(tensor));
+        let structured = weights(&Mask::causal());
+        let explicit = weights(&Mask::dense(tensor));
         for (n, (s, e)) in structured.iter().zip(&explicit).enumerate() {
             assert_eq!(
                 s.to_bits(),
@@ -514,6 +515,251 @@ fn bf16_weights_with_a_causal_mask_match_the_same_mask_as_a_tensor() {
                 (sum - 1.0).abs() <= kv as f64 * 2f64.powi(-8),
                 "row {r} sums to {sum}"
             );
+        }
+    }
+}
+
+/// Random structured masks (causal with an alignment, a window, query/kv lengths, segment ids)
+/// with grouped key/value heads, through the kernel layer on both paths (weights: the
+/// materialized driver; output without weights: the tiled driver), against a plain f64
+/// reference that builds the mask densely, repeats K/V per query head and gives a row with no
+/// visible key uniform weights over all keys (Flax).
+mod structured {
+    use super::Data;
+    use attn::kernel::{Align, SegmentIds, Window, attention, attention_weights};
+    use attn::{Broadcast, Context, Geometry, Mask, Options};
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    struct Structured {
+        batch: usize,
+        heads: usize,
+        group: usize,
+        q: usize,
+        kv: usize,
+        d: usize,
+        causal: Option<Align>,
+        window: Option<(usize, usize, Align)>,
+        query_lengths: bool,
+        kv_lengths: bool,
+        segments: Option<i32>,
+        seed: u64,
+    }
+
+    fn align() -> impl Strategy<Value = Align> {
+        prop_oneof![
+            Just(Align::TopLeft),
+            Just(Align::BottomRight),
+            (-8i64..8).prop_map(Align::Offset),
+        ]
+    }
+
+    fn structured() -> impl Strategy<Value = Structured> {
+        (
+            (
+                1usize..3,
+                1usize..4,
+                1usize..3,
+                1usize..40,
+                1usize..150,
+                1usize..9,
+            ),
+            (
+                proptest::option::of(align()),
+                proptest::option::of((0usize..40, 0usize..40, align())),
+                any::<bool>(),
+                any::<bool>(),
+                proptest::option::of(1i32..4),
+                any::<u64>(),
+            ),
+        )
+            .prop_map(
+                |(
+                    (batch, kv_heads, group, q, kv, d),
+                    (causal, window, query_lengths, kv_lengths, segments, seed),
+                )| Structured {
+                    batch,
+                    heads: kv_heads * group,
+                    group,
+                    q,
+                    kv,
+                    d,
+                    causal,
+                    window,
+                    query_lengths,
+                    kv_lengths,
+                    segments,
+                    seed,
+                },
+            )
+    }
+
+    struct Inputs {
+        query: Vec<f32>,
+        key: Vec<f32>,
+        value: Vec<f32>,
+        ql: Vec<i32>,
+        kl: Vec<i32>,
+        qs: Vec<i32>,
+        ks: Vec<i32>,
+    }
+
+    fn inputs(p: &Structured) -> Inputs {
+        let mut g = Data(p.seed);
+        let kvh = p.heads / p.group;
+        let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<_>>();
+        let query = f(g.vec(p.batch * p.q * p.heads * p.d, 2.0));
+        let key = f(g.vec(p.batch * p.kv * kvh * p.d, 2.0));
+        let value = f(g.vec(p.batch * p.kv * kvh * p.d, 1.0));
+        let len = |g: &mut Data, n: usize| ((g.next() + 1.0) / 2.0 * (n as f64 + 1.0)) as i32;
+        let ql = (0..p.batch)
+            .map(|_| len(&mut g, p.q).min(p.q as i32))
+            .collect();
+        let kl = (0..p.batch)
+            .map(|_| len(&mut g, p.kv).min(p.kv as i32))
+            .collect();
+        let n = p.segments.unwrap_or(1);
+        // Sorted ids, as packing gives them (and any order is allowed).
+        let ids = |len: usize| (0..len).map(move |t| (t as i32 * n) / len as i32);
+        let qs = (0..p.batch).flat_map(|_| ids(p.q)).collect();
+        let ks = (0..p.batch).flat_map(|_| ids(p.kv)).collect();
+        Inputs {
+            query,
+            key,
+            value,
+            ql,
+            kl,
+            qs,
+            ks,
+        }
+    }
+
+    /// Whether query `(b, i)` sees key `j`, written from the definitions.
+    fn visible(p: &Structured, x: &Inputs, b: usize, i: usize, j: usize) -> bool {
+        let (i64_, j64) = (i as i64, j as i64);
+        let pos = |a: Align| {
+            i64_ + match a {
+                Align::TopLeft => 0,
+                Align::BottomRight => p.kv as i64 - p.q as i64,
+                Align::Offset(o) => o,
+            }
+        };
+        p.causal.is_none_or(|a| j64 <= pos(a))
+            && p.window
+                .is_none_or(|(l, r, a)| pos(a) - l as i64 <= j64 && j64 <= pos(a) + r as i64)
+            && (!p.query_lengths || (i as i32) < x.ql[b])
+            && (!p.kv_lengths || (j as i32) < x.kl[b])
+            && (p.segments.is_none() || x.qs[b * p.q + i] == x.ks[b * p.kv + j])
+    }
+
+    /// `[batch, heads, q, kv]` weights and `[batch, q, heads, d]` output in f64.
+    fn reference(p: &Structured, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
+        let kvh = p.heads / p.group;
+        let scale = 1.0 / (p.d as f32).sqrt() as f64;
+        let mut weights = Vec::new();
+        let mut out = vec![0.0; p.batch * p.q * p.heads * p.d];
+        for b in 0..p.batch {
+            for h in 0..p.heads {
+                let g = h / p.group;
+                for i in 0..p.q {
+                    let logits: Vec<Option<f64>> = (0..p.kv)
+                        .map(|j| {
+                            visible(p, x, b, i, j).then(|| {
+                                (0..p.d)
+                                    .map(|t| {
+                                        let q = x.query[((b * p.q + i) * p.heads + h) * p.d + t];
+                                        let k = x.key[((b * p.kv + j) * kvh + g) * p.d + t];
+                                        q as f64 * k as f64
+                                    })
+                                    .sum::<f64>()
+                                    * scale
+                            })
+                        })
+                        .collect();
+                    let max = logits
+                        .iter()
+                        .flatten()
+                        .fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                    let row: Vec<f64> = if max == f64::NEG_INFINITY {
+                        vec![1.0 / p.kv as f64; p.kv]
+                    } else {
+                        let e: Vec<f64> = logits
+                            .iter()
+                            .map(|l| l.map_or(0.0, |l| (l - max).exp()))
+                            .collect();
+                        let s: f64 = e.iter().sum();
+                        e.iter().map(|e| e / s).collect()
+                    };
+                    for (j, w) in row.iter().enumerate() {
+                        for t in 0..p.d {
+                            out[((b * p.q + i) * p.heads + h) * p.d + t] +=
+                                w * x.value[((b * p.kv + j) * kvh + g) * p.d + t] as f64;
+                        }
+                    }
+                    weights.extend(row);
+                }
+            }
+        }
+        (weights, out)
+    }
+
+    fn mask<'a>(p: &Structured, x: &'a Inputs) -> Mask<'a> {
+        let mut m = Mask::none();
+        if let Some(a) = p.causal {
+            m = m.with_causal(a);
+        }
+        if let Some((left, right, align)) = p.window {
+            m = m.with_window(Window { left, right, align });
+        }
+        if p.query_lengths {
+            m = m.with_query_lengths(&x.ql);
+        }
+        if p.kv_lengths {
+            m = m.with_kv_lengths(&x.kl);
+        }
+        if p.segments.is_some() {
+            m = m.with_segment_ids(SegmentIds {
+                query: &x.qs,
+                key: &x.ks,
+            });
+        }
+        m
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn structured_masks_and_grouped_heads_match_a_dense_reference(p in structured()) {
+            let x = inputs(&p);
+            let (want_w, want_o) = reference(&p, &x);
+            let batch = [p.batch];
+            let geom = Geometry {
+                batch_shape: &batch,
+                q_len: p.q,
+                kv_len: p.kv,
+                heads: p.heads,
+                kv_heads: p.heads / p.group,
+                qk_depth: p.d,
+                v_depth: p.d,
+            };
+            let m = mask(&p, &x);
+            let none = None::<&Broadcast<'_, f32>>;
+            let opts = Options::default();
+            let mut w = vec![0.0f32; want_w.len()];
+            attention_weights(&geom, &x.query, &x.key, none, &m, &opts,
+                &mut Context::deterministic(), &mut w).unwrap();
+            for (n, (&got, &want)) in w.iter().zip(&want_w).enumerate() {
+                prop_assert!((got as f64 - want).abs() <= 2e-6 + 1e-5 * want.abs(),
+                    "weight {n}: got {got}, want {want}");
+            }
+            let mut o = vec![0.0f32; want_o.len()];
+            attention(&geom, &x.query, &x.key, &x.value, none, &m, &opts,
+                &mut Context::deterministic(), &mut o).unwrap();
+            for (n, (&got, &want)) in o.iter().zip(&want_o).enumerate() {
+                prop_assert!((got as f64 - want).abs() <= 1e-5 + 1e-5 * want.abs(),
+                    "output {n}: got {got}, want {want}");
+            }
         }
     }
 }

@@ -34,7 +34,7 @@ fn median_seconds<E: Element>(
     shape: [usize; 4],
     runs: usize,
 ) -> f64 {
-    median_seconds_with::<E>(pool, shape, runs, None, &Mask::None)
+    median_seconds_with::<E>(pool, shape, runs, None, &Mask::none())
 }
 
 /// Median seconds of `runs` weight computations at `(b, h, l, d)` with a bias and a mask.
@@ -54,6 +54,7 @@ fn median_seconds_with<E: Element>(
         q_len: l,
         kv_len: l,
         heads: h,
+        kv_heads: h,
         qk_depth: d,
         v_depth: d,
     };
@@ -65,7 +66,7 @@ fn median_seconds_with<E: Element>(
             ..Context::default()
         };
         let start = Instant::now();
-        attention_weights::<E, E, E, _, _, _>(
+        attention_weights::<E, E, E, _, _, _, _>(
             &geom,
             &query,
             &key,
@@ -118,12 +119,12 @@ fn main() {
     report(
         "causal",
         big,
-        median_seconds_with::<f32>(&pool, big, runs, None, &Mask::Causal),
+        median_seconds_with::<f32>(&pool, big, runs, None, &Mask::causal()),
     );
     let [b, h, l, _] = [4, 8, 512, 64];
     let padding: Vec<bool> = (0..b * l).map(|k| k % l < l - l / 8).collect();
     let padding = Broadcast::new("mask", &padding, &[b, 1, 1, l]).expect("mask shape");
-    let mask = Mask::Explicit(padding);
+    let mask = Mask::dense(padding);
     let shape = [b, h, l, 64];
     report(
         "key padding",
@@ -135,6 +136,6 @@ fn main() {
     report(
         "bias [H,L,L]",
         shape,
-        median_seconds_with::<f32>(&pool, shape, runs, Some(&bias), &Mask::None),
+        median_seconds_with::<f32>(&pool, shape, runs, Some(&bias), &Mask::none()),
     );
 }

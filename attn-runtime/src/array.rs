@@ -100,6 +100,12 @@ impl Array {
         &self.data
     }
 
+    /// The dtype-tagged elements, to write in place (the shape stays; the KV cache writes its
+    /// slots this way).
+    pub(crate) fn data_mut(&mut self) -> &mut ArrayData {
+        &mut self.data
+    }
+
     /// The elements as a slice of `T`, or `None` if the array holds another dtype.
     pub fn as_slice<T: Scalar>(&self) -> Option<&[T]> {
         T::slice_of(&self.data)
@@ -141,6 +147,53 @@ impl Array {
         }
     }
 
+    /// Element `i` converted to `f64` (exact for every dtype; bool gives 0 or 1).
+    pub(crate) fn f64_at(&self, i: usize) -> f64 {
+        match &self.data {
+            ArrayData::F32(v) => v[i].to_f64(),
+            ArrayData::F64(v) => v[i],
+            ArrayData::BF16(v) => v[i].to_f64(),
+            ArrayData::F16(v) => v[i].to_f64(),
+            ArrayData::Bool(v) => v[i].to_f64(),
+            ArrayData::I32(v) => v[i].to_f64(),
+        }
+    }
+
+    /// Element `i` as a boolean, nonzero (and NaN) meaning true.
+    pub(crate) fn bool_at(&self, i: usize) -> bool {
+        match &self.data {
+            ArrayData::Bool(v) => v[i],
+            _ => self.f64_at(i) != 0.0,
+        }
+    }
+
+    /// [`Array::to_bool_vec`] with a fallible allocation (an error naming `tensor`).
+    pub(crate) fn try_bool_vec(&self, tensor: &'static str) -> Result<Vec<bool>, AttnError> {
+        try_collect(tensor, self.len(), (0..self.len()).map(|i| self.bool_at(i)))
+    }
+
+    /// [`Array::astype`] consuming the array, with fallible allocations (an error naming
+    /// `tensor`): one buffer of the result's size, no `f64` intermediate.
+    pub(crate) fn try_into_dtype(
+        self,
+        dtype: DType,
+        tensor: &'static str,
+    ) -> Result<Array, AttnError> {
+        if dtype == self.dtype() {
+            return Ok(self);
+        }
+        let data = convert_iter(
+            dtype,
+            tensor,
+            self.len(),
+            (0..self.len()).map(|i| self.f64_at(i)),
+        )?;
+        Ok(Array {
+            data,
+            shape: self.shape,
+        })
+    }
+
     /// Consumes the array, returning its data and shape.
     pub fn into_parts(self) -> (ArrayData, Vec<usize>) {
         (self.data, self.shape)
@@ -157,6 +210,40 @@ fn convert_f64(dtype: DType, values: &[f64]) -> ArrayData {
         DType::Bool => ArrayData::Bool(values.iter().map(|&x| x != 0.0).collect()),
         DType::I32 => ArrayData::I32(values.iter().map(|&x| x as i32).collect()),
     }
+}
+
+/// Collects `len` items into a vector reserved up front, an [`AttnError::Allocation`] naming
+/// `tensor` if the memory is not there (instead of an abort).
+pub(crate) fn try_collect<T>(
+    tensor: &'static str,
+    len: usize,
+    items: impl Iterator<Item = T>,
+) -> Result<Vec<T>, AttnError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| AttnError::Allocation {
+            tensor,
+            elements: len,
+        })?;
+    v.extend(items.take(len));
+    Ok(v)
+}
+
+/// [`convert_f64`] of `len` values from an iterator, into one fallibly reserved buffer.
+pub(crate) fn convert_iter(
+    dtype: DType,
+    tensor: &'static str,
+    len: usize,
+    values: impl Iterator<Item = f64>,
+) -> Result<ArrayData, AttnError> {
+    Ok(match dtype {
+        DType::F32 => ArrayData::F32(try_collect(tensor, len, values.map(|x| x as f32))?),
+        DType::F64 => ArrayData::F64(try_collect(tensor, len, values)?),
+        DType::BF16 => ArrayData::BF16(try_collect(tensor, len, values.map(bf16::from_f64))?),
+        DType::F16 => ArrayData::F16(try_collect(tensor, len, values.map(f16::from_f64))?),
+        DType::Bool => ArrayData::Bool(try_collect(tensor, len, values.map(|x| x != 0.0))?),
+        DType::I32 => ArrayData::I32(try_collect(tensor, len, values.map(|x| x as i32))?),
+    })
 }
 
 fn data_len(data: &ArrayData) -> usize {

@@ -123,9 +123,17 @@ tuple_shape!(6; A 0, B 1, C 2, D 3, E 4, F 5);
 tuple_shape!(7; A 0, B 1, C 2, D 3, E 4, F 5, G 6);
 tuple_shape!(8; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
 
-/// The number of elements of a shape given as sizes, or `None` if the product overflows `usize`.
+/// The number of elements of a shape given as sizes, or `None` if the shape is too big.
+///
+/// NumPy's rule (`array is too big`): the product of the nonzero dims must fit, whatever the
+/// order of the dims; a shape with a 0 then has 0 elements. (Folding left to right accepted
+/// `[0, 2^62, 6]` but not `[2^62, 6, 0]`, and strides computed from the right overflowed.)
 pub fn checked_product(dims: &[usize]) -> Option<usize> {
-    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+    let nonzero = dims
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    Some(if dims.contains(&0) { 0 } else { nonzero })
 }
 
 #[cfg(test)]

@@ -110,6 +110,25 @@ pub enum AttnError {
         /// The number of elements requested.
         elements: usize,
     },
+    /// A parameter of a checkpoint is missing, has the wrong shape or dtype, is unexpected, or
+    /// the file is truncated or corrupt (`path` then names the file-level entry).
+    Checkpoint {
+        /// The parameter's path in the tree (e.g. `"params/query/kernel"`).
+        path: String,
+        /// What the layer expects there.
+        expected: String,
+        /// What the checkpoint holds.
+        found: String,
+    },
+    /// A KV cache has no room for the tokens of a call (the cache is left unchanged).
+    CacheCapacity {
+        /// The cache's capacity in tokens.
+        capacity: usize,
+        /// The tokens it already holds.
+        filled: usize,
+        /// The tokens the call would add.
+        requested: usize,
+    },
 }
 
 fn shape(s: &[usize]) -> String {
@@ -225,6 +244,20 @@ impl fmt::Display for AttnError {
             AttnError::Allocation { tensor, elements } => {
                 write!(f, "cannot allocate {elements} elements for `{tensor}`")
             }
+            AttnError::Checkpoint {
+                path,
+                expected,
+                found,
+            } => write!(f, "checkpoint `{path}`: expected {expected}, found {found}"),
+            AttnError::CacheCapacity {
+                capacity,
+                filled,
+                requested,
+            } => write!(
+                f,
+                "KV cache full: capacity {capacity}, holds {filled}, {requested} more requested \
+                 (the cache is unchanged)"
+            ),
         }
     }
 }

@@ -15,7 +15,9 @@ pub mod dim;
 pub mod element;
 pub mod error;
 pub mod flax;
+pub mod jax_nn;
 pub mod kernel;
+pub mod layer;
 pub mod sow;
 pub mod tensor;
 

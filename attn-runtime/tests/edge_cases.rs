@@ -44,7 +44,8 @@ fn shape_errors_name_tensor_axis_expected_found() {
     ));
     assert_eq!(
         e,
-        "`key` axis heads (axis -2): expected 3, as in query, found 2"
+        "`key` axis heads (axis -2): expected 3, as in query, or a divisor of it (grouped-query \
+         attention), found 2"
     );
     let e = err_text(dot_product_attention_weights(
         &q,
@@ -127,6 +128,7 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         q_len: 3,
         kv_len: 4,
         heads: Const::<2>,
+        kv_heads: Const::<2>,
         qk_depth: 5usize,
         v_depth: Const::<1>,
     };
@@ -141,7 +143,7 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         &q,
         &k,
         none,
-        &Mask::Causal,
+        &Mask::causal(),
         &opts,
         &mut ctx,
         &mut out,
@@ -155,7 +157,7 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         &q[1..],
         &k,
         none,
-        &Mask::None,
+        &Mask::none(),
         &opts,
         &mut ctx,
         &mut out,
@@ -171,7 +173,7 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         &q,
         &k,
         none,
-        &Mask::None,
+        &Mask::none(),
         &opts,
         &mut ctx,
         &mut short,
@@ -188,7 +190,7 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         &q,
         &k,
         none,
-        &Mask::None,
+        &Mask::none(),
         &opts,
         &mut ctx,
         &mut wrong,
@@ -202,8 +204,17 @@ fn kernel_checks_slices_dtypes_and_overflow() {
         batch_shape: &[usize::MAX, 2],
         ..geom
     };
-    let e = kernel::attention_weights(&huge, &q, &k, none, &Mask::None, &opts, &mut ctx, &mut out)
-        .unwrap_err();
+    let e = kernel::attention_weights(
+        &huge,
+        &q,
+        &k,
+        none,
+        &Mask::none(),
+        &opts,
+        &mut ctx,
+        &mut out,
+    )
+    .unwrap_err();
     assert!(matches!(e, AttnError::Overflow { .. }), "{e}");
     let data = [true; 3];
     let e = Broadcast::new("mask", &data, &[2, 2]).unwrap_err();
@@ -352,6 +363,7 @@ fn causal_and_fully_masked_row<E: attn_runtime::Element>(eps: f64) {
         q_len,
         kv_len,
         heads: 1usize,
+        kv_heads: 1usize,
         qk_depth: 2usize,
         v_depth: 2usize,
     };
@@ -366,7 +378,7 @@ fn causal_and_fully_masked_row<E: attn_runtime::Element>(eps: f64) {
     for j in 0..kv_len {
         keep[2 * kv_len + j] = j > 2;
     }
-    let mask = Mask::CausalAnd(Broadcast::new("mask", &keep, &[q_len, kv_len]).unwrap());
+    let mask = Mask::causal().with_dense(Broadcast::new("mask", &keep, &[q_len, kv_len]).unwrap());
     // Every weight must be written, whatever the buffer held.
     let mut out = vec![E::from_f32(f32::NAN); q_len * kv_len];
     let mut ctx = Context::deterministic();

@@ -71,6 +71,7 @@ impl Bf16Softmax {
             q_len: query_shape.0.size(),
             kv_len: key_shape.0.size(),
             heads: query_shape.1,
+            kv_heads: query_shape.1,
             qk_depth: query_shape.2,
             v_depth: ::attn::__private::Const::<0>,
         };
@@ -86,7 +87,7 @@ impl Bf16Softmax {
             ::core::option::Option::None::<
                 &::attn::__private::Broadcast<'_, ::attn::__private::bf16>,
             >,
-            &::attn::__private::Mask::None,
+            &::attn::__private::Mask::none(),
             &Self::OPTIONS,
             &mut ::attn::__private::without_sow(ctx),
             weights.as_mut_slice(),
@@ -143,6 +144,7 @@ impl Bf16Softmax {
             q_len: query_shape.0.size(),
             kv_len: key_shape.0.size(),
             heads: query_shape.1,
+            kv_heads: query_shape.1,
             qk_depth: query_shape.2,
             v_depth: value_shape.2,
         };
@@ -159,7 +161,7 @@ impl Bf16Softmax {
             ::core::option::Option::None::<
                 &::attn::__private::Broadcast<'_, ::attn::__private::bf16>,
             >,
-            &::attn::__private::Mask::None,
+            &::attn::__private::Mask::none(),
             &Self::OPTIONS,
             &mut ::attn::__private::without_sow(ctx),
             output.as_mut_slice(),
@@ -236,6 +238,7 @@ impl Fp32Softmax {
             q_len: query_shape.0.size(),
             kv_len: key_shape.0.size(),
             heads: query_shape.1,
+            kv_heads: query_shape.1,
             qk_depth: query_shape.2,
             v_depth: ::attn::__private::Const::<0>,
         };
@@ -251,7 +254,7 @@ impl Fp32Softmax {
             ::core::option::Option::None::<
                 &::attn::__private::Broadcast<'_, ::attn::__private::bf16>,
             >,
-            &::attn::__private::Mask::None,
+            &::attn::__private::Mask::none(),
             &Self::OPTIONS,
             &mut ::attn::__private::without_sow(ctx),
             weights.as_mut_slice(),
@@ -308,6 +311,7 @@ impl Fp32Softmax {
             q_len: query_shape.0.size(),
             kv_len: key_shape.0.size(),
             heads: query_shape.1,
+            kv_heads: query_shape.1,
             qk_depth: query_shape.2,
             v_depth: value_shape.2,
         };
@@ -324,7 +328,7 @@ impl Fp32Softmax {
             ::core::option::Option::None::<
                 &::attn::__private::Broadcast<'_, ::attn::__private::bf16>,
             >,
-            &::attn::__private::Mask::None,
+            &::attn::__private::Mask::none(),
             &Self::OPTIONS,
             &mut ::attn::__private::without_sow(ctx),
             output.as_mut_slice(),
@@ -395,6 +399,7 @@ impl Reference {
             q_len: query_shape.0.size(),
             kv_len: key_shape.0.size(),
             heads: query_shape.1,
+            kv_heads: query_shape.1,
             qk_depth: query_shape.2,
             v_depth: ::attn::__private::Const::<0>,
         };
@@ -408,7 +413,7 @@ impl Reference {
             query.as_slice(),
             key.as_slice(),
             ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f64>>,
-            &::attn::__private::Mask::None,
+            &::attn::__private::Mask::none(),
             &Self::OPTIONS,
             &mut ::attn::__private::without_sow(ctx),
             weights.as_mut_slice(),
@@ -459,6 +464,7 @@ impl Reference {
             q_len: query_shape.0.size(),
             kv_len: key_shape.0.size(),
             heads: query_shape.1,
+            kv_heads: query_shape.1,
             qk_depth: query_shape.2,
             v_depth: value_shape.2,
         };
@@ -473,7 +479,7 @@ impl Reference {
             key.as_slice(),
             value.as_slice(),
             ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f64>>,
-            &::attn::__private::Mask::None,
+            &::attn::__private::Mask::none(),
             &Self::OPTIONS,
             &mut ::attn::__private::without_sow(ctx),
             output.as_mut_slice(),

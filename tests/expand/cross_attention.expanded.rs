@@ -92,6 +92,7 @@ impl CrossAttention {
             q_len: query_shape.1.size(),
             kv_len: key_shape.1.size(),
             heads: query_shape.2,
+            kv_heads: query_shape.2,
             qk_depth: query_shape.3,
             v_depth: ::attn::__private::Const::<0>,
         };
@@ -106,7 +107,7 @@ impl CrossAttention {
             query.as_slice(),
             key.as_slice(),
             ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
-            &::attn::__private::Mask::Explicit(
+            &::attn::__private::Mask::dense(
                 ::attn::__private::Broadcast::new(
                     "mask",
                     mask.as_slice(),
@@ -193,6 +194,7 @@ impl CrossAttention {
             q_len: query_shape.1.size(),
             kv_len: key_shape.1.size(),
             heads: query_shape.2,
+            kv_heads: query_shape.2,
             qk_depth: query_shape.3,
             v_depth: value_shape.3,
         };
@@ -208,7 +210,7 @@ impl CrossAttention {
             key.as_slice(),
             value.as_slice(),
             ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
-            &::attn::__private::Mask::Explicit(
+            &::attn::__private::Mask::dense(
                 ::attn::__private::Broadcast::new(
                     "mask",
                     mask.as_slice(),

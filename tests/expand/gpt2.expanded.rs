@@ -84,6 +84,7 @@ impl Gpt2Attention {
             q_len: query_shape.1.size(),
             kv_len: key_shape.1.size(),
             heads: query_shape.2,
+            kv_heads: query_shape.2,
             qk_depth: query_shape.3,
             v_depth: ::attn::__private::Const::<0>,
         };
@@ -98,7 +99,7 @@ impl Gpt2Attention {
             query.as_slice(),
             key.as_slice(),
             ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
-            &::attn::__private::Mask::Causal,
+            &::attn::__private::Mask::causal(),
             &Self::OPTIONS,
             ctx,
             weights.as_mut_slice(),
@@ -172,6 +173,7 @@ impl Gpt2Attention {
             q_len: query_shape.1.size(),
             kv_len: key_shape.1.size(),
             heads: query_shape.2,
+            kv_heads: query_shape.2,
             qk_depth: query_shape.3,
             v_depth: value_shape.3,
         };
@@ -187,7 +189,7 @@ impl Gpt2Attention {
             key.as_slice(),
             value.as_slice(),
             ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
-            &::attn::__private::Mask::Causal,
+            &::attn::__private::Mask::causal(),
             &Self::OPTIONS,
             ctx,
             output.as_mut_slice(),

@@ -101,6 +101,7 @@ impl Gpt2Attention {
             q_len: query_shape.1.size(),
             kv_len: key_shape.1.size(),
             heads: query_shape.2,
+            kv_heads: query_shape.2,
             qk_depth: query_shape.3,
             v_depth: ::attn::__private::Const::<0>,
         };
@@ -115,13 +116,14 @@ impl Gpt2Attention {
             query.as_slice(),
             key.as_slice(),
             ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
-            &::attn::__private::Mask::CausalAnd(
-                ::attn::__private::Broadcast::new(
-                    "mask",
-                    mask.as_slice(),
-                    &mask_shape.dims(),
-                )?,
-            ),
+            &::attn::__private::Mask::causal()
+                .with_dense(
+                    ::attn::__private::Broadcast::new(
+                        "mask",
+                        mask.as_slice(),
+                        &mask_shape.dims(),
+                    )?,
+                ),
             &Self::OPTIONS,
             ctx,
             weights.as_mut_slice(),
@@ -212,6 +214,7 @@ impl Gpt2Attention {
             q_len: query_shape.1.size(),
             kv_len: key_shape.1.size(),
             heads: query_shape.2,
+            kv_heads: query_shape.2,
             qk_depth: query_shape.3,
             v_depth: value_shape.3,
         };
@@ -227,13 +230,14 @@ impl Gpt2Attention {
             key.as_slice(),
             value.as_slice(),
             ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
-            &::attn::__private::Mask::CausalAnd(
-                ::attn::__private::Broadcast::new(
-                    "mask",
-                    mask.as_slice(),
-                    &mask_shape.dims(),
-                )?,
-            ),
+            &::attn::__private::Mask::causal()
+                .with_dense(
+                    ::attn::__private::Broadcast::new(
+                        "mask",
+                        mask.as_slice(),
+                        &mask_shape.dims(),
+                    )?,
+                ),
             &Self::OPTIONS,
             ctx,
             output.as_mut_slice(),

@@ -87,6 +87,7 @@ impl Heatmap {
             q_len: query_shape.0.size(),
             kv_len: key_shape.0.size(),
             heads: query_shape.1,
+            kv_heads: query_shape.1,
             qk_depth: query_shape.2,
             v_depth: ::attn::__private::Const::<0>,
         };
@@ -106,7 +107,7 @@ impl Heatmap {
                     &bias_shape.dims(),
                 )?,
             ),
-            &::attn::__private::Mask::Causal,
+            &::attn::__private::Mask::causal(),
             &Self::OPTIONS,
             ctx,
             weights.as_mut_slice(),
@@ -176,6 +177,7 @@ impl Heatmap {
             q_len: query_shape.0.size(),
             kv_len: key_shape.0.size(),
             heads: query_shape.1,
+            kv_heads: query_shape.1,
             qk_depth: query_shape.2,
             v_depth: value_shape.2,
         };
@@ -196,7 +198,7 @@ impl Heatmap {
                     &bias_shape.dims(),
                 )?,
             ),
-            &::attn::__private::Mask::Causal,
+            &::attn::__private::Mask::causal(),
             &Self::OPTIONS,
             ctx,
             output.as_mut_slice(),

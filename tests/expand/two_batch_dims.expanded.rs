@@ -104,6 +104,7 @@ impl BeamAttention {
             q_len: query_shape.2.size(),
             kv_len: key_shape.2.size(),
             heads: query_shape.3,
+            kv_heads: query_shape.3,
             qk_depth: query_shape.4,
             v_depth: ::attn::__private::Const::<0>,
         };
@@ -125,7 +126,7 @@ impl BeamAttention {
                     &bias_shape.dims(),
                 )?,
             ),
-            &::attn::__private::Mask::None,
+            &::attn::__private::Mask::none(),
             &Self::OPTIONS,
             &mut ::attn::__private::without_sow(ctx),
             weights.as_mut_slice(),
@@ -226,6 +227,7 @@ impl BeamAttention {
             q_len: query_shape.2.size(),
             kv_len: key_shape.2.size(),
             heads: query_shape.3,
+            kv_heads: query_shape.3,
             qk_depth: query_shape.4,
             v_depth: value_shape.4,
         };
@@ -248,7 +250,7 @@ impl BeamAttention {
                     &bias_shape.dims(),
                 )?,
             ),
-            &::attn::__private::Mask::None,
+            &::attn::__private::Mask::none(),
             &Self::OPTIONS,
             &mut ::attn::__private::without_sow(ctx),
             output.as_mut_slice(),

@@ -9,7 +9,6 @@ use proc_macro2::{Group, Ident, Literal, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote};
 
 use crate::ir::{Align, Axis, DType, Layer, Operand, Precision, Window};
-use crate::validate::STRUCTURES;
 
 /// The expansion of every layer.
 pub fn expand(layers: &[Layer]) -> TokenStream {
@@ -223,26 +222,28 @@ fn align_tokens(align: Align) -> TokenStream {
     }
 }
 
-/// The `Mask` of a call: today's enum, or (with [`STRUCTURES`]) the struct of issue 13 built
-/// term by term.
+/// The kernel `Mask` of a call, built term by term from the declaration.
 fn mask_tokens(layer: &Layer) -> TokenStream {
     let mask = &layer.mask;
     let explicit_mask = quote! {
         ::attn::__private::Broadcast::new("mask", mask.as_slice(), &mask_shape.dims())?
     };
-    if !STRUCTURES {
-        return match (mask.causal.is_some(), &mask.explicit) {
-            (false, None) => quote!(::attn::__private::Mask::None),
-            (true, None) => quote!(::attn::__private::Mask::Causal),
-            (false, Some(_)) => quote!(::attn::__private::Mask::Explicit(#explicit_mask)),
-            (true, Some(_)) => quote!(::attn::__private::Mask::CausalAnd(#explicit_mask)),
-        };
+    // Today's masks keep their short forms (`Mask::causal()`, `Mask::dense(..)`).
+    let only_dense = mask.explicit.is_some()
+        && mask.causal.is_none()
+        && mask.window.is_none()
+        && mask.index_operands().is_empty();
+    if only_dense {
+        return quote!(::attn::__private::Mask::dense(#explicit_mask));
     }
-    let mut tokens = quote!(::attn::__private::Mask::none());
-    if let Some(align) = mask.causal {
-        let align = align_tokens(align);
-        tokens.extend(quote!(.with_causal(#align)));
-    }
+    let mut tokens = match mask.causal {
+        Some(Align::TopLeft) => quote!(::attn::__private::Mask::causal()),
+        Some(align) => {
+            let align = align_tokens(align);
+            quote!(::attn::__private::Mask::none().with_causal(#align))
+        }
+        None => quote!(::attn::__private::Mask::none()),
+    };
     if let Some(Window { left, right, align }) = mask.window {
         let left = Literal::usize_unsuffixed(left);
         let right = Literal::usize_unsuffixed(right);
@@ -486,10 +487,13 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
         None => quote!(::core::option::Option::None::<&::attn::__private::Broadcast<'_, #element>>),
     };
     let mask = mask_tokens(layer);
-    let kv_heads = STRUCTURES.then(|| {
-        let kv_heads = axis_value(key, k - 2);
-        quote!(kv_heads: #kv_heads,)
-    });
+    // The same heads as the query's unless grouped (then a divisor, checked by the validator
+    // when static and at entry when chosen at run time).
+    let kv_heads = if layer.grouped() {
+        axis_value(key, k - 2)
+    } else {
+        heads.clone()
+    };
 
     let (name, kernel, result_var, value_arg) = match which {
         Method::Weights => (
@@ -533,7 +537,7 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
                 q_len: #q_len.size(),
                 kv_len: #kv_len.size(),
                 heads: #heads,
-                #kv_heads
+                kv_heads: #kv_heads,
                 qk_depth: #qk_depth,
                 v_depth: #v_depth,
             };

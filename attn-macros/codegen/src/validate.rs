@@ -529,10 +529,11 @@ fn validate_layer(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Layer> {
     // Another framework's layout is reported once per tensor, instead of the mismatches of heads
     // and lengths that it causes.
     let (query_ok, key_ok, value_ok) = {
-        let checked: Vec<Option<&ShapeEntry>> = [(&query, query_ok), (&key, key_ok), (&value, value_ok)]
-            .into_iter()
-            .map(|(shape, ok)| shape.as_ref().filter(|_| ok))
-            .collect();
+        let checked: Vec<Option<&ShapeEntry>> =
+            [(&query, query_ok), (&key, key_ok), (&value, value_ok)]
+                .into_iter()
+                .map(|(shape, ok)| shape.as_ref().filter(|_| ok))
+                .collect();
         let mut broadcast: Vec<&ShapeEntry> = bias.iter().collect();
         if let Some(MaskTerms {
             explicit: Some(explicit),
@@ -765,7 +766,9 @@ fn read_align(tokens: &TokenStream, span: Span, errors: &mut Errors) -> Option<i
         {
             let (negative, literal) = match rest {
                 [TokenTree::Literal(literal)] => (false, literal),
-                [TokenTree::Punct(minus), TokenTree::Literal(literal)] if minus.as_char() == '-' => {
+                [TokenTree::Punct(minus), TokenTree::Literal(literal)]
+                    if minus.as_char() == '-' =>
+                {
                     (true, literal)
                 }
                 _ => {
@@ -1018,8 +1021,12 @@ fn read_mask<'a>(
                          `query_lengths` (query rows past it see no key), or both"
                             .to_owned(),
                     ),
-                    "query_seq_lengths" | "q_lengths" => Some("did you mean `query_lengths`?".to_owned()),
-                    "key_value_seq_lengths" | "kv_seq_lengths" | "key_lengths"
+                    "query_seq_lengths" | "q_lengths" => {
+                        Some("did you mean `query_lengths`?".to_owned())
+                    }
+                    "key_value_seq_lengths"
+                    | "kv_seq_lengths"
+                    | "key_lengths"
                     | "key_value_lengths" => Some("did you mean `kv_lengths`?".to_owned()),
                     "segments" | "segment_id" | "segment" | "segment_ids_q" => {
                         Some("did you mean `segment_ids`?".to_owned())
@@ -1034,7 +1041,9 @@ fn read_mask<'a>(
                     "local_window_size" | "sliding_window" | "local" => {
                         Some("write `window(left, right)`".to_owned())
                     }
-                    _ => suggest::nearest(&text, MASK_TERMS).map(|s| format!("did you mean `{s}`?")),
+                    _ => {
+                        suggest::nearest(&text, MASK_TERMS).map(|s| format!("did you mean `{s}`?"))
+                    }
                 };
                 let hint = hint.map_or(String::new(), |h| format!("{h} "));
                 let span = match term {
@@ -1228,12 +1237,17 @@ fn read_options(entries: &BTreeMap<&'static str, &Entry>, errors: &mut Errors) -
             ("High", "high"),
             ("Highest", "highest"),
         ];
-        let foreign = entry.value.terms.as_slice().first().and_then(|term| match term {
-            Term::Other(tokens) if entry.value.terms.len() == 1 => {
-                dotted_path(tokens).map(|path| (tokens, path))
-            }
-            _ => None,
-        });
+        let foreign = entry
+            .value
+            .terms
+            .as_slice()
+            .first()
+            .and_then(|term| match term {
+                Term::Other(tokens) if entry.value.terms.len() == 1 => {
+                    dotted_path(tokens).map(|path| (tokens, path))
+                }
+                _ => None,
+            });
         let choice = match foreign {
             // `jax.lax.Precision.HIGHEST`, `lax.Precision.HIGH`
             Some((tokens, path)) => {
@@ -1426,8 +1440,21 @@ fn read_dtype(term: &Term, errors: &mut Errors) -> Option<&'static str> {
 
 /// Names people give the heads; one in the length position means another framework's layout.
 const HEADS_NAMES: &[&str] = &[
-    "H", "h", "heads", "Heads", "HEADS", "num_heads", "n_heads", "n_head", "nh", "NH", "NumHeads",
-    "nheads", "kv_heads", "num_kv_heads", "n_kv_heads",
+    "H",
+    "h",
+    "heads",
+    "Heads",
+    "HEADS",
+    "num_heads",
+    "n_heads",
+    "n_head",
+    "nh",
+    "NH",
+    "NumHeads",
+    "nheads",
+    "kv_heads",
+    "num_kv_heads",
+    "n_kv_heads",
 ];
 
 /// Names people give a sequence length; one in the heads position means another layout.
@@ -1475,9 +1502,8 @@ fn check_layouts(
         Some(Axis::Named(name)) => Some(name.to_string()),
         _ => None,
     };
-    let is = |name: &Option<String>, names: &[&str]| {
-        name.as_deref().is_some_and(|n| names.contains(&n))
-    };
+    let is =
+        |name: &Option<String>, names: &[&str]| name.as_deref().is_some_and(|n| names.contains(&n));
     // Named like PyTorch's layout: such a tensor's heads position says nothing about the others.
     let by_name: Vec<bool> = shapes
         .iter()
@@ -1517,7 +1543,7 @@ fn check_layouts(
                 (s.dims.len() >= 3
                     && s.dims.len() <= logits_rank
                     && name_at(s, s.dims.len() - 3).as_ref() == Some(len))
-                    .then(|| s.entry.key.to_string())
+                .then(|| s.entry.key.to_string())
             });
             qkv.chain(logits).next()
         });
@@ -1940,12 +1966,30 @@ mod tests {
             ],
         );
         for (dtype, expected) in [
-            ("np.float16", "`np.float16` is NumPy's spelling of the dtype; attn writes Rust's: `dtype: f16`"),
-            ("torch.float32", "`torch.float32` is PyTorch's spelling of the dtype; attn writes Rust's: `dtype: f32`"),
-            ("torch::int8", "`torch.int8` is PyTorch's spelling of a dtype, which attn does not compute in"),
-            ("\"float32\"", "the dtype is a name, not a string: `dtype: f32`"),
-            ("int8", "attn computes attention in floating point; `int8` is not"),
-            ("bfloat16", "`bfloat16` is the NumPy/JAX name of the dtype; attn writes Rust's: `dtype: bf16`"),
+            (
+                "np.float16",
+                "`np.float16` is NumPy's spelling of the dtype; attn writes Rust's: `dtype: f16`",
+            ),
+            (
+                "torch.float32",
+                "`torch.float32` is PyTorch's spelling of the dtype; attn writes Rust's: `dtype: f32`",
+            ),
+            (
+                "torch::int8",
+                "`torch.int8` is PyTorch's spelling of a dtype, which attn does not compute in",
+            ),
+            (
+                "\"float32\"",
+                "the dtype is a name, not a string: `dtype: f32`",
+            ),
+            (
+                "int8",
+                "attn computes attention in floating point; `int8` is not",
+            ),
+            (
+                "bfloat16",
+                "`bfloat16` is the NumPy/JAX name of the dtype; attn writes Rust's: `dtype: bf16`",
+            ),
         ] {
             let found = messages_of(&format!(
                 "struct L {{ query: [T, H, D], key: [S, H, D], dtype: {dtype} }}"
@@ -1972,9 +2016,8 @@ mod tests {
                 "`value` looks like PyTorch's layout",
             ],
         );
-        let found = messages_of(
-            "struct L { query: [B, N, L, E], key: [B, N, M, E], bias: [B, N, L, M] }",
-        );
+        let found =
+            messages_of("struct L { query: [B, N, L, E], key: [B, N, M, E], bias: [B, N, L, M] }");
         assert_messages(
             &found,
             &[
@@ -1982,7 +2025,9 @@ mod tests {
                 "`key` looks like PyTorch's layout",
             ],
         );
-        let found = messages_of("struct L { query: [batch, heads, seq, depth], key: [batch, seq, heads, depth] }");
+        let found = messages_of(
+            "struct L { query: [batch, heads, seq, depth], key: [batch, seq, heads, depth] }",
+        );
         assert_messages(&found, &["`query` looks like PyTorch's layout"]);
         let found = messages_of("struct L { query: [T, B, H, D], key: [S, B, H, D] }");
         assert_messages(
@@ -1993,7 +2038,12 @@ mod tests {
             ],
         );
         // Flax's layout with any names is not flagged.
-        assert!(messages_of("struct L { query: [batch, seq, heads, depth], key: [batch, kv, heads, depth] }").is_empty());
+        assert!(
+            messages_of(
+                "struct L { query: [batch, seq, heads, depth], key: [batch, kv, heads, depth] }"
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -2013,7 +2063,10 @@ mod tests {
         let found = messages_of(
             "struct L { query: [B, T, H = 32, D = 128], key: [B, S, G = 5, D], value: [B, S, G, D] }",
         );
-        assert_messages(&found, &["`key` has `G` = 5 heads, which does not divide the `H` = 32 heads of `query`"]);
+        assert_messages(
+            &found,
+            &["`key` has `G` = 5 heads, which does not divide the `H` = 32 heads of `query`"],
+        );
         let found = messages_of(
             "struct L { query: [B, T, H = 32, D = 128], key: [B, S, G = 8, D], value: [B, S, H, D] }",
         );
@@ -2029,7 +2082,12 @@ mod tests {
             if STRUCTURES {
                 assert!(found.is_empty(), "{found:#?}");
             } else {
-                assert_messages(&found, &["key/value heads other than the query heads (grouped-query attention): not yet supported"]);
+                assert_messages(
+                    &found,
+                    &[
+                        "key/value heads other than the query heads (grouped-query attention): not yet supported",
+                    ],
+                );
             }
         }
     }

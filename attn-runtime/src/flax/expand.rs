@@ -3,78 +3,112 @@
 
 use std::borrow::Cow;
 
-use crate::array::Array;
+use crate::array::{Array, try_collect};
 use crate::element::Element;
-use crate::error::{AttnError, num_elements, try_filled};
+use crate::error::{AttnError, num_elements};
 
-/// The elements of `a` as `E`: borrowed when `a` already holds `E`, else converted as
-/// `jnp.asarray(a, E)` (round to nearest; bool gives 0/1).
-pub(crate) fn cast<E: Element>(a: &Array) -> Cow<'_, [E]> {
-    match a.as_slice::<E>() {
-        Some(s) => Cow::Borrowed(s),
-        None => Cow::Owned(a.to_f64_vec().into_iter().map(E::from_f64).collect()),
-    }
-}
-
-/// For every element of `target` (row-major), the flat index of the element of `shape` it
-/// reads under NumPy broadcasting. `shape` must broadcast to `target` (checked by the caller;
-/// a violation gives an error, never a panic).
-pub(crate) fn broadcast_indices(
+/// `a` converted to `E` (borrowed when it already is), the copy fallibly allocated: an
+/// [`AttnError::Allocation`] naming `tensor` instead of an abort.
+pub(crate) fn cast<'x, E: Element>(
     tensor: &'static str,
-    shape: &[usize],
-    target: &[usize],
-) -> Result<Vec<usize>, AttnError> {
-    let bad = |axis: usize| AttnError::Broadcast {
-        tensor,
-        shape: shape.to_vec(),
-        target: target.to_vec(),
-        axis,
-    };
-    if shape.len() > target.len() {
-        return Err(bad(0));
-    }
-    let lead = target.len() - shape.len();
-    let mut strides = vec![0usize; target.len()];
-    let mut stride = 1usize;
-    for (a, &n) in shape.iter().enumerate().rev() {
-        if n != 1 && n != target[lead + a] {
-            return Err(bad(a));
-        }
-        if n != 1 {
-            strides[lead + a] = stride;
-        }
-        stride = stride.saturating_mul(n);
-    }
-    let total = num_elements(tensor, target)?;
-    let mut out = try_filled(tensor, total, 0usize)?;
-    let mut index = vec![0usize; target.len()];
-    let mut offset = 0usize;
-    for slot in out.iter_mut() {
-        *slot = offset;
-        for a in (0..target.len()).rev() {
-            index[a] += 1;
-            offset += strides[a];
-            if index[a] < target[a] {
-                break;
-            }
-            offset -= strides[a] * index[a];
-            index[a] = 0;
-        }
-    }
-    Ok(out)
+    a: &'x Array,
+) -> Result<Cow<'x, [E]>, AttnError> {
+    Ok(match a.as_slice::<E>() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(try_collect(
+            tensor,
+            a.len(),
+            (0..a.len()).map(|i| E::from_f64(a.f64_at(i))),
+        )?),
+    })
 }
 
-/// `jnp.broadcast_to(data, target)` for row-major `data` of `shape`.
+/// The element offsets into an operand of `shape` of each element of `target` (row-major),
+/// NumPy broadcasting: an iterator, so that walking a broadcast allocates nothing of its size.
+pub(crate) struct Offsets {
+    target: Vec<usize>,
+    strides: Vec<usize>,
+    index: Vec<usize>,
+    offset: usize,
+    left: usize,
+}
+
+impl Offsets {
+    /// The offsets of `shape` broadcast to `target`, or an error naming `tensor` and the axis.
+    pub(crate) fn new(
+        tensor: &'static str,
+        shape: &[usize],
+        target: &[usize],
+    ) -> Result<Self, AttnError> {
+        let bad = |axis: usize| AttnError::Broadcast {
+            tensor,
+            shape: shape.to_vec(),
+            target: target.to_vec(),
+            axis,
+        };
+        if shape.len() > target.len() {
+            return Err(bad(0));
+        }
+        let lead = target.len() - shape.len();
+        let mut strides = vec![0usize; target.len()];
+        let mut stride = 1usize;
+        for (a, &n) in shape.iter().enumerate().rev() {
+            if n != 1 && n != target[lead + a] {
+                return Err(bad(a));
+            }
+            if n != 1 {
+                strides[lead + a] = stride;
+            }
+            stride = stride.saturating_mul(n);
+        }
+        Ok(Offsets {
+            target: target.to_vec(),
+            strides,
+            index: vec![0; target.len()],
+            offset: 0,
+            left: num_elements(tensor, target)?,
+        })
+    }
+
+    /// The number of elements of the target.
+    pub(crate) fn len(&self) -> usize {
+        self.left
+    }
+}
+
+impl Iterator for Offsets {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let current = self.offset;
+        if self.left > 0 {
+            for a in (0..self.target.len()).rev() {
+                self.index[a] += 1;
+                self.offset += self.strides[a];
+                if self.index[a] < self.target[a] {
+                    break;
+                }
+                self.offset -= self.strides[a] * self.index[a];
+                self.index[a] = 0;
+            }
+        }
+        Some(current)
+    }
+}
+
+/// `data` of `shape` broadcast (copied) to `target`, fallibly allocated.
 pub(crate) fn broadcast_to<T: Copy>(
     tensor: &'static str,
     data: &[T],
     shape: &[usize],
     target: &[usize],
 ) -> Result<Vec<T>, AttnError> {
-    Ok(broadcast_indices(tensor, shape, target)?
-        .into_iter()
-        .map(|i| data[i])
-        .collect())
+    let offsets = Offsets::new(tensor, shape, target)?;
+    try_collect(tensor, offsets.len(), offsets.map(|i| data[i]))
 }
 
 #[cfg(test)]

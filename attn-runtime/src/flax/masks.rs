@@ -1,7 +1,7 @@
 //! Flax's mask utilities: `make_attention_mask`, `make_causal_mask`, `combine_masks`.
 
-use super::expand::broadcast_indices;
-use crate::array::{Array, ArrayData};
+use super::expand::Offsets;
+use crate::array::{Array, ArrayData, convert_iter, try_collect};
 use crate::element::DType;
 use crate::error::{AttnError, num_elements};
 use crate::kernel::broadcast_shapes;
@@ -70,51 +70,70 @@ pub fn make_attention_mask(
     qs.push(1);
     let mut ks = key_input.shape().to_vec();
     ks.insert(ks.len() - 1, 1);
-    let target = broadcast_shapes(&[&qs, &ks]).map_err(|_| AttnError::Broadcast {
-        tensor: "key_input",
-        shape: key_input.shape().to_vec(),
-        target: query_input.shape().to_vec(),
-        axis: 0,
+    let target = broadcast_shapes(&[&qs, &ks]).map_err(|_| {
+        // Only the batch axes can disagree (the lengths sit on different axes); name the axis
+        // of `key_input` against the batch axes of `query_input` (left-padded with 1s) and the
+        // key's own length.
+        let (qb, kb) = (&qs[..qs.len() - 2], &ks[..ks.len() - 2]);
+        let axis = first_mismatch(qb, kb).unwrap_or(0);
+        // Against the query's shape as it is when the ranks allow (the message then shows
+        // the caller's shapes), else its batch axes padded to the key's rank.
+        let target = if kb.len() <= qb.len() {
+            query_input.shape().to_vec()
+        } else {
+            let mut t = vec![1; kb.len() - qb.len()];
+            t.extend_from_slice(qb);
+            t.push(ks[ks.len() - 1]);
+            t
+        };
+        AttnError::Broadcast {
+            tensor: "key_input",
+            shape: key_input.shape().to_vec(),
+            target,
+            axis,
+        }
     })?;
-    let qi = broadcast_indices("query_input", &qs, &target)?;
-    let ki = broadcast_indices("key_input", &ks, &target)?;
+    let total = num_elements("mask", &target)?;
+    let qi = Offsets::new("query_input", &qs, &target)?;
+    let ki = Offsets::new("key_input", &ks, &target)?;
     let promoted = query_input.dtype().promote(key_input.dtype());
-    let (qv, kv) = (query_input.to_f64_vec(), key_input.to_f64_vec());
-    let pairs = qi.iter().zip(&ki).map(|(&a, &b)| (qv[a], kv[b]));
+    let pairs = qi
+        .zip(ki)
+        .map(|(a, b)| (query_input.f64_at(a), key_input.f64_at(b)));
     let data = match pairwise_fn {
         PairwiseFn::Multiply => match promoted {
-            DType::Bool => ArrayData::Bool(pairs.map(|(a, b)| a != 0.0 && b != 0.0).collect()),
+            DType::Bool => convert_iter(
+                DType::Bool,
+                "mask",
+                total,
+                pairs.map(|(a, b)| f64::from(u8::from(a != 0.0 && b != 0.0))),
+            )?,
             // int32 arithmetic wraps, as in JAX.
-            DType::I32 => ArrayData::I32(
-                pairs
-                    .map(|(a, b)| (a as i32).wrapping_mul(b as i32))
-                    .collect(),
-            ),
+            DType::I32 => ArrayData::I32(try_collect(
+                "mask",
+                total,
+                pairs.map(|(a, b)| (a as i32).wrapping_mul(b as i32)),
+            )?),
             // The product of two values of a float dtype, rounded once to it.
-            float => {
-                let products: Vec<f64> = pairs.map(|(a, b)| a * b).collect();
-                Array::from_f64(float, &products, target.clone())?
-                    .into_parts()
-                    .0
-            }
+            float => convert_iter(float, "mask", total, pairs.map(|(a, b)| a * b))?,
         },
-        cmp => ArrayData::Bool(
-            pairs
-                .map(|(a, b)| match cmp {
-                    PairwiseFn::GreaterEqual => a >= b,
-                    PairwiseFn::Greater => a > b,
-                    PairwiseFn::LessEqual => a <= b,
-                    PairwiseFn::Less => a < b,
-                    PairwiseFn::Equal => a == b,
-                    PairwiseFn::NotEqual => a != b,
-                    _ => a != 0.0 && b != 0.0,
-                })
-                .collect(),
-        ),
+        cmp => ArrayData::Bool(try_collect(
+            "mask",
+            total,
+            pairs.map(|(a, b)| match cmp {
+                PairwiseFn::GreaterEqual => a >= b,
+                PairwiseFn::Greater => a > b,
+                PairwiseFn::LessEqual => a <= b,
+                PairwiseFn::Less => a < b,
+                PairwiseFn::Equal => a == b,
+                PairwiseFn::NotEqual => a != b,
+                _ => a != 0.0 && b != 0.0,
+            }),
+        )?),
     };
     let mut shape = mask_prefix(extra_batch_dims, &target[..target.len() - 2])?;
     shape.extend_from_slice(&[1, target[target.len() - 2], target[target.len() - 1]]);
-    Ok(Array::from_data(data, shape)?.astype(dtype))
+    Array::from_data(data, shape)?.try_into_dtype(dtype, "mask")
 }
 
 /// Flax's `make_causal_mask(x, extra_batch_dims, dtype)` for an `x` of shape `x_shape`
@@ -142,22 +161,17 @@ pub fn make_causal_mask(
     }
     let mut shape = mask_prefix(extra_batch_dims, &x_shape[..x_shape.len() - 1])?;
     shape.extend_from_slice(&[1, len, len]);
-    // The shape alone can ask for any size: check it and reserve before building anything.
+    // The shape alone can ask for any size: check it and reserve before building anything;
+    // the entries are written in `dtype` directly (one buffer, the result's).
     let total = num_elements("mask", &shape)?;
-    let mut data = Vec::new();
-    data.try_reserve_exact(total)
-        .map_err(|_| AttnError::Allocation {
-            tensor: "mask",
-            elements: total,
-        })?;
     // Entry `[.., i, j]` is `i >= j` for every leading index (what `make_attention_mask(idxs,
     // idxs, greater_equal)` gives for `idxs = broadcast_to(arange(len), x_shape)`).
-    if len > 0 {
-        for _ in 0..total / (len * len) {
-            data.extend((0..len).flat_map(|i| (0..len).map(move |j| i >= j)));
-        }
-    }
-    Ok(Array::new(data, shape)?.astype(dtype))
+    let entries = (0..total).map(|n| {
+        let (i, j) = (n / len % len, n % len);
+        f64::from(u8::from(i >= j))
+    });
+    let data = convert_iter(dtype, "mask", total, entries)?;
+    Array::from_data(data, shape)
 }
 
 /// `[1] * extra_batch_dims + batch`: the leading axes of a mask. NumPy arrays have at most 64
@@ -194,23 +208,40 @@ pub fn combine_masks(masks: &[Option<&Array>], dtype: DType) -> Result<Option<Ar
         });
     }
     let shapes: Vec<&[usize]> = present.iter().map(|m| m.shape()).collect();
-    let target = broadcast_shapes(&shapes).map_err(|k| AttnError::Broadcast {
-        tensor: "mask",
-        shape: shapes[k].to_vec(),
-        target: broadcast_shapes(&shapes[..k]).unwrap_or_default(),
-        axis: 0,
+    let target = broadcast_shapes(&shapes).map_err(|k| {
+        let before = broadcast_shapes(&shapes[..k]).unwrap_or_default();
+        AttnError::Broadcast {
+            tensor: "mask",
+            shape: shapes[k].to_vec(),
+            axis: first_mismatch(&before, shapes[k]).unwrap_or(0),
+            target: before,
+        }
     })?;
-    let mut acc: Option<Vec<bool>> = None;
+    let total = num_elements("mask", &target)?;
+    let mut acc = try_collect("mask", total, std::iter::repeat(true))?;
     for m in &present {
-        let idx = broadcast_indices("mask", m.shape(), &target)?;
-        let vals = m.to_bool_vec();
-        acc = Some(match acc {
-            None => idx.iter().map(|&i| vals[i]).collect(),
-            Some(a) => a.iter().zip(&idx).map(|(&x, &i)| x && vals[i]).collect(),
-        });
+        for (x, i) in acc
+            .iter_mut()
+            .zip(Offsets::new("mask", m.shape(), &target)?)
+        {
+            *x = *x && m.bool_at(i);
+        }
     }
-    let combined = Array::new(acc.unwrap_or_default(), target)?;
-    Ok(Some(combined.astype(dtype)))
+    Array::new(acc, target)?
+        .try_into_dtype(dtype, "mask")
+        .map(Some)
+}
+
+/// The axis of `shape` (its own numbering) whose size disagrees with `before` under NumPy's
+/// right-aligned broadcasting (neither is 1 and they differ), if any.
+fn first_mismatch(before: &[usize], shape: &[usize]) -> Option<usize> {
+    let lead = before.len().max(shape.len());
+    (0..shape.len()).find(|&a| {
+        let t = (lead - shape.len() + a)
+            .checked_sub(lead - before.len())
+            .map_or(1, |i| before[i]);
+        shape[a] != 1 && t != 1 && shape[a] != t
+    })
 }
 
 #[cfg(test)]

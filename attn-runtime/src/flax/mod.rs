@@ -19,7 +19,10 @@ use crate::array::Array;
 use crate::context::{Context, DropoutRng};
 use crate::element::{DType, Element};
 use crate::error::{AttnError, num_elements, try_filled};
-use crate::kernel::{self, Broadcast, Geometry, Mask, Options, Precision, broadcast_shapes};
+use crate::kernel::{
+    self, Align, Broadcast, Geometry, Mask, Options, Precision, SegmentIds, Window,
+    broadcast_shapes,
+};
 use crate::sow::Sow;
 use expand::{broadcast_to, cast};
 
@@ -48,6 +51,20 @@ pub struct FlaxArgs<'a> {
     pub force_fp32_for_softmax: bool,
     /// The rayon pool to run on (not a Flax argument); `None` = the global pool.
     pub pool: Option<&'a rayon::ThreadPool>,
+    /// Not a Flax argument: a causal mask with this alignment, ANDed with `mask` (without
+    /// building it: `Align::TopLeft` is `make_causal_mask`).
+    pub causal: Option<Align>,
+    /// Not a Flax argument: a sliding window, ANDed with the other terms.
+    pub window: Option<Window>,
+    /// Not a Flax argument: `int32` query lengths of shape `batch_shape` (a scalar without
+    /// batch dims); query rows `i >= len` see no key (uniform weights, as a fully masked row).
+    pub query_lengths: Option<&'a Array>,
+    /// Not a Flax argument: `int32` key/value lengths of shape `batch_shape`; keys `j >= len`
+    /// are masked.
+    pub kv_lengths: Option<&'a Array>,
+    /// Not a Flax argument: `int32` segment ids `(query [batch.., q_len], key [batch..,
+    /// kv_len])`; a query sees only the keys of its own segment.
+    pub segment_ids: Option<(&'a Array, &'a Array)>,
 }
 
 impl Default for FlaxArgs<'_> {
@@ -64,6 +81,11 @@ impl Default for FlaxArgs<'_> {
             module: None,
             force_fp32_for_softmax: false,
             pool: None,
+            causal: None,
+            window: None,
+            query_lengths: None,
+            kv_lengths: None,
+            segment_ids: None,
         }
     }
 }
@@ -127,6 +149,31 @@ impl<'a> FlaxArgs<'a> {
     /// Runs on `pool`.
     pub fn pool(mut self, pool: &'a rayon::ThreadPool) -> Self {
         self.pool = Some(pool);
+        self
+    }
+    /// Adds a causal mask with `align` (see [`FlaxArgs::causal`]).
+    pub fn causal(mut self, align: Align) -> Self {
+        self.causal = Some(align);
+        self
+    }
+    /// Adds a sliding window.
+    pub fn window(mut self, window: Window) -> Self {
+        self.window = Some(window);
+        self
+    }
+    /// Adds `int32` query lengths `[batch..]`.
+    pub fn query_lengths(mut self, lengths: &'a Array) -> Self {
+        self.query_lengths = Some(lengths);
+        self
+    }
+    /// Adds `int32` key/value lengths `[batch..]`.
+    pub fn kv_lengths(mut self, lengths: &'a Array) -> Self {
+        self.kv_lengths = Some(lengths);
+        self
+    }
+    /// Adds `int32` segment ids, query `[batch.., q_len]` and key `[batch.., kv_len]`.
+    pub fn segment_ids(mut self, query: &'a Array, key: &'a Array) -> Self {
+        self.segment_ids = Some((query, key));
         self
     }
 }
@@ -209,12 +256,19 @@ fn check_shapes(query: &Array, key: &Array, value: Option<&Array>) -> Result<(),
                 });
             }
         }
-        if s[rank - 2] != qs[rank - 2] {
+        // Grouped-query attention: key/value heads dividing the query heads.
+        let (h, g) = (qs[rank - 2], s[rank - 2]);
+        let divides = g > 0 && h.is_multiple_of(g) || g == h;
+        if !divides || name == "value" && g != ks[rank - 2] {
             return Err(AttnError::Axis {
                 tensor: name,
                 axis: "heads (axis -2)".into(),
-                expected: format!("{}, as in query", qs[rank - 2]),
-                found: s[rank - 2],
+                expected: if name == "value" {
+                    format!("{}, as in key", ks[rank - 2])
+                } else {
+                    format!("{h}, as in query, or a divisor of it (grouped-query attention)")
+                },
+                found: g,
             });
         }
     }
@@ -359,21 +413,28 @@ fn options(args: &FlaxArgs<'_>) -> Options {
     }
 }
 
-/// Broadcasts a `[batch..., len, heads, depth]` input to the (possibly enlarged) layout.
+/// Broadcasts a `[batch..., len, heads, depth]` input to the (possibly enlarged) layout; `heads`
+/// is the layout's heads, or the key/value heads of grouped-query attention.
 fn fit_input<'x, E: Element>(
     name: &'static str,
     data: Cow<'x, [E]>,
     shape: &[usize],
     layout: &Layout,
-    len: usize,
+    (len, heads): (usize, usize),
 ) -> Result<Cow<'x, [E]>, AttnError> {
     let rank = shape.len();
     let mut target = layout.batch_shape.clone();
-    target.extend_from_slice(&[len, layout.heads, shape[rank - 1]]);
+    target.extend_from_slice(&[len, heads, shape[rank - 1]]);
     if target == shape {
         return Ok(data);
     }
-    Ok(Cow::Owned(broadcast_to(name, &data, shape, &target)?))
+    // The copy is of the enlarged shape, not the caller's: say so in the error.
+    let enlarged = match name {
+        "query" => "query (broadcast to the batch and heads of bias/mask)",
+        "key" => "key (broadcast to the batch and heads of bias/mask)",
+        _ => "value (broadcast to the batch and heads of bias/mask)",
+    };
+    Ok(Cow::Owned(broadcast_to(enlarged, &data, shape, &target)?))
 }
 
 fn run<E: Element, B: Element, R: Element>(
@@ -386,26 +447,128 @@ fn run<E: Element, B: Element, R: Element>(
 ) -> Result<Array, AttnError> {
     let rank = query.ndim();
     let (qs, ks) = (query.shape(), key.shape());
-    let q = fit_input("query", cast::<E>(query), qs, layout, layout.q_len)?;
-    let k = fit_input("key", cast::<E>(key), ks, layout, layout.kv_len)?;
+    // Cheap checks first: the result's size, and whether there is anything to compute. An
+    // empty result nobody sows returns before any copy, cast or task (whose sizes scale with
+    // dims that multiply to nothing here).
+    let mut result_shape = layout.batch_shape.clone();
+    match value {
+        Some(v) => {
+            result_shape.extend_from_slice(&[layout.q_len, layout.heads, v.shape()[rank - 1]])
+        }
+        None => result_shape.extend_from_slice(&[layout.heads, layout.q_len, layout.kv_len]),
+    }
+    let result_name = if value.is_some() { "output" } else { "weights" };
+    // The kernel's check of the key/value heads (grouped-query attention), which an empty
+    // result must not skip.
+    let (heads, kv_heads) = (layout.heads, ks[rank - 2]);
+    if kv_heads != heads
+        && (kv_heads == 0 && heads > 0 || kv_heads > 0 && !heads.is_multiple_of(kv_heads))
+    {
+        return Err(AttnError::Axis {
+            tensor: "key",
+            axis: "heads (axis -2)".into(),
+            expected: format!("a divisor of the query's {heads} heads"),
+            found: kv_heads,
+        });
+    }
+    if num_elements(result_name, &result_shape)? == 0 && args.module.is_none() {
+        let ctx = Context {
+            deterministic: args.deterministic,
+            dropout_rng: args.dropout_rng,
+            sow: None,
+            pool: None,
+        };
+        kernel::check_dropout(&opts, &ctx, E::DTYPE)?;
+        return Array::new(Vec::<R>::new(), result_shape);
+    }
+    // Key/value heads: the layout's, or fewer (grouped-query attention, never broadcast).
+    let kv_heads = if ks[rank - 2] == qs[rank - 2] {
+        layout.heads
+    } else {
+        ks[rank - 2]
+    };
+    let q = fit_input(
+        "query",
+        cast::<E>("query", query)?,
+        qs,
+        layout,
+        (layout.q_len, layout.heads),
+    )?;
+    let k = fit_input(
+        "key",
+        cast::<E>("key", key)?,
+        ks,
+        layout,
+        (layout.kv_len, kv_heads),
+    )?;
     let v = value
-        .map(|v| fit_input("value", cast::<E>(v), v.shape(), layout, layout.kv_len))
+        .map(|v| {
+            let at = (layout.kv_len, kv_heads);
+            fit_input("value", cast::<E>("value", v)?, v.shape(), layout, at)
+        })
         .transpose()?;
-    let bias_data = args.bias.map(cast::<B>);
+    let bias_data = args.bias.map(|b| cast::<B>("bias", b)).transpose()?;
     let bias = match (&bias_data, args.bias) {
         (Some(d), Some(b)) => Some(Broadcast::new("bias", d, b.shape())?),
         _ => None,
     };
-    let mask_data = args.mask.map(Array::to_bool_vec);
-    let mask = match (&mask_data, args.mask) {
-        (Some(d), Some(m)) => Mask::Explicit(Broadcast::new("mask", d, m.shape())?),
-        _ => Mask::None,
+    let mask_data: Option<Cow<'_, [bool]>> = args
+        .mask
+        .map(|m| match m.as_slice::<bool>() {
+            Some(s) => Ok(Cow::Borrowed(s)),
+            None => m.try_bool_vec("mask").map(Cow::Owned),
+        })
+        .transpose()?;
+    let mut mask = match (&mask_data, args.mask) {
+        (Some(d), Some(m)) => Mask::dense(Broadcast::new("mask", d, m.shape())?),
+        _ => Mask::none(),
     };
+    let query_lengths = int32s(
+        "query_lengths",
+        args.query_lengths,
+        &layout.batch_shape,
+        None,
+    )?;
+    let kv_lengths = int32s("kv_lengths", args.kv_lengths, &layout.batch_shape, None)?;
+    let (q_ids, kv_ids) = match args.segment_ids {
+        Some((q, k)) => (
+            int32s(
+                "query_segment_ids",
+                Some(q),
+                &layout.batch_shape,
+                Some(layout.q_len),
+            )?,
+            int32s(
+                "kv_segment_ids",
+                Some(k),
+                &layout.batch_shape,
+                Some(layout.kv_len),
+            )?,
+        ),
+        None => (None, None),
+    };
+    if let Some(align) = args.causal {
+        mask = mask.with_causal(align);
+    }
+    if let Some(window) = args.window {
+        mask = mask.with_window(window);
+    }
+    if let Some(l) = &query_lengths {
+        mask = mask.with_query_lengths(l);
+    }
+    if let Some(l) = &kv_lengths {
+        mask = mask.with_kv_lengths(l);
+    }
+    if let (Some(query), Some(key)) = (&q_ids, &kv_ids) {
+        mask = mask.with_segment_ids(SegmentIds { query, key });
+    }
+
     let geom = Geometry {
         batch_shape: &layout.batch_shape,
         q_len: layout.q_len,
         kv_len: layout.kv_len,
         heads: layout.heads,
+        kv_heads,
         qk_depth: qs[rank - 1],
         v_depth: value.map_or(0, |v| v.shape()[rank - 1]),
     };
@@ -449,4 +612,31 @@ fn run<E: Element, B: Element, R: Element>(
             Array::new(out, shape)
         }
     }
+}
+
+/// An `int32` argument of shape `batch_shape` (plus `[len]` when given), as one value per
+/// element; broadcast along batch dims of size 1 (as NumPy would against the layout).
+fn int32s(
+    argument: &'static str,
+    a: Option<&Array>,
+    batch_shape: &[usize],
+    len: Option<usize>,
+) -> Result<Option<Vec<i32>>, AttnError> {
+    let Some(a) = a else { return Ok(None) };
+    if a.dtype() != DType::I32 {
+        return Err(AttnError::DType {
+            tensor: argument,
+            expected: DType::I32,
+            found: a.dtype(),
+        });
+    }
+    let mut target = batch_shape.to_vec();
+    target.extend(len);
+    let Some(data) = a.as_slice::<i32>() else {
+        unreachable!("an int32 array holds i32")
+    };
+    if a.shape() == target.as_slice() {
+        return Ok(Some(data.to_vec()));
+    }
+    broadcast_to(argument, data, a.shape(), &target).map(Some)
 }

@@ -47,36 +47,6 @@ impl<'a, T> Broadcast<'a, T> {
     }
 }
 
-/// The mask of an attention call. `false` entries are replaced by `finfo(dtype).min` before the
-/// softmax (Flax's `jnp.where(mask, logits, big_neg)`).
-#[derive(Clone, Debug, Default)]
-pub enum Mask<'a> {
-    /// No mask.
-    #[default]
-    None,
-    /// Causal: query `i` sees keys `j <= i` (top-left aligned, as `make_causal_mask`).
-    Causal,
-    /// An explicit boolean mask, broadcast to `[batch..., heads, q_len, kv_len]`.
-    Explicit(Broadcast<'a, bool>),
-    /// Causal and an explicit mask (`combine_masks(causal, mask)`).
-    CausalAnd(Broadcast<'a, bool>),
-}
-
-impl<'a> Mask<'a> {
-    /// The explicit part, if any.
-    pub(crate) fn explicit(&self) -> Option<&Broadcast<'a, bool>> {
-        match self {
-            Mask::Explicit(b) | Mask::CausalAnd(b) => Some(b),
-            Mask::None | Mask::Causal => None,
-        }
-    }
-
-    /// Whether the causal rule applies.
-    pub(crate) fn is_causal(&self) -> bool {
-        matches!(self, Mask::Causal | Mask::CausalAnd(_))
-    }
-}
-
 /// One row (fixed batch, head, query) of a broadcast operand along the kv axis.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Row<'a, T> {
@@ -102,8 +72,11 @@ impl<T: Copy> Row<'_, T> {
 #[derive(Clone, Debug)]
 pub(crate) struct Resolved<'a, T> {
     data: &'a [T],
-    /// Offset of each flattened batch index.
-    batch_offsets: Vec<usize>,
+    /// The batch dims of the target, and the operand's stride along each (0 where it
+    /// broadcasts): the offset of a flattened batch index is computed from them, so that
+    /// resolving allocates nothing that scales with the batch (the result may be empty).
+    batch_dims: Vec<usize>,
+    batch_strides: Vec<usize>,
     head_stride: usize,
     q_stride: usize,
     kv_len: usize,
@@ -144,33 +117,16 @@ impl<'a, T: Copy> Resolved<'a, T> {
             if n != 1 {
                 strides[lead + a] = stride;
             }
-            // Cannot overflow: the product of the operand's shape was checked in `new`.
-            stride *= n;
+            // The product of the operand's shape was checked in `new`, but with a dim of 0 it
+            // is 0 while a partial product can overflow; such an operand has no element, its
+            // strides are never used (the result is empty too), so saturating is enough.
+            stride = stride.saturating_mul(n);
         }
         let nb = batch_shape.len();
-        let batch_count = num_elements("logits", &target[..nb])?;
-        let mut batch_offsets = Vec::new();
-        batch_offsets
-            .try_reserve_exact(batch_count)
-            .map_err(|_| AttnError::Allocation {
-                tensor: op.name,
-                elements: batch_count,
-            })?;
-        // Offsets of the flattened batch indices, last batch axis fastest.
-        let mut index = vec![0usize; nb];
-        for _ in 0..batch_count {
-            batch_offsets.push(index.iter().zip(&strides).map(|(i, s)| i * s).sum());
-            for a in (0..nb).rev() {
-                index[a] += 1;
-                if index[a] < target[a] {
-                    break;
-                }
-                index[a] = 0;
-            }
-        }
         Ok(Resolved {
             data: op.data,
-            batch_offsets,
+            batch_dims: target[..nb].to_vec(),
+            batch_strides: strides[..nb].to_vec(),
             head_stride: strides[nb],
             q_stride: strides[nb + 1],
             kv_len,
@@ -181,7 +137,15 @@ impl<'a, T: Copy> Resolved<'a, T> {
     /// The row of flattened batch index `b`, head `h`, query `i`.
     #[inline]
     pub(crate) fn row(&self, b: usize, h: usize, i: usize) -> Row<'a, T> {
-        let start = self.batch_offsets[b] + h * self.head_stride + i * self.q_stride;
+        // Offset of flattened batch index `b`, last batch axis fastest. Only called for an
+        // element of a non-empty result, where every offset is within the operand's data.
+        let mut batch_offset = 0;
+        let mut rest = b;
+        for (&n, &s) in self.batch_dims.iter().zip(&self.batch_strides).rev() {
+            batch_offset += rest % n * s;
+            rest /= n;
+        }
+        let start = batch_offset + h * self.head_stride + i * self.q_stride;
         if self.has_kv {
             Row::Values(&self.data[start..start + self.kv_len])
         } else {

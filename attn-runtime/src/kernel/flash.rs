@@ -15,11 +15,15 @@
 //!    (Flax sums before dropout too);
 //! 4. `O += P · V_blk`.
 //!
+//! With grouped key/value heads (`kv_heads < heads`), query head `h` reads key/value head
+//! `h / (heads / kv_heads)` in place: K and V are never copied or repeated.
+//!
 //! A single query row (decoding) is a matrix–vector product: such tasks cover a group of heads
 //! and read keys and values row by row in memory order instead ([`single_row_block`]).
 //!
-//! Keys that a mask removes for every row of a task (above the causal diagonal, or a block on
-//! which an explicit mask is false) are skipped. A skipped entry would have weight
+//! Keys that a mask removes for every row of a task (outside the range the structured terms of
+//! [`Visibility`] leave to its rows: above a causal diagonal, outside a window, past a kv length,
+//! every key for padded query rows; or a block on which an explicit mask is false) are skipped. A skipped entry would have weight
 //! `exp(big_neg - m) = 0` unless the whole row is masked; for such rows Flax returns uniform
 //! weights over *all* keys, so the skipped keys are added back with weight 1 at the end.
 //!
@@ -45,6 +49,7 @@ use super::exp::{MulAdd, Unfused, exp_f32};
 use super::round::bf16_bits;
 use super::simd::{self, Body, Isa, Product};
 use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32, transpose_tile_u32};
+use super::visibility::Visibility;
 use crate::context::Threads;
 use crate::element::{DType, Element};
 
@@ -394,10 +399,18 @@ impl<B: Element> BiasRows for Resolved<'_, B> {
 /// Which logits are masked (replaced by `big_neg`).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FlashMask<'a> {
-    /// Keep only `j <= i` (Flax's `make_causal_mask`).
-    pub causal: bool,
-    /// Keep only where this is true (combined with `causal` when both are given).
+    /// The structured terms (causal, window, lengths, segment ids).
+    pub vis: Visibility<'a>,
+    /// Keep only where this is true (ANDed with `vis`).
     pub explicit: Option<Resolved<'a, bool>>,
+}
+
+impl FlashMask<'_> {
+    /// Whether the visible keys move with the query row (causal or window): smaller query
+    /// blocks then skip more keys.
+    fn banded(&self) -> bool {
+        self.vis.banded()
+    }
 }
 
 /// Dropout of the softmax weights: the keep decision for weight `n` (row-major index over the
@@ -451,12 +464,23 @@ pub(crate) struct Dims {
     pub q_len: usize,
     /// Key/value rows.
     pub kv_len: usize,
-    /// Heads.
+    /// Query heads.
     pub heads: usize,
+    /// Key/value heads (a divisor of `heads`): query head `h` reads key/value head
+    /// `h / (heads / kv_heads)`.
+    pub kv_heads: usize,
     /// Depth of queries and keys.
     pub qk_depth: usize,
     /// Depth of values and outputs.
     pub v_depth: usize,
+}
+
+impl Dims {
+    /// The key/value head that query head `h` reads.
+    #[inline(always)]
+    pub(crate) fn kv_head(&self, h: usize) -> usize {
+        h / (self.heads / self.kv_heads)
+    }
 }
 
 /// Everything one output-path call reads. Layouts are Flax's: query `[batch..., q, heads, d]`,
@@ -496,6 +520,7 @@ impl<'a, E: Element> FlashArgs<'a, E> {
                 q_len: call.q_len,
                 kv_len: call.kv_len,
                 heads: call.heads,
+                kv_heads: call.kv_heads,
                 qk_depth: call.qk_depth,
                 v_depth: call.v_depth,
             },
@@ -505,10 +530,10 @@ impl<'a, E: Element> FlashArgs<'a, E> {
             query_scale: call.query_scale,
             bias: call.bias.as_ref().map(|b| b as &dyn BiasRows),
             mask: FlashMask {
-                causal: call.causal,
+                vis: call.vis.clone(),
                 explicit: call.mask.clone(),
             },
-            big_neg: call.plan.compute.finfo_min().unwrap_or(f64::MIN),
+            big_neg: call.big_neg,
             dropout: call.dropout.as_ref().map(|(plan, rng)| FlashDropout {
                 rng: rng.clone(),
                 threshold: plan.threshold,
@@ -522,12 +547,14 @@ impl<'a, E: Element> FlashArgs<'a, E> {
 }
 
 /// Computes attention into `out` (`[batch..., q_len, heads, v_depth]`) with the instruction set
-/// `isa`, on the current rayon pool.
+/// `isa`, on the current rayon pool; with `lse`, also each row's logsumexp `max + ln(sum)` of
+/// the masked logits (`[batch..., q_len, heads]`; not computed when `v_depth = 0`).
 ///
 /// Panics if a slice length does not match `args.dims` (the caller validated the shapes).
 pub(crate) fn flash_attention<E: Element, O: Element>(
     args: &FlashArgs<'_, E>,
     out: &mut [O],
+    mut lse: Option<&mut [f64]>,
     isa: Isa,
     threads: Threads<'_>,
 ) {
@@ -539,9 +566,22 @@ pub(crate) fn flash_attention<E: Element, O: Element>(
         rows * d.heads * d.qk_depth,
         "query length"
     );
-    assert_eq!(args.key.len(), keys * d.heads * d.qk_depth, "key length");
-    assert_eq!(args.value.len(), keys * d.heads * d.v_depth, "value length");
+    assert_eq!(args.key.len(), keys * d.kv_heads * d.qk_depth, "key length");
+    assert_eq!(
+        args.value.len(),
+        keys * d.kv_heads * d.v_depth,
+        "value length"
+    );
     assert_eq!(out.len(), rows * d.heads * d.v_depth, "output length");
+    if let Some(lse) = lse.as_deref_mut() {
+        assert_eq!(lse.len(), rows * d.heads, "lse length");
+        // (Kept when `v_depth = 0`, which computes nothing: NaN, not a value.)
+        lse.fill(if d.kv_len == 0 {
+            f64::NEG_INFINITY
+        } else {
+            f64::NAN
+        });
+    }
     if out.is_empty() {
         return;
     }
@@ -551,9 +591,9 @@ pub(crate) fn flash_attention<E: Element, O: Element>(
         return;
     }
     if args.accumulate_f64 {
-        run::<f64, E, O>(args, out, Isa::Portable, threads);
+        run::<f64, E, O>(args, out, lse, Isa::Portable, threads);
     } else {
-        run::<f32, E, O>(args, out, isa, threads);
+        run::<f32, E, O>(args, out, lse, isa, threads);
     }
 }
 
@@ -573,16 +613,33 @@ fn query_block(d: &Dims, causal: bool) -> usize {
 fn run<C: TileReal, E: Element, O: Element>(
     args: &FlashArgs<'_, E>,
     out: &mut [O],
+    lse: Option<&mut [f64]>,
     isa: Isa,
     threads: Threads<'_>,
 ) {
     let d = args.dims;
-    let block = query_block(&d, args.mask.causal);
+    let block = query_block(&d, args.mask.banded());
     let row_len = d.heads * d.v_depth;
     // Tasks: (batch element, first query row, first head, output rows). With one query row
     // (decoding) the output row of a batch element is split by groups of heads instead, so
     // that a small batch still has work for every thread.
-    let mut tasks: Vec<(usize, usize, usize, &mut [O])> = if d.q_len == 1 {
+    // The logsumexp rows of each task, in task order (`[rows][heads of the task]`).
+    let mut lse_chunks: Vec<&mut [f64]> = match lse {
+        None => Vec::new(),
+        Some(lse) if d.q_len == 1 => {
+            let per_group = d
+                .heads
+                .div_ceil(MIN_TASKS.div_ceil(d.batch).clamp(1, d.heads));
+            lse.chunks_mut(d.heads)
+                .flat_map(|row| row.chunks_mut(per_group))
+                .collect()
+        }
+        Some(lse) => lse
+            .chunks_mut(d.q_len * d.heads)
+            .flat_map(|per_batch| per_batch.chunks_mut(block * d.heads))
+            .collect(),
+    };
+    let tasks: Vec<(usize, usize, usize, &mut [O])> = if d.q_len == 1 {
         let groups = MIN_TASKS.div_ceil(d.batch).clamp(1, d.heads);
         let per_group = d.heads.div_ceil(groups);
         out.chunks_mut(row_len)
@@ -604,13 +661,19 @@ fn run<C: TileReal, E: Element, O: Element>(
             })
             .collect()
     };
-    if args.mask.causal {
+    let mut tasks: Vec<_> = if lse_chunks.is_empty() {
+        tasks.into_iter().map(|t| (t, None)).collect()
+    } else {
+        lse_chunks.reverse();
+        tasks.into_iter().map(|t| (t, lse_chunks.pop())).collect()
+    };
+    if args.mask.banded() {
         // A causal task's cost grows with its last row. The costliest go first and every task
         // can be taken by an idle thread on its own (`with_max_len(1)`), so that the threads
         // end together instead of one finishing the last, longest blocks alone.
-        tasks.sort_by_key(|&(_, first_row, _, _)| std::cmp::Reverse(first_row));
+        tasks.sort_by_key(|&((_, first_row, _, _), _)| std::cmp::Reverse(first_row));
     }
-    threads.for_each(tasks, |(b, first_row, first_head, out_rows)| {
+    threads.for_each(tasks, |((b, first_row, first_head, out_rows), lse)| {
         with_thread_scratch::<C, ()>(|scratch, converted| {
             scratch.prepare(&d, block);
             // The body writes `C`; other output types go through a buffer, so that the body
@@ -630,6 +693,7 @@ fn run<C: TileReal, E: Element, O: Element>(
                 first_row,
                 first_head,
                 out: out_c,
+                lse,
                 scratch,
                 isa,
             };
@@ -737,10 +801,17 @@ impl<C: TileReal> Scratch<C> {
     /// Sizes the buffers for tasks of `block` query rows of a call of sizes `d`. Each task
     /// resets what it reads, so the contents need not be cleared.
     fn prepare(&mut self, d: &Dims, block: usize) {
-        let width = block.next_multiple_of(16);
+        // What one task needs: at most `min(block, q_len)` rows, one column wide for a single
+        // row (decoding), as `Rows::width` lays them out; not a whole padded block.
+        let rows = block.min(d.q_len).max(1);
+        let width = if rows == 1 {
+            1
+        } else {
+            rows.next_multiple_of(16)
+        };
         let key_rows = KEY_BLOCK.min(d.kv_len);
         self.query_t.resize(d.heads * d.qk_depth * width, C::ZERO);
-        self.acc.resize(d.heads * block * d.v_depth, C::ZERO);
+        self.acc.resize(d.heads * rows * d.v_depth, C::ZERO);
         self.max.resize(d.heads * width, C::ZERO);
         self.sum.resize(d.heads * width, C::ZERO);
         self.skipped.resize_with(d.heads, Vec::new);
@@ -778,6 +849,8 @@ struct Task<'t, 'a, C, E> {
     first_head: usize,
     /// `[rows][heads of the task][v_depth]`.
     out: &'t mut [C],
+    /// `[rows][heads of the task]`: each row's logsumexp, if wanted.
+    lse: Option<&'t mut [f64]>,
     scratch: &'t mut Scratch<C>,
     isa: Isa,
 }
@@ -820,6 +893,7 @@ where
             first_row,
             first_head,
             out,
+            mut lse,
             scratch,
             isa,
         } = task;
@@ -858,24 +932,27 @@ where
         for h in rows.heads() {
             start_head(args, rows, h, scratch);
         }
-        let last_row = first_row + count - 1;
+        // Keys outside this range are invisible to every row of the task (structured terms).
+        let visible = if args.mask.vis.is_trivial() {
+            0..d.kv_len
+        } else {
+            args.mask.vis.block_range(b, first_row..first_row + count)
+        };
         for j0 in (0..d.kv_len).step_by(KEY_BLOCK) {
             let end = (j0 + KEY_BLOCK).min(d.kv_len);
-            // Keys after the last row are above the causal diagonal for every row of the task.
-            let computed_end = if args.mask.causal {
-                end.min(last_row + 1).max(j0)
-            } else {
-                end
-            };
-            if computed_end < end {
-                for skipped in &mut scratch.skipped[rows.heads()] {
-                    skipped.push(computed_end..end);
+            let start = j0.max(visible.start).min(end);
+            let computed_end = end.min(visible.end).max(start);
+            for skip in [j0..start, computed_end..end] {
+                if !skip.is_empty() {
+                    for skipped in &mut scratch.skipped[rows.heads()] {
+                        skipped.push(skip.clone());
+                    }
                 }
             }
-            if computed_end == j0 {
+            if computed_end == start {
                 continue;
             }
-            let keys = j0..computed_end;
+            let keys = start..computed_end;
             if count == 1 {
                 single_row_block::<C, E, M>(args, rows, keys, scratch);
             } else {
@@ -890,6 +967,13 @@ where
             }
             let acc = &scratch.acc[h * count * d.v_depth..(h + 1) * count * d.v_depth];
             let sum = &scratch.sum[h * rows.width..];
+            if let Some(lse) = lse.as_deref_mut() {
+                let max = &scratch.max[h * rows.width..];
+                for r in 0..count {
+                    let (m, l) = (max[r].to::<f64>(), sum[r].to::<f64>());
+                    lse[r * heads + h - first_head] = m + l.ln();
+                }
+            }
             for (r, acc_row) in acc.chunks_exact(d.v_depth).enumerate() {
                 let inv = sum[r].recip();
                 let out_row = &mut out[(r * heads + h - first_head) * d.v_depth..][..d.v_depth];
@@ -1067,8 +1151,9 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
     }
 
     // Sᵀ = K_blk · Q_blkᵀ.
-    let kv_rows = d.heads * depth;
-    let key_start = ((b * d.kv_len + j0) * d.heads + h) * depth;
+    let g = d.kv_head(h);
+    let kv_rows = d.kv_heads * depth;
+    let key_start = ((b * d.kv_len + j0) * d.kv_heads + g) * depth;
     let scores = &mut scores[..cols * width];
     if bf16_pairs {
         let half_depth = depth.div_ceil(2);
@@ -1138,8 +1223,8 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
     let acc = &mut acc[h * per_head..(h + 1) * per_head];
 
     // O += P · V_blk.
-    let kv_values = d.heads * v_depth;
-    let value_start = ((b * d.kv_len + j0) * d.heads + h) * v_depth;
+    let kv_values = d.kv_heads * v_depth;
+    let value_start = ((b * d.kv_len + j0) * d.kv_heads + g) * v_depth;
     if bf16_pairs && args.weights_bf16 {
         let half_cols = cols.div_ceil(2);
         let value_bits = E::as_bf16_bits(args.value).unwrap_or_default();
@@ -1165,7 +1250,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
                 }
                 // The next head's rows of this block, while this head's wait on memory: its
                 // keys and values are read next, right after the product below.
-                if h + 1 < d.heads {
+                if h + 1 < d.heads && d.kv_head(h + 1) != g {
                     for j in [lo, hi] {
                         let next_value = value_start + v_depth + j * kv_values;
                         simd::prefetch(&value_bits[next_value..][..v_depth]);
@@ -1231,7 +1316,7 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
     s: &mut Scratch<C>,
 ) {
     let d = args.dims;
-    let (heads, depth, v_depth) = (d.heads, d.qk_depth, d.v_depth);
+    let (depth, v_depth) = (d.qk_depth, d.v_depth);
     let task_heads = rows.heads();
     let (j0, cols) = (keys_range.start, keys_range.len());
     // Row stride of `scores` (heads × keys here); the scratch holds `min(KEY_BLOCK, kv_len)` rows
@@ -1272,14 +1357,15 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
     }
 
     // Logits of every head, key row by key row: scores[h][jj].
-    let key_row_len = heads * depth;
+    let key_row_len = d.kv_heads * depth;
     for jj in 0..cols {
         let start = (rows.b * d.kv_len + j0 + jj) * key_row_len;
         let (key_row, _) = rows_as(args.key, start, key_row_len, key_row_len, 1, keys);
         for h in task_heads.clone() {
             if active[h] {
                 let q = &query_t[h * depth..(h + 1) * depth];
-                scores[h * stride + jj] = dot(q, &key_row[h * depth..(h + 1) * depth]);
+                let g = d.kv_head(h);
+                scores[h * stride + jj] = dot(q, &key_row[g * depth..(g + 1) * depth]);
             }
         }
     }
@@ -1307,14 +1393,15 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
     }
 
     // acc[h] += Σ_jj p[h][jj] · V[j0 + jj][h], value row by value row.
-    let value_row_len = heads * v_depth;
+    let value_row_len = d.kv_heads * v_depth;
     for jj in 0..cols {
         let start = (rows.b * d.kv_len + j0 + jj) * value_row_len;
         let (value_row, _) = rows_as(args.value, start, value_row_len, value_row_len, 1, values);
         for h in task_heads.clone() {
             if active[h] {
                 let p = scores[h * stride + jj];
-                let v = &value_row[h * v_depth..(h + 1) * v_depth];
+                let g = d.kv_head(h);
+                let v = &value_row[g * v_depth..(g + 1) * v_depth];
                 for (a, &v) in acc[h * v_depth..(h + 1) * v_depth].iter_mut().zip(v) {
                     *a = *a + p * v;
                 }
@@ -1329,6 +1416,35 @@ struct Running<'s, C> {
     max: &'s mut [C],
     sum: &'s mut [C],
     acc: &'s mut [C],
+}
+
+/// Replaces by `big_neg` the logits of `scores` (`[cols][width]`, keys `j0..j0 + cols`) that
+/// the structured terms hide; rows whose visible range covers the block (and that have no
+/// segment ids) are left as they are.
+#[inline(always)]
+fn mask_structured<C: TileReal>(
+    vis: &Visibility<'_>,
+    (rows, j0, cols): (Rows, usize, usize),
+    scores: &mut [C],
+    big_neg: C,
+) {
+    let width = rows.width;
+    let block = j0..j0 + cols;
+    for r in 0..rows.count {
+        let i = rows.first + r;
+        let range = vis.row_range(rows.b, i);
+        let segment = vis.segments(rows.b, i);
+        if segment.is_none() && range.start <= block.start && block.end <= range.end {
+            continue;
+        }
+        for jj in 0..cols {
+            let j = j0 + jj;
+            let kept = range.contains(&j) && segment.is_none_or(|(id, keys)| keys[j] == id);
+            if !kept {
+                scores[jj * width + r] = big_neg;
+            }
+        }
+    }
 }
 
 /// Adds bias and masks to the transposed logits `scores` (`[cols][width]`, `width` query
@@ -1361,12 +1477,17 @@ fn softmax_block<C: TileReal, E: Element, M: MulAdd>(
             );
         }
     }
-    if args.mask.causal && j0 + cols - 1 > rows.first {
-        for jj in 0..cols {
-            // Rows before `j0 + jj` have key `j0 + jj` in their future.
-            let masked_rows = (j0 + jj).saturating_sub(rows.first).min(rows.count);
-            scores[jj * width..jj * width + masked_rows].fill(big_neg);
+    let vis = &args.mask.vis;
+    if vis.is_causal_only() {
+        // Rows before `j0 + jj` have key `j0 + jj` in their future.
+        if j0 + cols - 1 > rows.first {
+            for jj in 0..cols {
+                let masked_rows = (j0 + jj).saturating_sub(rows.first).min(rows.count);
+                scores[jj * width..jj * width + masked_rows].fill(big_neg);
+            }
         }
+    } else if !vis.is_trivial() {
+        mask_structured(vis, (rows, j0, cols), scores, big_neg);
     }
     if args.mask.explicit.is_some() {
         for jj in 0..cols {
@@ -1559,7 +1680,7 @@ fn add_back_skipped_keys<C: TileReal, E: Element>(
             *sum = *sum + C::from_f64(cols as f64);
             let acc_row = &mut s.acc[(h * rows.count + r) * v_depth..][..v_depth];
             for (jj, &w) in weights.iter().enumerate() {
-                let start = ((rows.b * d.kv_len + j0 + jj) * d.heads + h) * v_depth;
+                let start = ((rows.b * d.kv_len + j0 + jj) * d.kv_heads + d.kv_head(h)) * v_depth;
                 for (a, &v) in acc_row.iter_mut().zip(&args.value[start..start + v_depth]) {
                     *a = *a + w * C::of(v);
                 }
@@ -1583,7 +1704,7 @@ mod tests {
                     let mut logits = vec![0.0; d.kv_len];
                     for (j, logit) in logits.iter_mut().enumerate() {
                         let q = ((b * d.q_len + i) * d.heads + h) * d.qk_depth;
-                        let k = ((b * d.kv_len + j) * d.heads + h) * d.qk_depth;
+                        let k = ((b * d.kv_len + j) * d.kv_heads + d.kv_head(h)) * d.qk_depth;
                         let mut x: f64 = (0..d.qk_depth)
                             .map(|t| {
                                 args.query[q + t].to_f64()
@@ -1596,7 +1717,8 @@ mod tests {
                             bias.add_f64((b, h, i), j, 1, &mut value, 1);
                             x = value[0];
                         }
-                        let causal_keep = !args.mask.causal || j <= i;
+                        let causal_keep =
+                            args.mask.vis.is_trivial() || args.mask.vis.keeps(b, i, j);
                         let explicit_keep = args
                             .mask
                             .explicit
@@ -1627,7 +1749,7 @@ mod tests {
                     }
                     for j in 0..d.kv_len {
                         let w = weights[j] / sum * keep[j];
-                        let v = ((b * d.kv_len + j) * d.heads + h) * d.v_depth;
+                        let v = ((b * d.kv_len + j) * d.kv_heads + d.kv_head(h)) * d.v_depth;
                         let o = ((b * d.q_len + i) * d.heads + h) * d.v_depth;
                         for t in 0..d.v_depth {
                             out[o + t] += w * args.value[v + t].to_f64();
@@ -1653,9 +1775,15 @@ mod tests {
             q_len,
             kv_len,
             heads,
+            kv_heads: heads,
             qk_depth: d,
             v_depth: dv,
         }
+    }
+
+    /// A top-left causal mask for `d`.
+    fn causal(d: &Dims) -> Visibility<'static> {
+        Visibility::new(&super::super::Mask::causal(), d.batch, d.q_len, d.kv_len).unwrap()
     }
 
     /// `data` of `shape` broadcast to `[batch_shape..., heads, q_len, kv_len]`.
@@ -1681,8 +1809,8 @@ mod tests {
         let make = |n, s| data(n, s, 2.0).into_iter().map(E::from_f64).collect();
         Inputs {
             query: make(d.batch * d.q_len * d.heads * d.qk_depth, seed),
-            key: make(d.batch * d.kv_len * d.heads * d.qk_depth, seed + 1),
-            value: make(d.batch * d.kv_len * d.heads * d.v_depth, seed + 2),
+            key: make(d.batch * d.kv_len * d.kv_heads * d.qk_depth, seed + 1),
+            value: make(d.batch * d.kv_len * d.kv_heads * d.v_depth, seed + 2),
         }
     }
 
@@ -1707,7 +1835,7 @@ mod tests {
         let want = reference(args);
         for isa in Isa::available() {
             let mut got = vec![O::from_f64(0.0); want.len()];
-            flash_attention(args, &mut got, isa, Threads(None));
+            flash_attention(args, &mut got, None, isa, Threads(None));
             for (n, (g, w)) in got.iter().zip(&want).enumerate() {
                 let g = g.to_f64();
                 assert!(
@@ -1736,7 +1864,7 @@ mod tests {
         let mut a = args::<f32>(d, &x);
         let bias = resolved(&bias_data, &[2, 150, 150], &[1], 2, 150, 150).unwrap();
         a.bias = Some(&bias);
-        a.mask.causal = true;
+        a.mask.vis = causal(&a.dims);
         assert!(a.bias.is_some());
         check::<f32, f32>(&a, 1e-6, 1e-5);
     }
@@ -1746,7 +1874,7 @@ mod tests {
         let d = dims(1, 600, 600, 1, 16, 8);
         let x = inputs::<f32>(&d, 3);
         let mut a = args::<f32>(d, &x);
-        a.mask.causal = true;
+        a.mask.vis = causal(&a.dims);
         check::<f32, f32>(&a, 1e-6, 1e-5);
     }
 
@@ -1759,10 +1887,53 @@ mod tests {
         let x = inputs::<f32>(&d, 4);
         let keep: Vec<bool> = (0..q).map(|i| i != 3 && i != 500).collect();
         let mut a = args::<f32>(d, &x);
-        a.mask.causal = true;
+        a.mask.vis = causal(&a.dims);
         a.mask.explicit = resolved(&keep, &[q, 1], &[1], 2, q, k);
         assert!(a.mask.explicit.is_some());
         check::<f32, f32>(&a, 1e-6, 1e-5);
+    }
+
+    #[test]
+    fn grouped_heads_with_every_structured_term() {
+        use super::super::{Align, Mask, SegmentIds, Window};
+        // 6 query heads reading 2 key/value heads; bottom-right causal, a window, lengths
+        // (a padded query row and a batch element with 300 of 700 keys), segment ids.
+        for (q, k) in [(150, 700), (1, 700), (37, 37)] {
+            let mut d = dims(2, q, k, 6, 16, 8);
+            d.kv_heads = 2;
+            let x = inputs::<f32>(&d, 9);
+            let ql = [q as i32, (q as i32 - 3).max(0)];
+            let kl = [k as i32, (k as i32).min(300)];
+            let qs: Vec<i32> = (0..2 * q)
+                .map(|n| ((n % q) * 3 / q.max(1)) as i32)
+                .collect();
+            let ks: Vec<i32> = (0..2 * k).map(|n| ((n % k) * 3 / k) as i32).collect();
+            let mask = Mask::none()
+                .with_causal(Align::BottomRight)
+                .with_window(Window {
+                    left: 200,
+                    right: 5,
+                    align: Align::BottomRight,
+                })
+                .with_query_lengths(&ql)
+                .with_kv_lengths(&kl)
+                .with_segment_ids(SegmentIds {
+                    query: &qs,
+                    key: &ks,
+                });
+            let mut a = args::<f32>(d, &x);
+            a.mask.vis = Visibility::new(&mask, 2, q, k).unwrap();
+            check::<f32, f32>(&a, 1e-6, 1e-5);
+            let mask = Mask::none()
+                .with_window(Window {
+                    left: 3,
+                    right: 64,
+                    align: Align::Offset(-50),
+                })
+                .with_kv_lengths(&kl);
+            a.mask.vis = Visibility::new(&mask, 2, q, k).unwrap();
+            check::<f32, f32>(&a, 1e-6, 1e-5);
+        }
     }
 
     #[test]
@@ -1784,7 +1955,13 @@ mod tests {
         let d = dims(2, 3, 0, 2, 4, 5);
         let x = inputs::<f32>(&d, 15);
         let mut out = vec![f32::NAN; 2 * 3 * 2 * 5];
-        flash_attention(&args::<f32>(d, &x), &mut out, Isa::detect(), Threads(None));
+        flash_attention(
+            &args::<f32>(d, &x),
+            &mut out,
+            None,
+            Isa::detect(),
+            Threads(None),
+        );
         assert!(out.iter().all(|&v| v == 0.0), "{out:?}");
     }
 
@@ -1797,9 +1974,9 @@ mod tests {
         let d = dims(1, 1, 300, 5, 16, 8);
         let x = inputs::<f32>(&d, 16);
         let mut a = args::<f32>(d, &x);
-        a.mask.causal = true;
+        a.mask.vis = causal(&a.dims);
         check::<f32, f32>(&a, 1e-6, 1e-5);
-        a.mask.causal = false;
+        a.mask.vis = Visibility::default();
         check::<f32, f32>(&a, 1e-6, 1e-5);
     }
 
@@ -1820,7 +1997,9 @@ mod tests {
             let mut a = args::<f32>(d, &x);
             a.bias = Some(&bias);
             a.mask.explicit = Some(mask);
-            a.mask.causal = kv == 5;
+            if kv == 5 {
+                a.mask.vis = causal(&a.dims);
+            }
             a.dropout = Some(FlashDropout {
                 rng: Pcg32::new(7, 0),
                 threshold: (0.6 * 2f64.powi(32)) as u64,
@@ -1872,7 +2051,7 @@ mod tests {
         check::<f16, f32>(&args::<f16>(d, &x), 1e-6, 1e-5);
         let x = inputs::<f64>(&d, 8);
         let mut a = args::<f64>(d, &x);
-        a.mask.causal = true;
+        a.mask.vis = causal(&a.dims);
         a.big_neg = f64::MIN;
         a.accumulate_f64 = true;
         check::<f64, f64>(&a, 1e-14, 1e-12);
@@ -1884,7 +2063,7 @@ mod tests {
         let x = inputs::<f32>(&d, 9);
         for broadcast in [true, false] {
             let mut a = args::<f32>(d, &x);
-            a.mask.causal = true;
+            a.mask.vis = causal(&a.dims);
             a.dropout = Some(FlashDropout {
                 rng: Pcg32::new(42, 0),
                 threshold: (0.75 * 2f64.powi(32)) as u64,
@@ -1906,7 +2085,7 @@ mod tests {
         let bias = resolved(&bias, &[2, 20], &[1], 1, 2, 20).unwrap();
         a.bias = Some(&bias);
         let mut got = vec![0.0f32; 6];
-        flash_attention(&a, &mut got, Isa::detect(), Threads(None));
+        flash_attention(&a, &mut got, None, Isa::detect(), Threads(None));
         assert!(got[..3].iter().all(|x| x.is_nan()), "{got:?}");
         let v7 = &x.value[7 * 3..8 * 3];
         assert_eq!(&got[3..], v7);
@@ -1917,7 +2096,7 @@ mod tests {
         let d = dims(2, 200, 333, 3, 64, 64);
         let x = inputs::<f32>(&d, 12);
         let mut a = args::<f32>(d, &x);
-        a.mask.causal = true;
+        a.mask.vis = causal(&a.dims);
         let run = |threads| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -1926,9 +2105,9 @@ mod tests {
             // From outside the pool (a hand-over, or the caller alone for one thread) and from
             // inside it (a parallel iterator on its workers).
             let mut outside = vec![0.0f32; 2 * 200 * 3 * 64];
-            flash_attention(&a, &mut outside, Isa::detect(), Threads(Some(&pool)));
+            flash_attention(&a, &mut outside, None, Isa::detect(), Threads(Some(&pool)));
             let mut inside = vec![0.0f32; 2 * 200 * 3 * 64];
-            pool.install(|| flash_attention(&a, &mut inside, Isa::detect(), Threads(None)));
+            pool.install(|| flash_attention(&a, &mut inside, None, Isa::detect(), Threads(None)));
             (outside, inside)
         };
         let (one, _) = run(1);

@@ -117,7 +117,9 @@ impl<'a, T: Real> Operands<'a, T> {
         block_rows: usize,
     ) -> Result<Self, AttnError> {
         let scale = T::from_f64(call.query_scale);
-        let compute = call.plan.compute;
+        // (Flax rounds the scaled query and the logits to the computation dtype, jax.nn to
+        // the float32 logits dtype.)
+        let compute = call.query_round;
         let panels =
             Isa::detect().has_avx512() && call.qk_depth > 0 && T::as_f32(&[T::ZERO]).is_some();
         // bf16 inputs on a CPU with bf16 products (never the borrowed-query case below: a bf16
@@ -184,7 +186,8 @@ fn transpose_key<E: Element, B, T: Real>(
     threads: Threads<'_>,
     width: usize,
 ) -> Result<Vec<T>, AttnError> {
-    let (heads, kv, dk) = (call.heads, call.kv_len, call.qk_depth);
+    // One layout per key/value head: query heads of a group share it.
+    let (heads, kv, dk) = (call.kv_heads, call.kv_len, call.qk_depth);
     let head_len = kv.div_ceil(width) * width * dk;
     let len = (call.batch * heads)
         .checked_mul(head_len)
@@ -292,7 +295,7 @@ fn key_pair_panels<E: Element, B>(
     key_bits: &[u16],
     threads: Threads<'_>,
 ) -> Result<Vec<u32>, AttnError> {
-    let (heads, kv, dk) = (call.heads, call.kv_len, call.qk_depth);
+    let (heads, kv, dk) = (call.kv_heads, call.kv_len, call.qk_depth);
     let pairs = dk.div_ceil(2);
     let head_len = kv.div_ceil(KEY_PANEL) * KEY_PANEL * pairs;
     let len = (call.batch * heads)
@@ -642,7 +645,7 @@ fn compute<E: Element, B: Element, W: Element, O: Element, T: Real>(
             }
         }
     }
-    let pass = RowPass::<T>::new(&call.plan);
+    let pass = RowPass::<T>::new(&call.plan).with_big_neg(call.big_neg);
     let scratch_logits = if weights_direct { 0 } else { block_rows * kv };
     let scratch_output = if convert_out {
         block_rows * call.v_depth
@@ -754,8 +757,8 @@ impl<'t, 'a: 't, 'o, E: Element, B: Element, W: Element, O: Element, T: Real> Bo
                 panels: &mut *input.key_panels,
                 width: KEY_PANEL,
                 b: input.task.bh / heads,
-                h: input.task.bh % heads,
-                heads,
+                h: call.kv_head(input.task.bh % heads),
+                heads: call.kv_heads,
                 kv: call.kv_len,
                 dk: call.qk_depth,
             });
@@ -794,18 +797,23 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
     } = input;
     let (heads, q, kv, dk) = (call.heads, call.q_len, call.kv_len, call.qk_depth);
     let (b, h) = (task.bh / heads, task.bh % heads);
+    // The key/value head of query head `h`, and the index of (b, g) among the layouts of the
+    // key per key/value head.
+    let (g, kv_heads) = (call.kv_head(h), call.kv_heads);
+    let bg = b * kv_heads + g;
     let (first, rows) = (task.first_row, task.rows);
     let (logits, convert_to) = match task.weights {
         Some(WeightsBlock::Direct(w)) => (w, None),
         Some(WeightsBlock::Convert(w)) => (&mut scratch_logits[..rows * kv], Some(w)),
         None => (&mut scratch_logits[..rows * kv], None),
     };
-    // Causal: no query of the block sees a key past its last query, so those logits are not
-    // computed (the row pass neither reads them nor needs them, see `RowPass::softmax_rows`).
-    let cols = if call.causal {
-        kv.min(first + rows)
-    } else {
+    // Keys past the end of every row's visible range (causal: past the block's last query;
+    // kv lengths; windows) are not computed (the row pass neither reads them nor needs them,
+    // see `RowPass::softmax_rows`).
+    let cols = if call.vis.is_trivial() {
         kv
+    } else {
+        call.vis.block_range(b, first..first + rows).end
     };
     let q_off = ((b * q + first) * heads + h) * dk;
     // Whether the logits are already scaled and rounded to the computation dtype.
@@ -816,9 +824,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
             let query = T::as_f32(&operands.query).ok_or_else(view_bug)?;
             // This head's panels, `[kv / 64, depth, 64]`.
             let key_t = match &operands.key {
-                KeyOperand::Panels(key_t) => {
-                    &key_t[task.bh * kv.div_ceil(KEY_PANEL) * KEY_PANEL * dk..]
-                }
+                KeyOperand::Panels(key_t) => &key_t[bg * kv.div_ceil(KEY_PANEL) * KEY_PANEL * dk..],
                 _ => &key_panels[..],
             };
             let key_t = T::as_f32(key_t).ok_or_else(view_bug)?;
@@ -841,7 +847,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                 };
                 simd::product_avx512(&product, &mut c[first_key..], kv);
                 let panel = c[first_key..].chunks_mut(kv).map(|row| &mut row[..keys]);
-                match (operands.round_logits, call.plan.compute) {
+                match (operands.round_logits, call.query_round) {
                     (true, DType::BF16) => round_panel::<ToBf16>(panel),
                     (true, DType::F16) => round_panel::<ToF16>(panel),
                     _ => {}
@@ -859,7 +865,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     a: &query[q_off..],
                     a_row: heads * pairs,
                     a_step: 1,
-                    b: &key[(task.bh * kv.div_ceil(KEY_PANEL) * KEY_PANEL + first_key) * pairs..],
+                    b: &key[(bg * kv.div_ceil(KEY_PANEL) * KEY_PANEL + first_key) * pairs..],
                     b_step: KEY_PANEL,
                     rows,
                     cols: keys,
@@ -877,7 +883,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         KeyOperand::Transposed(key_t) => {
             let a = MatRef::new(&operands.query, q_off, rows, dk, heads * dk, 1)
                 .ok_or_else(view_bug)?;
-            let bt = MatRef::new(key_t, task.bh * dk * kv, dk, cols, kv, 1).ok_or_else(view_bug)?;
+            let bt = MatRef::new(key_t, bg * dk * kv, dk, cols, kv, 1).ok_or_else(view_bug)?;
             gemm(
                 operands.alpha,
                 a,
@@ -888,7 +894,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         }
         KeyOperand::Rows(key) => {
             let query_row = |r: usize| &operands.query[q_off + r * heads * dk..][..dk];
-            let key_row = |j: usize| &key[((b * kv + j) * heads + h) * dk..][..dk];
+            let key_row = |j: usize| &key[((b * kv + j) * kv_heads + g) * dk..][..dk];
             // With `depth = 0` the scale is `1/√0 = ∞` and every logit is the empty sum 0, as
             // in Flax (and in the GEMM branch, which ignores alpha when k = 0).
             let alpha = if dk == 0 { T::ZERO } else { operands.alpha };
@@ -903,7 +909,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
     };
     if operands.round_logits && !rounded {
         for row in logits.chunks_mut(kv) {
-            T::round_slice(&mut row[..cols], call.plan.compute);
+            T::round_slice(&mut row[..cols], call.query_round);
         }
     }
     // bf16 weights that nothing reads after the softmax (no sown copy, no dropout, no `P·V`)
@@ -923,7 +929,8 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         |r| {
             let i = first + r;
             let mask = MaskRow {
-                causal_limit: call.causal.then_some(i),
+                visible: call.vis.row_range(b, i),
+                segment: call.vis.segments(b, i),
                 explicit: call.mask.as_ref().map(|m| m.row(b, h, i)),
             };
             (call.bias.as_ref().map(|r| r.row(b, h, i)), mask)
@@ -959,8 +966,8 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         let dv = call.v_depth;
         let p = MatRef::row_major(logits, rows, kv).ok_or_else(view_bug)?;
         let value = operands.value.as_deref().ok_or_else(view_bug)?;
-        let v_off = b * kv * heads * dv + h * dv;
-        let v = MatRef::new(value, v_off, kv, dv, heads * dv, 1).ok_or_else(view_bug)?;
+        let v_off = b * kv * kv_heads * dv + g * dv;
+        let v = MatRef::new(value, v_off, kv, dv, kv_heads * dv, 1).ok_or_else(view_bug)?;
         match out {
             OutBlock::Direct(mut c) => gemm(T::ONE, p, v, &mut c),
             OutBlock::Convert(mut c) => {

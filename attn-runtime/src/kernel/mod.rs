@@ -15,7 +15,8 @@ mod broadcast;
 mod dot;
 pub(crate) mod exp;
 mod flash;
-mod gemm;
+pub(crate) mod gemm;
+mod jax;
 mod materialized;
 mod plan;
 mod real;
@@ -23,9 +24,12 @@ pub(crate) mod round;
 mod rowpass;
 mod simd;
 mod transpose;
+mod visibility;
 
-pub use broadcast::{Broadcast, Mask, broadcast_shapes};
+pub use broadcast::{Broadcast, broadcast_shapes};
+pub use jax::{JaxOptions, LARGE_NEGATIVE, attention_lse, jax_attention, jax_dtypes};
 pub use plan::DTypePlan;
+pub use visibility::{Align, Mask, SegmentIds, Window};
 
 use crate::context::Context;
 use crate::dim::Dim;
@@ -33,19 +37,23 @@ use crate::element::{DType, Element};
 use crate::error::{AttnError, num_elements};
 use broadcast::Resolved;
 use plan::DropoutPlan;
+use visibility::Visibility;
 
 /// Sizes of one attention call. Dims are type parameters so that generated code can pass
 /// static sizes ([`Const<N>`](crate::Const)) or run-time sizes (`usize`) alike.
 #[derive(Clone, Copy, Debug)]
-pub struct Geometry<'b, H: Dim, Dk: Dim, Dv: Dim> {
+pub struct Geometry<'b, H: Dim, G: Dim, Dk: Dim, Dv: Dim> {
     /// Zero or more leading batch dims, shared by query, key, value and the results.
     pub batch_shape: &'b [usize],
     /// Query length.
     pub q_len: usize,
     /// Key/value length.
     pub kv_len: usize,
-    /// Number of heads.
+    /// Number of query heads.
     pub heads: H,
+    /// Number of key/value heads: `heads` itself, or a divisor of it (grouped-query attention;
+    /// 1 is multi-query attention). Query head `n` reads key/value head `n / (heads / kv_heads)`.
+    pub kv_heads: G,
     /// Depth of query and key per head.
     pub qk_depth: Dk,
     /// Depth of value per head (ignored by [`attention_weights`]).
@@ -111,8 +119,8 @@ pub fn result_dtypes(
 /// both of the computation dtype `E`. `W` must be the dtype Flax returns (see [`DTypePlan`]:
 /// `dropped_weights`), else an error says which dtype is expected.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_weights<E: Element, B: Element, W: Element, H: Dim, Dk: Dim, Dv: Dim>(
-    geom: &Geometry<'_, H, Dk, Dv>,
+pub fn attention_weights<E: Element, B: Element, W: Element, H: Dim, G: Dim, Dk: Dim, Dv: Dim>(
+    geom: &Geometry<'_, H, G, Dk, Dv>,
     query: &[E],
     key: &[E],
     bias: Option<&Broadcast<'_, B>>,
@@ -131,8 +139,8 @@ pub fn attention_weights<E: Element, B: Element, W: Element, H: Dim, Dk: Dim, Dv
 /// `dot_product_attention`). `value` is `[batch..., kv_len, heads, v_depth]` of dtype `E`;
 /// `O` must be Flax's output dtype (see [`DTypePlan`]: `output`).
 #[allow(clippy::too_many_arguments)]
-pub fn attention<E: Element, B: Element, O: Element, H: Dim, Dk: Dim, Dv: Dim>(
-    geom: &Geometry<'_, H, Dk, Dv>,
+pub fn attention<E: Element, B: Element, O: Element, H: Dim, G: Dim, Dk: Dim, Dv: Dim>(
+    geom: &Geometry<'_, H, G, Dk, Dv>,
     query: &[E],
     key: &[E],
     value: &[E],
@@ -153,6 +161,8 @@ pub(crate) struct Call<'a, E, B> {
     batch_shape: Vec<usize>,
     batch: usize,
     heads: usize,
+    /// Key/value heads (a divisor of `heads`).
+    kv_heads: usize,
     q_len: usize,
     kv_len: usize,
     qk_depth: usize,
@@ -162,16 +172,23 @@ pub(crate) struct Call<'a, E, B> {
     value: Option<&'a [E]>,
     bias: Option<Resolved<'a, B>>,
     mask: Option<Resolved<'a, bool>>,
-    causal: bool,
+    /// The structured terms of the mask.
+    vis: Visibility<'a>,
     plan: DTypePlan,
     query_scale: f64,
+    /// What a masked logit becomes: Flax's `finfo(compute).min`, jax.nn's
+    /// [`LARGE_NEGATIVE`].
+    big_neg: f64,
+    /// The dtype the scaled query and the logits are rounded to: the computation dtype (Flax),
+    /// the logits dtype (jax.nn: float32 logits for 16-bit inputs).
+    query_round: DType,
     dropout: Option<(DropoutPlan, rand_pcg::Pcg32)>,
 }
 
 impl<'a, E: Element, B: Element> Call<'a, E, B> {
     #[allow(clippy::too_many_arguments)]
-    fn new<H: Dim, Dk: Dim, Dv: Dim>(
-        geom: &Geometry<'_, H, Dk, Dv>,
+    fn new<H: Dim, G: Dim, Dk: Dim, Dv: Dim>(
+        geom: &Geometry<'_, H, G, Dk, Dv>,
         query: &'a [E],
         key: &'a [E],
         value: Option<&'a [E]>,
@@ -181,15 +198,24 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
         ctx: &Context<'_>,
     ) -> Result<Self, AttnError> {
         let heads = geom.heads.size();
+        let kv_heads = geom.kv_heads.size();
         let qk_depth = geom.qk_depth.size();
         let v_depth = geom.v_depth.size();
         let (q_len, kv_len) = (geom.q_len, geom.kv_len);
         let batch = num_elements("query", geom.batch_shape)?;
-        let shape = |len: usize, depth: usize| {
+        let shape = |len: usize, heads: usize, depth: usize| {
             let mut s = geom.batch_shape.to_vec();
             s.extend_from_slice(&[len, heads, depth]);
             s
         };
+        if kv_heads == 0 && heads > 0 || kv_heads > 0 && !heads.is_multiple_of(kv_heads) {
+            return Err(AttnError::Axis {
+                tensor: "key",
+                axis: "heads (axis -2)".into(),
+                expected: format!("a divisor of the query's {heads} heads"),
+                found: kv_heads,
+            });
+        }
         let check = |tensor: &'static str, len: usize, shape: Vec<usize>| {
             let expected = num_elements(tensor, &shape)?;
             if expected != len {
@@ -202,11 +228,12 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
             }
             Ok(())
         };
-        check("query", query.len(), shape(q_len, qk_depth))?;
-        check("key", key.len(), shape(kv_len, qk_depth))?;
+        check("query", query.len(), shape(q_len, heads, qk_depth))?;
+        check("key", key.len(), shape(kv_len, kv_heads, qk_depth))?;
         if let Some(v) = value {
-            check("value", v.len(), shape(kv_len, v_depth))?;
+            check("value", v.len(), shape(kv_len, kv_heads, v_depth))?;
         }
+        let vis = Visibility::new(mask, batch, q_len, kv_len)?;
         let mut logits_shape = geom.batch_shape.to_vec();
         logits_shape.extend_from_slice(&[heads, q_len, kv_len]);
         num_elements("weights", &logits_shape)?;
@@ -227,7 +254,8 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
             .map(|b| Resolved::new(b, geom.batch_shape, heads, q_len, kv_len))
             .transpose()?;
         let resolve_mask = mask
-            .explicit()
+            .dense
+            .as_ref()
             .map(|m| Resolved::new(m, geom.batch_shape, heads, q_len, kv_len))
             .transpose()?;
         let dropout = match (dropout_plan, ctx.dropout_rng) {
@@ -238,6 +266,7 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
             batch_shape: geom.batch_shape.to_vec(),
             batch,
             heads,
+            kv_heads,
             q_len,
             kv_len,
             qk_depth,
@@ -247,8 +276,10 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
             value,
             bias: resolve_bias,
             mask: resolve_mask,
-            causal: mask.is_causal(),
+            vis,
             query_scale: plan.query_scale(qk_depth, opts.scale),
+            big_neg: plan.compute.finfo_min().unwrap_or(f64::MIN),
+            query_round: plan.compute,
             plan,
             dropout,
         })
@@ -287,10 +318,23 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
         Ok(())
     }
 
+    /// The key/value head query head `h` reads (grouped-query attention).
+    #[inline]
+    fn kv_head(&self, h: usize) -> usize {
+        h / (self.heads / self.kv_heads)
+    }
+
     /// `[batch..., heads, q_len, kv_len]`
     fn weights_shape(&self) -> Vec<usize> {
         let mut s = self.batch_shape.clone();
         s.extend_from_slice(&[self.heads, self.q_len, self.kv_len]);
+        s
+    }
+
+    /// `[batch..., q_len, heads]`: the logsumexp of each row.
+    fn lse_shape(&self) -> Vec<usize> {
+        let mut s = self.batch_shape.clone();
+        s.extend_from_slice(&[self.q_len, self.heads]);
         s
     }
 
@@ -300,6 +344,23 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
         s.extend_from_slice(&[self.q_len, self.heads, self.v_depth]);
         s
     }
+}
+
+/// The checks of a call's dropout arguments alone (the rate, the generator), for callers that
+/// return an empty result without running a call: the same errors as a call would give.
+pub(crate) fn check_dropout(
+    opts: &Options,
+    ctx: &Context<'_>,
+    compute: DType,
+) -> Result<(), AttnError> {
+    DropoutPlan::new(
+        opts.dropout_rate,
+        opts.broadcast_dropout,
+        ctx.deterministic,
+        ctx.dropout_rng.is_some(),
+        compute,
+    )
+    .map(drop)
 }
 
 /// The algorithms that can compute a call.
@@ -319,7 +380,10 @@ fn choose_path<E, B>(call: &Call<'_, E, B>, needs_weights: bool) -> Path {
     // The tiled path runs the softmax in the computation dtype. float64 with
     // `force_fp32_for_softmax` runs it in float32, where Flax's big_neg (f64::MIN) becomes -inf
     // and a fully masked row NaN; only the materialized path reproduces that.
-    let f64_softmax_in_f32 = call.plan.compute == DType::F64 && call.plan.softmax == DType::F32;
+    // (jax.nn's masked logit is finite in float32: the tiled path computes its rows.)
+    let f64_softmax_in_f32 = call.plan.compute == DType::F64
+        && call.plan.softmax == DType::F32
+        && call.big_neg < f64::from(f32::MIN);
     if needs_weights || f64_softmax_in_f32 {
         Path::Materialized
     } else {
@@ -335,15 +399,19 @@ fn run<E: Element, B: Element, W: Element, O: Element>(
     ctx: &mut Context<'_>,
 ) -> Result<(), AttnError> {
     let needs_weights = weights.is_some() || ctx.sow.is_some();
+    // An empty result nobody sows costs nothing: no logit is computed for an output of depth 0
+    // (or of no query, head or batch element), however long the keys.
+    let empty = weights.as_ref().is_none_or(|w| w.is_empty())
+        && output.as_ref().is_none_or(|o| o.is_empty());
+    if empty && ctx.sow.is_none() {
+        return Ok(());
+    }
     match choose_path(call, needs_weights) {
         Path::Tiled => {
-            let (Some(out), Some(value)) = (output, call.value) else {
+            let Some(out) = output else {
                 unreachable!("the tiled path is chosen only for output calls without weights")
             };
-            let args = flash::FlashArgs::of_call(call, value);
-            let isa = simd::Isa::detect();
-            let threads = ctx.threads();
-            threads.install(|| flash::flash_attention(&args, out, isa, threads));
+            run_tiled(call, out, None, ctx);
             Ok(())
         }
         Path::Materialized => {
@@ -354,4 +422,21 @@ fn run<E: Element, B: Element, W: Element, O: Element>(
             }
         }
     }
+}
+
+/// Runs a validated output call (it has a value) on the tiled path, writing each row's
+/// logsumexp into `lse` (`[batch..., q_len, heads]`) if given.
+fn run_tiled<E: Element, B: Element, O: Element>(
+    call: &Call<'_, E, B>,
+    out: &mut [O],
+    lse: Option<&mut [f64]>,
+    ctx: &mut Context<'_>,
+) {
+    let Some(value) = call.value else {
+        unreachable!("the tiled path is chosen only for output calls")
+    };
+    let args = flash::FlashArgs::of_call(call, value);
+    let isa = simd::Isa::detect();
+    let threads = ctx.threads();
+    threads.install(|| flash::flash_attention(&args, out, lse, isa, threads));
 }

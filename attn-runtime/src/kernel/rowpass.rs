@@ -14,6 +14,7 @@
 //! emulated in `f32` by [`Narrow`] bit operations; for f32 they are no-ops and compile away.
 
 use std::marker::PhantomData;
+use std::ops::Range;
 
 use rand_core::RngCore;
 use rand_pcg::Pcg32;
@@ -26,27 +27,40 @@ use super::round::{KeepF32, Narrow, ToBf16, ToF16};
 use super::simd::{self, Body, Isa};
 use crate::element::{DType, Element};
 
-/// The mask of one row: causal limit and/or an explicit row of booleans.
-#[derive(Clone, Copy, Debug)]
+/// The mask of one row: the keys its structured terms may let it see, its segment ids, and an
+/// explicit row of booleans.
+#[derive(Clone, Debug)]
 pub(crate) struct MaskRow<'a> {
-    /// Keys `j > limit` are masked (causal: `limit = i`).
-    pub causal_limit: Option<usize>,
+    /// Keys outside are masked (causal: `0..i + 1`).
+    pub visible: Range<usize>,
+    /// The row's segment id and the keys' ids: keys of another segment are masked.
+    pub segment: Option<(i32, &'a [i32])>,
     /// `false` entries are masked.
     pub explicit: Option<Row<'a, bool>>,
 }
 
 impl MaskRow<'_> {
-    /// No mask.
+    /// No mask on a row of `kv` keys.
     #[cfg(test)]
-    pub(crate) const NONE: MaskRow<'static> = MaskRow {
-        causal_limit: None,
-        explicit: None,
-    };
+    pub(crate) fn none(kv: usize) -> MaskRow<'static> {
+        MaskRow {
+            visible: 0..kv,
+            segment: None,
+            explicit: None,
+        }
+    }
 
     /// Whether key `j` is kept.
     #[inline(always)]
     pub(crate) fn keeps(&self, j: usize) -> bool {
-        self.causal_limit.is_none_or(|l| j <= l) && self.explicit.is_none_or(|r| r.get(j))
+        self.visible.contains(&j)
+            && self.segment.is_none_or(|(id, keys)| keys[j] == id)
+            && self.explicit.is_none_or(|r| r.get(j))
+    }
+
+    /// Whether every key of `0..self.visible.end` is kept.
+    fn keeps_prefix(&self) -> bool {
+        self.visible.start == 0 && self.segment.is_none() && self.explicit.is_none()
     }
 }
 
@@ -75,6 +89,13 @@ impl<T: Real> RowPass<T> {
         }
     }
 
+    /// The same pass with `big_neg` as the masked logit (jax.nn's, instead of Flax's
+    /// `finfo(compute).min`).
+    pub(crate) fn with_big_neg(mut self, big_neg: f64) -> Self {
+        self.big_neg = T::from_f64(big_neg);
+        self
+    }
+
     /// One logit after bias and mask, in the softmax dtype: `x + bias` rounded to the logits
     /// dtype, replaced by `big_neg` where masked, then cast to the softmax dtype.
     #[inline(always)]
@@ -92,7 +113,8 @@ impl<T: Real> RowPass<T> {
     /// points (`x - max`, `exp`, the sum, `1/sum`, the product, each rounded to the softmax
     /// dtype; the sum of 16-bit values in f32), then the cast to the weights dtype.
     ///
-    /// A row with a causal limit `l` needs only its logits `0..=l`: the others are masked
+    /// A row whose visible keys end at `e` (`visible.end`; causal: `i + 1`) needs only its
+    /// logits `0..e`: the others are masked
     /// whatever their value, and are neither read nor computed (the caller may skip them).
     /// They are `big_neg` in Flax, so their weight is `exp(big_neg - max)` times the scale:
     /// exactly 0 unless the row's maximum is within `exp`'s range of `big_neg` (e.g. a fully
@@ -122,20 +144,20 @@ impl<T: Real> RowPass<T> {
         let mut prefixes = Vec::with_capacity(rows.len() / kv);
         for (r, row) in rows.chunks_mut(kv).enumerate() {
             let (bias, mask) = operands(r);
-            let prefix = mask.causal_limit.map_or(kv, |l| kv.min(l + 1));
+            let prefix = mask.visible.end.min(kv);
             prefixes.push(prefix);
             let row = &mut row[..prefix];
             match (bias, mask) {
                 // The row holds values of the logits dtype: rounding them to the same
                 // softmax dtype changes nothing.
-                (None, mask) if mask.explicit.is_none() => {
+                (None, mask) if mask.keeps_prefix() => {
                     if self.softmax != self.logits {
                         T::round_slice(row, self.softmax);
                     }
                 }
                 (bias, mask) => {
                     for (j, x) in row.iter_mut().enumerate() {
-                        *x = self.logit(*x, bias.map(|b| b.get(j)), mask.keeps(j));
+                        *x = self.logit(*x, bias.as_ref().map(|b| b.get(j)), mask.keeps(j));
                     }
                 }
             }
@@ -221,18 +243,20 @@ impl<T: Real> RowPass<T> {
         tail.fill((T::ZERO * scale).round_to(self.softmax));
     }
 
-    /// Dropout on a row of weights: element `j` keeps its weight (times the multiplier,
-    /// rounded to the dropped-weights dtype) when the `j`-th draw of `rng` is below the
-    /// threshold, else becomes 0. `rng` must be positioned at the row's first logical index.
+    /// Dropout on a row of weights: element `j` is multiplied by the multiplier when the `j`-th
+    /// draw of `rng` is below the threshold, else by 0, and rounded to the dropped-weights dtype.
+    /// A multiplication as in Flax (`weights * keep / keep_prob`): a dropped NaN or infinite
+    /// weight stays NaN. `rng` must be positioned at the row's first logical index.
     pub(crate) fn dropout(&self, row: &mut [T], rng: &mut Pcg32, plan: &DropoutPlan) {
         let multiplier = T::from_f64(plan.multiplier);
         for x in row.iter_mut() {
             let draw = u64::from(rng.next_u32());
-            *x = if draw < plan.threshold {
-                (*x * multiplier).round_to(self.dropped)
+            let keep = if draw < plan.threshold {
+                multiplier
             } else {
                 T::ZERO
             };
+            *x = (*x * keep).round_to(self.dropped);
         }
     }
 }
@@ -382,7 +406,7 @@ mod tests {
         let plan = DTypePlan::new(DType::F64, None, false, false);
         let pass = RowPass::<f64>::new(&plan);
         let mut row = vec![1.0, 2.0, 3.0];
-        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, MaskRow::NONE), None);
+        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, MaskRow::none(3)), None);
         let e: Vec<f64> = [1.0f64, 2.0, 3.0]
             .iter()
             .map(|x| (x - 3.0f64).exp())
@@ -393,18 +417,20 @@ mod tests {
         }
         let mut row = vec![1.0, 2.0, 3.0];
         let mask = MaskRow {
-            causal_limit: Some(0),
+            visible: 0..1,
+            segment: None,
             explicit: None,
         };
-        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, mask), None);
+        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, mask.clone()), None);
         assert_eq!(row, vec![1.0, 0.0, 0.0]);
         let keep = [false, false, false];
         let mut row = vec![5.0, -1.0, 7.0];
         let mask = MaskRow {
-            causal_limit: None,
+            visible: 0..keep.len(),
+            segment: None,
             explicit: Some(Row::Values(&keep)),
         };
-        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, mask), None);
+        pass.softmax_rows::<f64>(&mut row, 3, |_| (None, mask.clone()), None);
         assert!(
             row.iter().all(|&w| (w - 1.0 / 3.0).abs() < 1e-16),
             "{row:?}"
@@ -418,10 +444,11 @@ mod tests {
         let keep = [false; 6];
         let mut row = vec![0.5f32; 6];
         let mask = MaskRow {
-            causal_limit: None,
+            visible: 0..keep.len(),
+            segment: None,
             explicit: Some(Row::Values(&keep)),
         };
-        pass.softmax_rows::<bf16>(&mut row, 6, |_| (None, mask), None);
+        pass.softmax_rows::<bf16>(&mut row, 6, |_| (None, mask.clone()), None);
         // FLAX_SEMANTICS.md §1 step 8: 0.16662598 for k = 6.
         assert!(row.iter().all(|&w| w == 0.16662598), "{row:?}");
     }

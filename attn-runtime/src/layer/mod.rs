@@ -1,0 +1,394 @@
+//! `flax.linen.MultiHeadDotProductAttention` as a Rust layer: the configuration, the parameters
+//! (Flax's initializers, or loaded from a Flax msgpack or safetensors checkpoint), the forward
+//! pass, and KV-cache decoding ([`KvCache`]). See `docs/layer.md`.
+//!
+//! Files: `params.rs` (config, sizes, parameter tree), `checkpoint.rs` (msgpack / safetensors
+//! readers), `projection.rs` (the GEMM projections and the QK LayerNorm), `cache.rs` (the KV
+//! cache and decoding), `view.rs` (borrowed inputs, `ndarray` interop).
+//!
+//! ```
+//! use attn_runtime::layer::{InFeatures, MhaConfig, MultiHeadDotProductAttention};
+//! use attn_runtime::{Array, Context};
+//!
+//! let layer = MultiHeadDotProductAttention::init(MhaConfig::new(4), InFeatures::same(32), 0)?;
+//! let x = Array::new(vec![0.25f32; 2 * 5 * 32], [2, 5, 32])?;
+//! let y = layer.forward(&x, None, None, None, &mut Context::deterministic())?;
+//! assert_eq!(y.shape(), &[2, 5, 32]);
+//! # Ok::<(), attn_runtime::AttnError>(())
+//! ```
+
+mod cache;
+mod checkpoint;
+mod params;
+mod projection;
+mod view;
+
+pub use cache::KvCache;
+pub use checkpoint::{msgpack_subtree, safetensors_subtree};
+pub use params::{Dense, Dims, InFeatures, MhaConfig, MhaParams};
+#[cfg(feature = "ndarray")]
+pub use view::into_ndarray;
+pub use view::{ArrayRef, Floats, LayerElement};
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use crate::array::Array;
+use crate::context::Context;
+use crate::element::DType;
+use crate::error::AttnError;
+use crate::flax::{FlaxArgs, dot_product_attention};
+use projection::{dense, dense_dtype, floats_of, layer_norm};
+
+/// Flax's `MultiHeadDotProductAttention` with its parameters.
+#[derive(Clone, Debug)]
+pub struct MultiHeadDotProductAttention {
+    config: MhaConfig,
+    dims: Dims,
+    params: MhaParams,
+}
+
+impl MultiHeadDotProductAttention {
+    /// A layer with the given parameters, checked against the configuration (every parameter
+    /// present, of its shape and of `param_dtype`).
+    pub fn new(
+        config: MhaConfig,
+        features: InFeatures,
+        params: MhaParams,
+    ) -> Result<Self, AttnError> {
+        let dims = Dims::new(&config, features)?;
+        let map: BTreeMap<String, Array> = params
+            .named()
+            .into_iter()
+            .map(|(n, a)| (n.to_owned(), a.clone()))
+            .collect();
+        let params = MhaParams::from_map("params", &config, &dims, map)?;
+        Ok(MultiHeadDotProductAttention {
+            config,
+            dims,
+            params,
+        })
+    }
+
+    /// A layer with Flax's initial parameters drawn from `seed` ([`MhaParams::init`]).
+    pub fn init(config: MhaConfig, features: InFeatures, seed: u64) -> Result<Self, AttnError> {
+        let dims = Dims::new(&config, features)?;
+        let params = MhaParams::init(&config, &dims, seed)?;
+        Ok(MultiHeadDotProductAttention {
+            config,
+            dims,
+            params,
+        })
+    }
+
+    /// Loads the parameters from the bytes of a `flax.serialization.to_bytes` file, at `path`
+    /// in its tree (e.g. `"params"` for a saved `{'params': ...}` of this layer, or
+    /// `"params/encoder/layers_0/attention"`).
+    pub fn from_msgpack(
+        config: MhaConfig,
+        features: InFeatures,
+        bytes: &[u8],
+        path: &str,
+    ) -> Result<Self, AttnError> {
+        let dims = Dims::new(&config, features)?;
+        let map = msgpack_subtree(bytes, path)?;
+        let params = MhaParams::from_map(path.trim_matches('/'), &config, &dims, map)?;
+        Ok(MultiHeadDotProductAttention {
+            config,
+            dims,
+            params,
+        })
+    }
+
+    /// Loads the parameters from the bytes of a safetensors file whose keys are the tree paths
+    /// joined by `/` or `.`, at `path` (`/`-separated, e.g. `"params"`).
+    pub fn from_safetensors(
+        config: MhaConfig,
+        features: InFeatures,
+        bytes: &[u8],
+        path: &str,
+    ) -> Result<Self, AttnError> {
+        let dims = Dims::new(&config, features)?;
+        let map = safetensors_subtree(bytes, path)?;
+        let params = MhaParams::from_map(path.trim_matches('/'), &config, &dims, map)?;
+        Ok(MultiHeadDotProductAttention {
+            config,
+            dims,
+            params,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MhaConfig {
+        &self.config
+    }
+
+    /// The sizes.
+    pub fn dims(&self) -> &Dims {
+        &self.dims
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &MhaParams {
+        &self.params
+    }
+
+    /// Flax's `__call__(inputs_q, inputs_k, inputs_v, mask=mask)`: `inputs_q [batch.., Lq,
+    /// Eq]`, `inputs_k [batch.., Lkv, Ek]` (default `inputs_q`), `inputs_v [batch.., Lkv, Ev]`
+    /// (default `inputs_k`) -> `[batch.., Lq, out_features]`. `mask` broadcasts to `[batch..,
+    /// heads, Lq, Lkv]`. `ctx.sow` receives the attention weights (Flax's `sow_weights`);
+    /// `ctx.deterministic` is the call's `deterministic` when the config leaves it `None`.
+    pub fn forward(
+        &self,
+        inputs_q: &Array,
+        inputs_k: Option<&Array>,
+        inputs_v: Option<&Array>,
+        mask: Option<&Array>,
+        ctx: &mut Context<'_>,
+    ) -> Result<Array, AttnError> {
+        let q = ArrayRef::from_array("inputs_q", inputs_q)?;
+        let k = inputs_k
+            .map(|k| ArrayRef::from_array("inputs_k", k))
+            .transpose()?;
+        let v = inputs_v
+            .map(|v| ArrayRef::from_array("inputs_v", v))
+            .transpose()?;
+        self.forward_views(q, k, v, mask, ctx)
+    }
+
+    /// [`forward`](Self::forward) over borrowed inputs (slices, `ndarray` views).
+    pub fn forward_views(
+        &self,
+        inputs_q: ArrayRef<'_>,
+        inputs_k: Option<ArrayRef<'_>>,
+        inputs_v: Option<ArrayRef<'_>>,
+        mask: Option<&Array>,
+        ctx: &mut Context<'_>,
+    ) -> Result<Array, AttnError> {
+        if inputs_k.is_none() && inputs_v.is_some() {
+            return Err(AttnError::InvalidArgument {
+                argument: "inputs_v",
+                reason: "given without inputs_k (Flax: `inputs_k` cannot be None if `inputs_v` \
+                         is not None)"
+                    .into(),
+            });
+        }
+        let f = self.dims.features;
+        let (batch, lq) = self.check_input("inputs_q", &inputs_q, f.q, None)?;
+        let k_in = inputs_k.as_ref().unwrap_or(&inputs_q);
+        let v_in = inputs_v.as_ref().unwrap_or(k_in);
+        let (_, lk) = self.check_input("inputs_k", k_in, f.k, Some(&batch))?;
+        let (_, lv) = self.check_input("inputs_v", v_in, f.v, Some(&batch))?;
+        if lk != lv {
+            return Err(AttnError::Axis {
+                tensor: "inputs_v",
+                axis: "length (axis -2)".into(),
+                expected: format!("{lk}, the length of inputs_k"),
+                found: lv,
+            });
+        }
+        let q = self.project_query(&inputs_q, &batch, lq)?;
+        let k = self.project_key(k_in, &batch, lk)?;
+        let v = self.project_value(v_in, &batch, lk)?;
+        let o = self.attend(&q, &k, &v, mask, ctx)?;
+        self.project_out(&o)
+    }
+
+    /// Checks `[batch.., len, features]` (and the batch dims against `batch`).
+    fn check_input(
+        &self,
+        name: &'static str,
+        x: &ArrayRef<'_>,
+        features: usize,
+        batch: Option<&[usize]>,
+    ) -> Result<(Vec<usize>, usize), AttnError> {
+        let s = x.shape();
+        if s.len() < 2 {
+            return Err(AttnError::Rank {
+                tensor: name,
+                expected: "at least 2: [batch..., length, features]".into(),
+                found: s.to_vec(),
+            });
+        }
+        let r = s.len();
+        if s[r - 1] != features {
+            return Err(AttnError::Axis {
+                tensor: name,
+                axis: "features (axis -1)".into(),
+                expected: format!("{features}, the layer's input features"),
+                found: s[r - 1],
+            });
+        }
+        if let Some(b) = batch
+            && b != &s[..r - 2]
+        {
+            return Err(AttnError::Rank {
+                tensor: name,
+                expected: format!("batch dims {b:?} as in inputs_q, then [length, features]"),
+                found: s.to_vec(),
+            });
+        }
+        Ok((s[..r - 2].to_vec(), s[r - 2]))
+    }
+
+    /// `DenseGeneral(features=(heads, D))` of `x [batch.., len, E]` -> `[batch.., len, heads,
+    /// D]`, then the LayerNorm when given.
+    #[allow(clippy::too_many_arguments)]
+    fn project(
+        &self,
+        name: &'static str,
+        x: &ArrayRef<'_>,
+        batch: &[usize],
+        len: usize,
+        p: &Dense,
+        heads: usize,
+        ln: Option<&Array>,
+    ) -> Result<Array, AttnError> {
+        let e = *x.shape().last().unwrap_or(&0);
+        let m = x.data().len().checked_div(e).unwrap_or(0);
+        let d = self.dims.head_dim;
+        let comp = dense_dtype(x.dtype(), &p.kernel, p.bias.as_ref(), self.config.dtype);
+        let data = dense(
+            name,
+            x.data(),
+            m,
+            e,
+            &p.kernel,
+            p.bias.as_ref(),
+            heads * d,
+            comp,
+        )?;
+        let mut shape = batch.to_vec();
+        shape.extend_from_slice(&[len, heads, d]);
+        let y = Array::from_data(data, shape)?;
+        match ln {
+            Some(scale) => layer_norm(&y, d, scale, self.config.dtype),
+            None => Ok(y),
+        }
+    }
+
+    fn project_query(&self, x: &ArrayRef<'_>, b: &[usize], l: usize) -> Result<Array, AttnError> {
+        let p = &self.params;
+        self.project(
+            "query",
+            x,
+            b,
+            l,
+            &p.query,
+            self.dims.heads,
+            p.query_ln.as_ref(),
+        )
+    }
+
+    fn project_key(&self, x: &ArrayRef<'_>, b: &[usize], l: usize) -> Result<Array, AttnError> {
+        let p = &self.params;
+        self.project(
+            "key",
+            x,
+            b,
+            l,
+            &p.key,
+            self.dims.kv_heads,
+            p.key_ln.as_ref(),
+        )
+    }
+
+    fn project_value(&self, x: &ArrayRef<'_>, b: &[usize], l: usize) -> Result<Array, AttnError> {
+        let p = &self.params;
+        self.project("value", x, b, l, &p.value, self.dims.kv_heads, None)
+    }
+
+    /// Flax's `dot_product_attention` with the layer's options (no bias).
+    fn attend(
+        &self,
+        q: &Array,
+        k: &Array,
+        v: &Array,
+        mask: Option<&Array>,
+        ctx: &mut Context<'_>,
+    ) -> Result<Array, AttnError> {
+        let c = &self.config;
+        // Flax's merge_param: only consulted when dropout can happen.
+        let deterministic = c.dropout_rate <= 0.0 || c.deterministic.unwrap_or(ctx.deterministic);
+        let (k, v) = if self.dims.kv_heads == self.dims.heads {
+            (Cow::Borrowed(k), Cow::Borrowed(v))
+        } else {
+            (
+                Cow::Owned(repeat_heads(k, self.dims.heads)?),
+                Cow::Owned(repeat_heads(v, self.dims.heads)?),
+            )
+        };
+        let mut args = FlaxArgs {
+            mask,
+            broadcast_dropout: c.broadcast_dropout,
+            dropout_rng: ctx.dropout_rng,
+            dropout_rate: c.dropout_rate,
+            deterministic,
+            dtype: c.dtype,
+            precision: c.precision,
+            module: None,
+            force_fp32_for_softmax: c.force_fp32_for_softmax,
+            pool: ctx.pool,
+            bias: None,
+            ..FlaxArgs::default()
+        };
+        if let Some(s) = &mut ctx.sow {
+            args.module = Some(&mut **s);
+        }
+        dot_product_attention(q, &k, &v, args)
+    }
+
+    /// `DenseGeneral(features=F, axis=(-2, -1))` of `o [batch.., len, heads, D]`.
+    fn project_out(&self, o: &Array) -> Result<Array, AttnError> {
+        let s = o.shape();
+        let r = s.len();
+        let hd = self.dims.heads * self.dims.head_dim;
+        let m = o.len().checked_div(hd).unwrap_or(0);
+        let p = &self.params.out;
+        let comp = dense_dtype(o.dtype(), &p.kernel, p.bias.as_ref(), self.config.dtype);
+        let f = self.dims.out_features;
+        let data = dense(
+            "out",
+            &floats_of(o),
+            m,
+            hd,
+            &p.kernel,
+            p.bias.as_ref(),
+            f,
+            comp,
+        )?;
+        let mut shape = s[..r - 2].to_vec();
+        shape.push(f);
+        Array::from_data(data, shape)
+    }
+
+    /// The dtype the projected keys (and so a KV cache) have for inputs of `input` dtype.
+    pub fn key_dtype(&self, input: DType) -> DType {
+        let p = &self.params.key;
+        let d = dense_dtype(input, &p.kernel, p.bias.as_ref(), self.config.dtype);
+        match (&self.params.key_ln, self.config.dtype) {
+            (Some(scale), None) => d.promote(scale.dtype()),
+            _ => d,
+        }
+    }
+}
+
+/// `[batch.., len, K, D]` -> `[batch.., len, H, D]`, head `n` a copy of kv head `n / (H / K)`.
+/// (Until the kernels take key/value heads themselves.)
+fn repeat_heads(a: &Array, heads: usize) -> Result<Array, AttnError> {
+    let s = a.shape();
+    let r = s.len();
+    let (kv, d) = (s[r - 2], s[r - 1]);
+    let group = heads / kv.max(1);
+    let vals = a.to_f64_vec();
+    let mut out = Vec::with_capacity(vals.len() * group);
+    for row in vals.chunks_exact((kv * d).max(1)) {
+        for n in 0..heads {
+            let g = n / group.max(1);
+            out.extend_from_slice(&row[g * d..(g + 1) * d]);
+        }
+    }
+    let mut shape = s.to_vec();
+    shape[r - 2] = heads;
+    Array::from_f64(a.dtype(), &out, shape)
+}

@@ -457,6 +457,23 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
         }
     }
 
+    // Grouped-query heads chosen at run time: one check that they divide the query heads (a
+    // static pair that does not divide is a compile error).
+    let heads_axis = &query.axes[q - 2];
+    let kv_heads_axis = &key.axes[k - 2];
+    let is_static = |axis: &Axis| match axis {
+        Axis::Named(name) => layer.static_size(name).is_some(),
+        Axis::Size(_) => true,
+    };
+    if layer.grouped() && !(is_static(heads_axis) && is_static(kv_heads_axis)) {
+        let dim_name = |axis: &Axis| shape_text([axis]).trim_matches(['[', ']']).to_owned();
+        let (heads_name, kv_heads_name) = (dim_name(heads_axis), dim_name(kv_heads_axis));
+        let (heads_value, kv_heads_value) = (axis_value(query, q - 2), axis_value(key, k - 2));
+        checks.push(quote! {
+            ::attn::__private::kv_heads_divide((#heads_name, #heads_value), (#kv_heads_name, #kv_heads_value))?;
+        });
+    }
+
     let shape_vars = inputs.iter().map(|operand| {
         let var = shape_var(operand);
         let name = format_ident!("{}", operand.name);

@@ -71,11 +71,20 @@ pub enum Term {
         name: Ident,
         /// Span of the parentheses.
         span: Span,
-        /// The arguments, split at top-level commas (each possibly empty).
-        args: Vec<TokenStream>,
+        /// The arguments, split at top-level commas (each possibly empty; a trailing comma
+        /// adds none).
+        args: Vec<Arg>,
     },
     /// Anything else; always an error where it appears.
     Other(TokenStream),
+}
+
+/// One argument of a [`Term::Call`].
+pub struct Arg {
+    /// The tokens between two commas (empty in `window(1,, 2)`).
+    pub tokens: TokenStream,
+    /// Where the argument is: its tokens, or for an empty argument the `,` that follows it.
+    pub span: Span,
 }
 
 /// `[dim, dim, ..]`
@@ -119,7 +128,7 @@ impl Term {
                     if i > 0 {
                         inner.extend([TokenTree::Punct(punct(',', *span))]);
                     }
-                    inner.extend(arg.clone());
+                    inner.extend(arg.tokens.clone());
                 }
                 let mut group = proc_macro2::Group::new(Delimiter::Parenthesis, inner);
                 group.set_span(*span);
@@ -252,8 +261,44 @@ fn split_commas(tokens: TokenStream) -> Vec<(Vec<TokenTree>, Span)> {
     parts
 }
 
+/// Whether `tokens` start like a mask term (`causal`, `window(..)`, `[..]`, ..), which after a
+/// `mask` entry means a `,` where a `+` belongs.
+fn starts_mask_term(tokens: &[TokenTree]) -> bool {
+    match tokens {
+        [TokenTree::Ident(ident), rest @ ..] => {
+            [
+                "causal",
+                "window",
+                "query_lengths",
+                "kv_lengths",
+                "segment_ids",
+            ]
+            .iter()
+            .any(|term| ident == term)
+                && !matches!(rest.first(), Some(TokenTree::Punct(p)) if p.as_char() == ':')
+        }
+        [TokenTree::Group(group), ..] => group.delimiter() == Delimiter::Bracket,
+        _ => false,
+    }
+}
+
 fn parse_entries(body: TokenStream, layer: &mut LayerSyntax) {
+    let mut previous_comma: Option<Span> = None;
     for (tokens, comma_span) in split_commas(body) {
+        let after_mask = layer
+            .entries
+            .last()
+            .is_some_and(|entry| entry.key == "mask");
+        if let (true, Some(comma)) = (after_mask && starts_mask_term(&tokens), previous_comma) {
+            layer.errors.push(syn::Error::new(
+                comma,
+                "the terms of a mask are joined with `+`, not `,`: \
+                 `mask: causal + window(512, 0)`",
+            ));
+            previous_comma = Some(comma_span);
+            continue;
+        }
+        previous_comma = Some(comma_span);
         if tokens.is_empty() {
             layer.errors.push(syn::Error::new(
                 comma_span,
@@ -312,6 +357,28 @@ fn split_missing_commas(
         );
         let after_attribute =
             matches!(&tokens[i - 2], TokenTree::Punct(hash) if hash.as_char() == '#');
+        // `query: [..] | key: [..]`, `query: [..]. key: [..]`: another separator than `,`.
+        let separator = match (&tokens[i - 1], &tokens[i], &tokens[i + 1]) {
+            (TokenTree::Punct(sep), TokenTree::Ident(_), TokenTree::Punct(colon))
+                if matches!(sep.as_char(), '|' | '.' | '/' | '&')
+                    && colon.as_char() == ':'
+                    && colon.spacing() == proc_macro2::Spacing::Alone =>
+            {
+                Some(sep)
+            }
+            _ => None,
+        };
+        if let Some(sep) = separator
+            && i > start + 2
+        {
+            errors.push(syn::Error::new(
+                sep.span(),
+                format!("entries are separated by `,`, not `{}`", sep.as_char()),
+            ));
+            entries.push(tokens[start..i - 1].to_vec());
+            start = i;
+            continue;
+        }
         if starts_entry && !after_attribute && i > start + 1 {
             errors.push(syn::Error::new(
                 tokens[i].span(),
@@ -416,24 +483,18 @@ fn parse_term(tokens: &[TokenTree], empty_span: Span) -> Term {
         [TokenTree::Ident(name), TokenTree::Group(group)]
             if group.delimiter() == Delimiter::Parenthesis =>
         {
-            let args = if group.stream().is_empty() {
-                Vec::new()
-            } else {
-                let mut args: Vec<TokenStream> = Vec::new();
-                let mut current = TokenStream::new();
-                for tree in group.stream() {
-                    match &tree {
-                        TokenTree::Punct(p) if p.as_char() == ',' => {
-                            args.push(std::mem::take(&mut current));
-                        }
-                        _ => current.extend([tree]),
-                    }
-                }
-                if !current.is_empty() {
-                    args.push(current);
-                }
-                args
-            };
+            let args = split_commas(group.stream())
+                .into_iter()
+                .map(|(tokens, comma)| {
+                    let tokens: TokenStream = tokens.into_iter().collect();
+                    let span = if tokens.is_empty() {
+                        comma
+                    } else {
+                        tokens.span()
+                    };
+                    Arg { tokens, span }
+                })
+                .collect();
             Term::Call {
                 name: name.clone(),
                 span: group.span(),

@@ -123,7 +123,7 @@ fn value_for(key: &'static str) -> BoxedStrategy<String> {
             1 => shape(),
             1 => shape().prop_map(|s| format!("causal + {s}")),
             1 => shape().prop_map(|s| format!("{s} + {s} + causal")),
-            3 => prop::collection::vec(mask_term(), 1..5).prop_map(|terms| terms.join(" + ")),
+            3 => mask_terms(1..5),
         ]
         .boxed(),
         "dropout_rate" => prop::sample::select(vec![
@@ -167,6 +167,24 @@ fn value_for(key: &'static str) -> BoxedStrategy<String> {
     prop_oneof![6 => main, 1 => any_value].boxed()
 }
 
+/// Mask terms joined by `+`, or now and then by another operator or separator (`&`, `|`, `,`,
+/// nothing), as written by someone used to another library.
+fn mask_terms(count: std::ops::Range<usize>) -> impl Strategy<Value = String> {
+    let join = prop::sample::select(vec![
+        " + ", " + ", " + ", " + ", " + ", " & ", " | ", ", ", " ",
+    ]);
+    prop::collection::vec((mask_term(), join), count).prop_map(|terms| {
+        let mut text = String::new();
+        for (i, (term, join)) in terms.iter().enumerate() {
+            if i > 0 {
+                text.push_str(join);
+            }
+            text.push_str(term);
+        }
+        text
+    })
+}
+
 /// One term of a mask (issue 13's grammar, right and wrong): joined by `+` in `value_for`.
 fn mask_term() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -205,7 +223,14 @@ fn mask_term() -> impl Strategy<Value = String> {
             "window(L, 0)",
             "window(18446744073709551616, 0)",
             "window(1,, 2)",
+            "window(, 2)",
+            "window(1, 2,)",
+            "window(,)",
+            "causal(,)",
+            "causal(bottom_right,)",
             "window(1; 2)",
+            "causal[bottom_right]",
+            "window(4096 0)",
             "lengths",
             "lengths(query)",
             "query_lengths(B)",
@@ -282,7 +307,7 @@ fn gqa_declaration() -> impl Strategy<Value = String> {
     let heads = prop::sample::select(vec!["H", "H = 32", "H = 12", "H = 0", "32"]);
     let kv_heads = prop::sample::select(vec!["G", "G = 8", "G = 5", "G = 1", "H", "8", "G = 0"]);
     let layout = any::<u8>();
-    let mask = prop::option::of(prop::collection::vec(mask_term(), 1..4));
+    let mask = prop::option::of(mask_terms(1..4));
     (heads, kv_heads, layout, mask).prop_map(|(heads, kv_heads, layout, mask)| {
         // Flax's layout, PyTorch's, or one operand in each.
         let q = |len: &str, h: &str| match layout % 3 {
@@ -301,7 +326,7 @@ fn gqa_declaration() -> impl Strategy<Value = String> {
             kv("S", g)
         );
         if let Some(terms) = mask {
-            body.push_str(&format!(", mask: {}", terms.join(" + ")));
+            body.push_str(&format!(", mask: {terms}"));
         }
         format!("pub struct Gqa {{ {body} }}")
     })

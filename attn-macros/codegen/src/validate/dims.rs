@@ -179,10 +179,13 @@ pub(super) fn read_dims(
                 size => (size.map(Axis::Size), lit.span()),
             },
             DimSyntax::Malformed(tokens, span) => {
-                let semicolon = tokens
-                    .clone()
-                    .into_iter()
-                    .any(|t| matches!(t, proc_macro2::TokenTree::Punct(p) if p.as_char() == ';'));
+                // `[B; T; H; D]`, `[B | T | H | D]`: another separator than `,`.
+                let separator = tokens.clone().into_iter().find_map(|t| match t {
+                    proc_macro2::TokenTree::Punct(p) if matches!(p.as_char(), ';' | '|') => {
+                        Some(p.as_char())
+                    }
+                    _ => None,
+                });
                 let words = tokens.clone().into_iter().count() > 1
                     && tokens.clone().into_iter().all(|t| {
                         matches!(
@@ -200,8 +203,11 @@ pub(super) fn read_dims(
                             written(tokens).split(' ').collect::<Vec<_>>().join(", ")
                         ),
                     );
-                } else if semicolon {
-                    errors.spanned(tokens, "dims are separated by `,`, not `;`");
+                } else if let Some(separator) = separator {
+                    errors.spanned(
+                        tokens,
+                        format!("dims are separated by `,`, not `{separator}`"),
+                    );
                 } else {
                     errors.spanned(
                         tokens,
@@ -232,10 +238,20 @@ pub(super) fn single_shape<'a>(entry: &'a Entry, errors: &mut Errors) -> Option<
                 "key" | "value" => "[B, S, H, D]",
                 _ => "[B, 1, T, S]",
             };
+            let trees: Vec<proc_macro2::TokenTree> =
+                entry.value.tokens.clone().into_iter().collect();
+            let found = match trees.as_slice() {
+                [proc_macro2::TokenTree::Group(group)]
+                    if group.delimiter() == proc_macro2::Delimiter::Parenthesis =>
+                {
+                    "; found a tuple in parentheses (NumPy's and JAX's `.shape`)".to_owned()
+                }
+                _ => String::new(),
+            };
             errors.spanned(
                 &entry.value.tokens,
                 format!(
-                    "`{}` expects a shape in brackets, such as `{example}`",
+                    "`{}` expects a shape in brackets, such as `{example}`{found}",
                     entry.key
                 ),
             );

@@ -2,6 +2,8 @@
 //! segment ids and one mask tensor.
 
 use super::*;
+use proc_macro2::Delimiter;
+use syn::spanned::Spanned;
 
 /// The terms of a `mask` entry, as read.
 #[derive(Default)]
@@ -26,6 +28,76 @@ pub(super) const MASK_TERMS: &[&str] = &[
     "kv_lengths",
     "segment_ids",
 ];
+
+/// The terms that add inputs to the generated methods (their shapes follow from the layer's).
+const INPUT_TERMS: &[&str] = &["query_lengths", "kv_lengths", "segment_ids"];
+
+/// The inputs a term of [`INPUT_TERMS`] adds, with their shapes.
+fn input_shapes(name: &Ident) -> String {
+    if name == "segment_ids" {
+        "it adds the `i32` inputs `query_segment_ids: [batch.., q_len]` and \
+         `kv_segment_ids: [batch.., kv_len]`, shaped from `query` and `key`"
+            .to_owned()
+    } else {
+        format!(
+            "it adds the `i32` input `{name}: [batch..]` (one length per batch element), shaped \
+             from `query`'s batch dims"
+        )
+    }
+}
+
+/// A mask term that is neither a name, a call nor a shape: terms joined by another operator
+/// than `+`, a forgotten `+`, arguments in brackets, or anything else.
+fn other_term(tokens: &TokenStream, errors: &mut Errors) {
+    use proc_macro2::TokenTree;
+    let trees: Vec<TokenTree> = tokens.clone().into_iter().collect();
+    let is_term = |tree: &TokenTree| {
+        matches!(tree, TokenTree::Ident(i) if MASK_TERMS.iter().any(|t| i == t))
+            || matches!(tree, TokenTree::Group(g) if g.delimiter() == Delimiter::Bracket)
+    };
+    let terms = trees.iter().filter(|t| is_term(t)).count();
+    // `causal & [B, 1, 1, S]`, `causal | kv_lengths`, `causal && window(8, 0)`
+    let operator = trees.iter().enumerate().find_map(|(i, tree)| match tree {
+        TokenTree::Punct(p) if i > 0 && "&|*^/".contains(p.as_char()) => Some(p),
+        _ => None,
+    });
+    match (trees.as_slice(), operator) {
+        (_, Some(op)) if terms >= 1 => errors.at(
+            op.span(),
+            format!(
+                "mask terms are joined with `+`, not `{}`: a key is visible when every term \
+                 allows it; {MASK_FORMS}",
+                op.as_char()
+            ),
+        ),
+        ([TokenTree::Ident(name), TokenTree::Group(group), ..], _)
+            if group.delimiter() == Delimiter::Bracket && MASK_TERMS.iter().any(|t| name == t) =>
+        {
+            let message = if INPUT_TERMS.iter().any(|t| name == t) {
+                format!("`{name}` takes no shape: {}", input_shapes(name))
+            } else {
+                format!(
+                    "the arguments of `{name}` are written in parentheses, such as \
+                     `causal(bottom_right)` or `window(512, 0)`"
+                )
+            };
+            errors.at(group.span(), message)
+        }
+        _ if terms >= 2 => {
+            // The first term's last token, where the `+` belongs after.
+            let second = trees
+                .iter()
+                .skip(1)
+                .find(|t| is_term(t))
+                .map_or_else(|| tokens.span(), TokenTree::span);
+            errors.at(
+                second,
+                format!("expected `+` before this mask term; {MASK_FORMS}"),
+            )
+        }
+        _ => errors.spanned(tokens, MASK_FORMS),
+    }
+}
 
 /// `top_left`, `bottom_right`, `offset = N` (inside `causal(..)` or as `window`'s third argument).
 pub(super) fn read_align(
@@ -190,6 +262,23 @@ pub(super) fn read_mask<'a>(
         }
     };
     for term in &entry.value.terms {
+        // `window(1,, 2)`: the missing argument, at the `,` after it.
+        if let Term::Call { name, args, .. } = term
+            && (name == "causal" || name == "window")
+            && let Some(empty) = args.iter().find(|arg| arg.tokens.is_empty())
+        {
+            let forms = if name == "causal" {
+                "`causal(bottom_right)`"
+            } else {
+                "`window(left, right)`"
+            };
+            errors.at(
+                empty.span,
+                format!("missing an argument of `{name}` before this `,`; write {forms}"),
+            );
+            ok = false;
+            continue;
+        }
         match term {
             Term::Ident(ident) if ident == "causal" => {
                 if once("causal", ident.span(), errors) {
@@ -200,7 +289,7 @@ pub(super) fn read_mask<'a>(
             }
             Term::Call { name, span, args } if name == "causal" => {
                 let align = match args.as_slice() {
-                    [arg] => read_align(arg, *span, errors),
+                    [arg] => read_align(&arg.tokens, arg.span, errors),
                     _ => {
                         errors.at(
                             *span,
@@ -220,10 +309,10 @@ pub(super) fn read_mask<'a>(
             Term::Call { name, span, args } if name == "window" => {
                 let read = match args.as_slice() {
                     [left, right] | [left, right, _] => {
-                        let left = read_side(left, "left", *span, errors);
-                        let right = read_side(right, "right", *span, errors);
+                        let left = read_side(&left.tokens, "left", left.span, errors);
+                        let right = read_side(&right.tokens, "right", right.span, errors);
                         let align = match args.get(2) {
-                            Some(align) => read_align(align, *span, errors).map(Some),
+                            Some(align) => read_align(&align.tokens, align.span, errors).map(Some),
                             None => Some(None),
                         };
                         match (left, right, align) {
@@ -232,7 +321,7 @@ pub(super) fn read_mask<'a>(
                         }
                     }
                     [one] => {
-                        let n = written(one);
+                        let n = written(&one.tokens);
                         errors.at(
                             *span,
                             format!(
@@ -301,6 +390,17 @@ pub(super) fn read_mask<'a>(
                     terms.explicit = Some(ShapeEntry { entry, shape, dims });
                 }
             }
+            Term::Call { name, span, .. } if INPUT_TERMS.iter().any(|t| name == t) => {
+                errors.at(
+                    *span,
+                    format!("`{name}` takes no arguments: {}", input_shapes(name)),
+                );
+                ok = false;
+            }
+            Term::Other(tokens) => {
+                other_term(tokens, errors);
+                ok = false;
+            }
             Term::Ident(ident) | Term::Call { name: ident, .. } => {
                 let text = ident.to_string();
                 let hint = match text.as_str() {
@@ -334,15 +434,14 @@ pub(super) fn read_mask<'a>(
                     }
                 };
                 let hint = hint.map_or(String::new(), |h| format!("{h} "));
-                let span = match term {
-                    Term::Call { .. } => ident.span(),
-                    _ => ident.span(),
-                };
-                errors.at(span, format!("unknown mask `{text}`; {hint}{MASK_FORMS}"));
+                errors.at(
+                    ident.span(),
+                    format!("unknown mask `{text}`; {hint}{MASK_FORMS}"),
+                );
                 ok = false;
             }
-            other => {
-                errors.spanned(other.to_token_stream(), MASK_FORMS);
+            Term::Lit { .. } => {
+                errors.spanned(term.to_token_stream(), MASK_FORMS);
                 ok = false;
             }
         }

@@ -292,3 +292,110 @@ fn mask_structures() {
     );
     assert_messages(&found, &["the window's alignment differs from `causal`'s"]);
 }
+
+/// Each error's message with the source text it points at.
+fn pointed_at(source: &str) -> Vec<(String, String)> {
+    let input = parse(source.parse().expect("lexes")).expect("parses");
+    match validate(&input) {
+        Ok(_) => Vec::new(),
+        Err(error) => error
+            .into_iter()
+            .map(|e| {
+                let range = e.span().byte_range();
+                (source[range].to_owned(), e.to_string())
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn missing_call_arguments_point_at_the_comma() {
+    let source = "struct L { query: [T, H, D], key: [S, H, D], mask: window(1,, 2) + causal(,) }";
+    let found = pointed_at(source);
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert_eq!(found[0].0, ",");
+    assert!(
+        found[0]
+            .1
+            .starts_with("missing an argument of `window` before this `,`")
+    );
+    assert_eq!(found[1].0, ",");
+    assert!(
+        found[1]
+            .1
+            .starts_with("missing an argument of `causal` before this `,`")
+    );
+    // Byte 60 is the second comma of `window(1,, 2)`.
+    let input = parse(source.parse().unwrap()).unwrap();
+    let error = validate(&input).err().unwrap();
+    assert_eq!(error.span().byte_range(), 60..61);
+}
+
+#[test]
+fn separators_other_than_commas_and_pluses() {
+    let found = pointed_at(
+        "struct L {
+            query: [B, T, H, D] | key: [B, S, H, D]. value: [B; S; H; D],
+            bias: [B | 1 | T | S],
+            mask: causal & kv_lengths + causal(bottom_right) window(8, 0),
+        }",
+    );
+    let expected = [
+        ("|", "entries are separated by `,`, not `|`"),
+        (".", "entries are separated by `,`, not `.`"),
+        ("B; S; H; D", "dims are separated by `,`, not `;`"),
+        ("B | 1 | T | S", "dims are separated by `,`, not `|`"),
+        ("&", "mask terms are joined with `+`, not `&`"),
+        ("window", "expected `+` before this mask term"),
+    ];
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    for ((text, message), (at, start)) in found.iter().zip(expected) {
+        assert_eq!(text, at, "{message}");
+        assert!(message.starts_with(start), "{message:?} vs {start:?}");
+    }
+    let found = pointed_at("struct L { query: [T, H, D], key: [S, H, D], mask: causal, [T, S] }");
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].0, ",");
+    assert!(
+        found[0]
+            .1
+            .starts_with("the terms of a mask are joined with `+`, not `,`")
+    );
+}
+
+#[test]
+fn input_terms_take_no_arguments() {
+    let found = pointed_at(
+        "struct L { query: [B, T, H, D], key: [B, S, H, D], mask: query_lengths(B) + segment_ids[B, T] + causal[bottom_right] }",
+    );
+    let expected = [
+        (
+            "(B)",
+            "`query_lengths` takes no arguments: it adds the `i32` input `query_lengths: [batch..]`",
+        ),
+        (
+            "[B, T]",
+            "`segment_ids` takes no shape: it adds the `i32` inputs `query_segment_ids: [batch.., q_len]`",
+        ),
+        (
+            "[bottom_right]",
+            "the arguments of `causal` are written in parentheses",
+        ),
+    ];
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    for ((text, message), (at, start)) in found.iter().zip(expected) {
+        assert_eq!(text, at, "{message}");
+        assert!(message.starts_with(start), "{message:?} vs {start:?}");
+    }
+}
+
+#[test]
+fn shapes_as_tuples() {
+    let found = pointed_at("struct L { query: (T, H, D), key: [S, H, D] }");
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0]
+            .1
+            .ends_with("found a tuple in parentheses (NumPy's and JAX's `.shape`)")
+    );
+}

@@ -650,11 +650,15 @@ fn method_docs(
         lines.push(String::new());
     }
     if let Some(window) = layer.mask.window {
+        let p = position(window.align);
+        let upper = if window.right == 0 {
+            p.clone()
+        } else {
+            format!("{p} + {}", window.right)
+        };
         lines.push(format!(
-            "Sliding window: query `i` attends to keys `{p} - {} <= j <= {p} + {}`.",
+            "Sliding window: query `i` attends to keys `{p} - {} <= j <= {upper}`.",
             window.left,
-            window.right,
-            p = position(window.align)
         ));
         lines.push(String::new());
     }

@@ -147,10 +147,25 @@ fn line_of(span: Span) -> usize {
 fn written(tokens: &TokenStream) -> String {
     let text = tokens.to_string();
     // `TokenStream`'s printing puts spaces inside brackets and before commas; tidy it.
-    text.replace("[ ", "[")
+    let text = text
+        .replace("[ ", "[")
         .replace(" ]", "]")
         .replace(" ,", ",")
         .replace("- ", "-")
+        .replace("( ", "(")
+        .replace(" )", ")");
+    // `window (3, 0)` -> `window(3, 0)`: no space between a name and its arguments.
+    let mut tidy = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let call = c == ' '
+            && chars.peek() == Some(&'(')
+            && tidy.ends_with(|p: char| p.is_alphanumeric() || p == '_');
+        if !call {
+            tidy.push(c);
+        }
+    }
+    tidy
 }
 
 /// The entries of one layer by name, after reporting duplicates and unknown names.

@@ -433,7 +433,13 @@ pub(super) fn read_mask<'a>(
                         suggest::nearest(&text, MASK_TERMS).map(|s| format!("did you mean `{s}`?"))
                     }
                 };
-                let hint = hint.map_or(String::new(), |h| format!("{h} "));
+                let hint = hint.map_or(String::new(), |h| {
+                    if h.ends_with('?') {
+                        format!("{h} ")
+                    } else {
+                        format!("{h}; ")
+                    }
+                });
                 errors.at(
                     ident.span(),
                     format!("unknown mask `{text}`; {hint}{MASK_FORMS}"),

@@ -105,12 +105,14 @@ pub(super) fn check_layouts(
             // The logits have as many dims as `query`; a longer bias or mask is an error of
             // its own, and its dims do not line up.
             let logits_rank = shapes[0].map_or(0, |query| query.dims.len());
-            let logits = broadcast.iter().filter_map(|s| {
-                (s.dims.len() >= 3
-                    && s.dims.len() <= logits_rank
-                    && name_at(s, s.dims.len() - 3).as_ref() == Some(len))
-                .then(|| s.entry.key.to_string())
-            });
+            let logits = broadcast
+                .iter()
+                .filter(|s| {
+                    s.dims.len() >= 3
+                        && s.dims.len() <= logits_rank
+                        && name_at(s, s.dims.len() - 3).as_ref() == Some(len)
+                })
+                .map(|s| s.entry.key.to_string());
             qkv.chain(logits).next()
         });
         let key = &shape.entry.key;

@@ -640,6 +640,7 @@ fn method_docs(
     let position = |align: Align| match align {
         Align::TopLeft => "i".to_owned(),
         Align::BottomRight => "i + kv_len - q_len".to_owned(),
+        Align::Offset(n) if n < 0 => format!("i - {}", n.unsigned_abs()),
         Align::Offset(n) => format!("i + {n}"),
     };
     if let Some(align) = layer.mask.causal {

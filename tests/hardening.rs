@@ -72,6 +72,14 @@ static GLOBAL: Capped = Capped;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Held by every test for its whole body: the counters are global, so a test allocating its
+/// inputs (or calling attn unmeasured) beside another's measurement would be counted in it.
+static ALONE: Mutex<()> = Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ALONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs `f` alone, returning its result, the peak of the bytes allocated during it above what
 /// was live before, and its wall time.
 fn measure<T>(f: impl FnOnce() -> T) -> (T, usize, Duration) {
@@ -80,6 +88,19 @@ fn measure<T>(f: impl FnOnce() -> T) -> (T, usize, Duration) {
     PEAK.store(base, Ordering::SeqCst);
     let start = Instant::now();
     let out = f();
+    let time = start.elapsed();
+    (out, PEAK.load(Ordering::SeqCst) - base, time)
+}
+
+/// [`measure`] of `f(setup())`, with `setup` run under the same lock (its allocations are not
+/// counted, and do not land in another test's measurement).
+fn measure_after<S, T>(setup: impl FnOnce() -> S, f: impl FnOnce(&S) -> T) -> (T, usize, Duration) {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let inputs = setup();
+    let base = LIVE.load(Ordering::SeqCst);
+    PEAK.store(base, Ordering::SeqCst);
+    let start = Instant::now();
+    let out = f(&inputs);
     let time = start.elapsed();
     (out, PEAK.load(Ordering::SeqCst) - base, time)
 }
@@ -102,6 +123,7 @@ fn assert_empty(a: &Array, dtype: DType, shape: &[usize]) {
 /// the empty result.
 #[test]
 fn finding_1_empty_bias_with_huge_dims_is_an_error_or_an_empty_result() {
+    let _alone = alone();
     let e = Array::new(Vec::<f32>::new(), vec![0, 1, 6, 1 << 62]).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -159,6 +181,7 @@ fn finding_1_empty_bias_with_huge_dims_is_an_error_or_an_empty_result() {
 /// allocation (1 GiB here: an abort under the cap).
 #[test]
 fn finding_2_empty_output_with_a_huge_batch_allocates_nothing() {
+    let _alone = alone();
     let q = empty_f32(&[1 << 27, 0, 1, 1]);
     let m = Array::new(vec![true], vec![1]).unwrap();
     let (r, peak, _) = measure(|| dot_product_attention(&q, &q, &q, FlaxArgs::new().mask(&m)));
@@ -171,6 +194,7 @@ fn finding_2_empty_output_with_a_huge_batch_allocates_nothing() {
 /// the kernel's dtype check of the output ran only after those allocations.
 #[test]
 fn finding_3_empty_results_and_cheap_errors_come_before_allocations() {
+    let _alone = alone();
     let q = empty_f32(&[1 << 28, 1, 0, 1]);
     let bias = Array::new(vec![0.5f32], vec![1]).unwrap();
     let (r, peak, _) = measure(|| dot_product_attention(&q, &q, &q, FlaxArgs::new().bias(&bias)));
@@ -235,6 +259,7 @@ fn finding_3_empty_results_and_cheap_errors_come_before_allocations() {
 /// empty output (and took memory per head).
 #[test]
 fn finding_4_an_empty_output_computes_no_logit() {
+    let _alone = alone();
     let (heads, len) = (1 << 14, 64);
     let n = len * heads;
     let q = Array::new(vec![0.5f64; n], vec![1, len, heads, 1]).unwrap();
@@ -254,6 +279,7 @@ fn finding_4_an_empty_output_computes_no_logit() {
 /// buffer (an abort under a cap), and peaked at several times the result.
 #[test]
 fn finding_5_mask_helpers_stay_within_the_result_and_fail_cleanly() {
+    let _alone = alone();
     // 2 GiB of f64: an error under the cap, not an abort.
     let (r, _, _) = measure(|| make_causal_mask(&[1024, 512], 0, DType::F64));
     let e = r.unwrap_err();
@@ -303,6 +329,7 @@ fn nan_query_call(kv: usize) -> (Array, Array, Array) {
 /// Finding 6: dropout wrote 0 for a dropped NaN weight; Flax multiplies (`NaN · 0 = NaN`).
 #[test]
 fn finding_6_dropout_keeps_nan() {
+    let _alone = alone();
     let kv = 64;
     let (q, k, v) = nan_query_call(kv);
     let args = || {
@@ -346,6 +373,7 @@ fn finding_6_dropout_keeps_nan() {
 /// Finding 7: `make_attention_mask` and `combine_masks` named axis 0 whatever axis differed.
 #[test]
 fn finding_7_mask_helper_errors_name_the_axis() {
+    let _alone = alone();
     let a = Array::new(vec![0i32; 40], vec![4, 2, 5]).unwrap();
     let b = Array::new(vec![0i32; 84], vec![4, 3, 7]).unwrap();
     let e = make_attention_mask(&a, &b, PairwiseFn::Multiply, 0, DType::F32).unwrap_err();
@@ -375,6 +403,7 @@ fn finding_7_mask_helper_errors_name_the_axis() {
 /// error naming the result, with its shape.
 #[test]
 fn finding_8_overflow_errors_name_the_callers_shapes() {
+    let _alone = alone();
     let e = Array::new(Vec::<f32>::new(), vec![1, 1, 1 << 62, 0, 5]).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -395,4 +424,76 @@ fn finding_8_overflow_errors_name_the_callers_shapes() {
     let (r, peak, _) = measure(|| dot_product_attention_weights(&q, &q, FlaxArgs::new().mask(&m)));
     assert_empty(&r.unwrap(), DType::F32, &[2, 3, 0, 1 << 20, 1 << 20]);
     assert!(peak < MB, "{peak} bytes for an empty result");
+}
+
+/// Finding 8, second part: a one-row (decode) call's per-thread scratch was sized for a full
+/// query block of every head, about 17 times the input (16.8 MB of keys and values kept 292 MB
+/// between calls). Now one task's needs: the peak during the call, scratch included (it stays
+/// allocated in the worker threads), is a small fraction of the keys and values.
+#[test]
+fn finding_8_decode_scratch_is_sized_by_one_task() {
+    let _alone = alone();
+    let (kv, heads, depth) = (4096, 8, 128);
+    let setup = || {
+        let q = Array::new(vec![0.25f32; heads * depth], vec![1, 1, heads, depth]).unwrap();
+        let kd: Vec<f32> = (0..kv * heads * depth)
+            .map(|i| (i as f32 * 0.001).sin())
+            .collect();
+        let k = Array::new(kd.clone(), vec![1, kv, heads, depth]).unwrap();
+        let v = Array::new(kd, vec![1, kv, heads, depth]).unwrap();
+        (q, k, v)
+    };
+    let input = 2 * kv * heads * depth * 4;
+    let (r, peak, _) = measure_after(setup, |(q, k, v)| {
+        dot_product_attention(q, k, v, FlaxArgs::new())
+    });
+    assert_eq!(r.unwrap().shape(), &[1, 1, heads, depth]);
+    eprintln!("decode call: {peak} bytes allocated over {input} bytes of keys and values");
+    assert!(
+        peak < input / 4,
+        "{peak} bytes allocated by a decode call over {input} bytes of keys and values"
+    );
+}
+
+/// The rule behind finding 5 on `Array` itself: the fallible conversions return an error under
+/// the cap where the infallible ones would abort (40 MB of bool to 320 MB of f64).
+#[test]
+fn array_conversions_have_fallible_forms() {
+    let _alone = alone();
+    let (r, peak, _) = measure_after(
+        || Array::new(vec![true; 40 << 20], vec![40 << 20]).unwrap(),
+        |a| {
+            (
+                a.try_astype(DType::F64).map(drop),
+                a.try_to_f64_vec().map(drop),
+            )
+        },
+    );
+    for e in [r.0.unwrap_err(), r.1.unwrap_err()] {
+        assert!(
+            matches!(e, AttnError::Allocation { tensor: "array", elements } if elements == 40 << 20),
+            "{e}"
+        );
+    }
+    assert!(peak < MB, "{peak} bytes for two refused conversions");
+}
+
+/// An empty result returns before lengths and segment ids are read, but not before their dtype
+/// is checked (a cheap check, as the rule says).
+#[test]
+fn an_empty_result_still_checks_the_dtype_of_lengths() {
+    let _alone = alone();
+    let q = empty_f32(&[2, 0, 1, 4]);
+    let lengths = Array::new(vec![1.0f32, 2.0], vec![2]).unwrap();
+    let (r, peak, _) =
+        measure(|| dot_product_attention(&q, &q, &q, FlaxArgs::new().query_lengths(&lengths)));
+    assert_eq!(
+        r.unwrap_err().to_string(),
+        "`query_lengths` must have dtype int32, found float32"
+    );
+    assert!(peak < MB, "{peak} bytes for an error");
+    let good = Array::new(vec![0i32, 0], vec![2]).unwrap();
+    let (r, _, _) =
+        measure(|| dot_product_attention(&q, &q, &q, FlaxArgs::new().query_lengths(&good)));
+    assert_empty(&r.unwrap(), DType::F32, &[2, 0, 1, 4]);
 }

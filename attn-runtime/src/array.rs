@@ -147,6 +147,24 @@ impl Array {
         }
     }
 
+    /// [`to_f64_vec`](Self::to_f64_vec) with a fallible allocation: an array too big for the
+    /// memory left is `AttnError::Allocation`, not an abort. (The infallible conversions
+    /// allocate as `Vec::clone` does; attn's own paths use these on callers' arrays.)
+    pub fn try_to_f64_vec(&self) -> Result<Vec<f64>, AttnError> {
+        let n = self.len();
+        try_collect("array", n, (0..n).map(|i| self.f64_at(i)))
+    }
+
+    /// [`astype`](Self::astype) with a fallible allocation: an array too big for the memory
+    /// left is `AttnError::Allocation`, not an abort.
+    pub fn try_astype(&self, dtype: DType) -> Result<Array, AttnError> {
+        let n = self.len();
+        Ok(Array {
+            data: convert_iter(dtype, "array", n, (0..n).map(|i| self.f64_at(i)))?,
+            shape: self.shape.clone(),
+        })
+    }
+
     /// Element `i` converted to `f64` (exact for every dtype; bool gives 0 or 1).
     pub(crate) fn f64_at(&self, i: usize) -> f64 {
         match &self.data {
@@ -272,6 +290,17 @@ mod tests {
             vec![true, true, false, true]
         );
         assert_eq!(a.astype(DType::I32).to_f64_vec(), vec![1.0, -2.0, 0.0, 3.0]);
+        for dtype in [
+            DType::F32,
+            DType::F64,
+            DType::BF16,
+            DType::F16,
+            DType::Bool,
+            DType::I32,
+        ] {
+            assert_eq!(a.try_astype(dtype).unwrap(), a.astype(dtype), "{dtype}");
+        }
+        assert_eq!(a.try_to_f64_vec().unwrap(), a.to_f64_vec());
         assert!(Array::new(vec![1i32; 3], [2, 2]).is_err());
     }
 }

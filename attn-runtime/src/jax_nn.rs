@@ -16,7 +16,7 @@
 //! `bias` and `mask` of rank below 4 get leading 1s (as jax does); their head axis must be 1 or
 //! `N`; the mask must be `bool`; the lengths `int32` of shape `[B]` (`[1]` without a batch dim).
 
-use crate::array::Array;
+use crate::array::{Array, try_collect};
 use crate::context::Context;
 use crate::element::{DType, Element};
 use crate::error::{AttnError, num_elements, try_filled};
@@ -82,12 +82,17 @@ pub fn dot_product_attention(
     }
 }
 
-/// The elements of `a` as `E` (borrowed when they are `E`), each rounded as `jnp.asarray`.
-fn cast<E: Element>(a: &Array) -> Cow<'_, [E]> {
-    match a.as_slice::<E>() {
+/// The elements of `a` as `E` (borrowed when they are `E`), each rounded as `jnp.asarray`; a
+/// converted copy is allocated fallibly (an error naming `tensor`).
+fn cast<'x, E: Element>(tensor: &'static str, a: &'x Array) -> Result<Cow<'x, [E]>, AttnError> {
+    Ok(match a.as_slice::<E>() {
         Some(s) => Cow::Borrowed(s),
-        None => Cow::Owned(a.to_f64_vec().into_iter().map(E::from_f64).collect()),
-    }
+        None => Cow::Owned(try_collect(
+            tensor,
+            a.len(),
+            (0..a.len()).map(|i| E::from_f64(a.f64_at(i))),
+        )?),
+    })
 }
 
 /// The sizes of a call: `[B, T, N, H]` with `B = 1` for rank-3 inputs.
@@ -221,11 +226,13 @@ fn rank4(name: &'static str, a: &Array, s: &Shapes) -> Result<Vec<usize>, AttnEr
     Ok(shape)
 }
 
-/// A lengths argument: `int32` of shape `[B]` exactly.
+/// A lengths argument: `int32` of shape `[B]` exactly, each in `0..=bound` (the sequence
+/// length `what`); checked here so that the error names jax's argument.
 fn lengths<'a>(
     name: &'static str,
     a: Option<&'a Array>,
     s: &Shapes,
+    (bound, what): (usize, &str),
 ) -> Result<Option<&'a [i32]>, AttnError> {
     let Some(a) = a else { return Ok(None) };
     if a.dtype() != DType::I32 {
@@ -251,7 +258,20 @@ fn lengths<'a>(
             found: a.len(),
         });
     }
-    Ok(a.as_slice::<i32>())
+    let values = a.as_slice::<i32>().unwrap_or_default();
+    if let Some((b, &n)) = values
+        .iter()
+        .enumerate()
+        .find(|&(_, &n)| n < 0 || n as u64 > bound as u64)
+    {
+        return Err(AttnError::InvalidArgument {
+            argument: name,
+            reason: format!(
+                "expected lengths in 0..={bound} (the {what}), found {n} at batch element {b}"
+            ),
+        });
+    }
+    Ok(Some(values))
 }
 
 fn run<E: Element>(
@@ -280,8 +300,18 @@ fn run<E: Element>(
             reason: format!("expected a float dtype, found {}", b.dtype()),
         });
     }
-    let query_lengths = lengths("query_seq_lengths", args.query_seq_lengths, s)?;
-    let kv_lengths = lengths("key_value_seq_lengths", args.key_value_seq_lengths, s)?;
+    let query_lengths = lengths(
+        "query_seq_lengths",
+        args.query_seq_lengths,
+        s,
+        (s.q_len, "query length"),
+    )?;
+    let kv_lengths = lengths(
+        "key_value_seq_lengths",
+        args.key_value_seq_lengths,
+        s,
+        (s.kv_len, "key/value length"),
+    )?;
     if args.return_residual && args.module.is_some() {
         return Err(AttnError::InvalidArgument {
             argument: "return_residual",
@@ -290,21 +320,22 @@ fn run<E: Element>(
                 .into(),
         });
     }
-    let q = cast::<E>(query);
-    let k = cast::<E>(key);
-    let v = cast::<E>(value);
+    let q = cast::<E>("query", query)?;
+    let k = cast::<E>("key", key)?;
+    let v = cast::<E>("value", value)?;
     // The bias is added in float32 (float64 for float64 inputs): jax promotes it with the
     // float32 logits. Its values are exact in either type.
     let logits_f64 = E::DTYPE == DType::F64;
-    let bias_f32: Option<Vec<f32>> = match (args.bias, logits_f64) {
-        (Some(b), false) => Some(cast::<f32>(b).into_owned()),
+    let bias_f32: Option<Cow<'_, [f32]>> = match (args.bias, logits_f64) {
+        (Some(b), false) => Some(cast::<f32>("bias", b)?),
         _ => None,
     };
-    let bias_f64: Option<Vec<f64>> = match (args.bias, logits_f64) {
-        (Some(b), true) => Some(cast::<f64>(b).into_owned()),
+    let bias_f64: Option<Cow<'_, [f64]>> = match (args.bias, logits_f64) {
+        (Some(b), true) => Some(cast::<f64>("bias", b)?),
         _ => None,
     };
-    let mask_data = args.mask.map(Array::to_bool_vec);
+    // `bool` was checked above: the mask is read in place.
+    let mask_data = args.mask.and_then(|m| m.as_slice::<bool>());
     let mut mask = Mask::none();
     if let (Some(d), Some(shape)) = (&mask_data, &mask_shape) {
         mask = mask.with_dense(Broadcast::new("mask", d, shape)?);
@@ -345,7 +376,8 @@ fn run<E: Element>(
     let out_len = num_elements("output", query.shape())?;
     let mut out = try_filled("output", out_len, E::default())?;
     let mut residual = if args.return_residual {
-        Some(try_filled("residual", s.batch * s.q_len * s.heads, 0.0f64)?)
+        let len = num_elements("residual", &[s.batch, s.q_len, s.heads])?;
+        Some(try_filled("residual", len, 0.0f64)?)
     } else {
         None
     };
@@ -392,7 +424,11 @@ fn run<E: Element>(
         .map(|r| {
             let shape = query.shape()[..query.ndim() - 1].to_vec();
             // jax forms the residual in float32, then casts it to the input dtype.
-            let r: Vec<E> = r.into_iter().map(|x| E::from_f32(x as f32)).collect();
+            let r = try_collect(
+                "residual",
+                r.len(),
+                r.iter().map(|&x| E::from_f32(x as f32)),
+            )?;
             Array::new(r, shape)
         })
         .transpose()?;

@@ -102,10 +102,12 @@ impl Outcome {
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let verdict = if self.passed() { "PASS" } else { "FAIL" };
+        let checked: Vec<&str> = self.checks.iter().map(|c| c.tensor.as_str()).collect();
         write!(
             f,
-            "{:<52} {verdict}  worst |err|/tol = {:.3}",
+            "{:<52} {verdict}  checked {:<32} worst |err|/tol = {:.3}",
             self.name,
+            checked.join(", "),
             self.worst()
         )?;
         if let Some(e) = &self.error {

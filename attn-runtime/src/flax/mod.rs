@@ -471,6 +471,24 @@ fn run<E: Element, B: Element, R: Element>(
             found: kv_heads,
         });
     }
+    // The dtypes of lengths and segment ids are checked before an empty result returns (their
+    // values and shapes are not read then: there is no row they could apply to).
+    for (argument, a) in [
+        ("query_lengths", args.query_lengths),
+        ("kv_lengths", args.kv_lengths),
+        ("query_segment_ids", args.segment_ids.map(|(q, _)| q)),
+        ("kv_segment_ids", args.segment_ids.map(|(_, k)| k)),
+    ] {
+        if let Some(a) = a
+            && a.dtype() != DType::I32
+        {
+            return Err(AttnError::DType {
+                tensor: argument,
+                expected: DType::I32,
+                found: a.dtype(),
+            });
+        }
+    }
     if num_elements(result_name, &result_shape)? == 0 && args.module.is_none() {
         let ctx = Context {
             deterministic: args.deterministic,
@@ -616,12 +634,12 @@ fn run<E: Element, B: Element, R: Element>(
 
 /// An `int32` argument of shape `batch_shape` (plus `[len]` when given), as one value per
 /// element; broadcast along batch dims of size 1 (as NumPy would against the layout).
-fn int32s(
+fn int32s<'a>(
     argument: &'static str,
-    a: Option<&Array>,
+    a: Option<&'a Array>,
     batch_shape: &[usize],
     len: Option<usize>,
-) -> Result<Option<Vec<i32>>, AttnError> {
+) -> Result<Option<Cow<'a, [i32]>>, AttnError> {
     let Some(a) = a else { return Ok(None) };
     if a.dtype() != DType::I32 {
         return Err(AttnError::DType {
@@ -636,7 +654,7 @@ fn int32s(
         unreachable!("an int32 array holds i32")
     };
     if a.shape() == target.as_slice() {
-        return Ok(Some(data.to_vec()));
+        return Ok(Some(Cow::Borrowed(data)));
     }
-    broadcast_to(argument, data, a.shape(), &target).map(Some)
+    broadcast_to(argument, data, a.shape(), &target).map(|v| Some(Cow::Owned(v)))
 }

@@ -118,7 +118,7 @@ fn zero_padded_rows<E: Element, B>(call: &Call<'_, E, B>, mask: &Mask<'_>, out: 
         return;
     };
     let row = call.heads * call.v_depth;
-    if row == 0 {
+    if row == 0 || call.q_len == 0 {
         return;
     }
     for (b, per_batch) in out.chunks_mut(call.q_len * row).enumerate() {

@@ -17,6 +17,6 @@ mod macro_support;
 pub mod __private {
     pub use attn_runtime::*;
 
-    pub use crate::macro_support::{Declared, same_dim, without_sow};
+    pub use crate::macro_support::{Declared, kv_heads_divide, same_dim, without_sow};
     pub use half::{bf16, f16};
 }

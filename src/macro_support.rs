@@ -41,6 +41,39 @@ pub fn same_dim<D: Dim>(
     }
 }
 
+/// Checks, for a layer whose `key`/`value` heads are declared with another dim than `query`'s
+/// (grouped-query attention) and chosen at run time, that they divide the query heads, as the
+/// runtime requires (query head `n` reads key/value head `n / (heads / kv_heads)`).
+///
+/// # Errors
+///
+/// [`AttnError::Axis`] naming both dims and both sizes.
+#[inline]
+pub fn kv_heads_divide<H: Dim, G: Dim>(
+    (heads_dim, heads): (&'static str, H),
+    (kv_heads_dim, kv_heads): (&'static str, G),
+) -> Result<(), AttnError> {
+    let (heads, kv_heads) = (heads.size(), kv_heads.size());
+    let divides = if kv_heads == 0 {
+        heads == 0
+    } else {
+        heads.is_multiple_of(kv_heads)
+    };
+    if divides {
+        Ok(())
+    } else {
+        Err(AttnError::Axis {
+            tensor: "key",
+            axis: format!("heads `{kv_heads_dim}` (axis -2)"),
+            expected: format!(
+                "a divisor of the {heads} heads of `query` (`{heads_dim}`), for grouped-query \
+                 attention"
+            ),
+            found: kv_heads,
+        })
+    }
+}
+
 /// The same context without its sow sink: for layers declared without `sow`, which never sow
 /// (as Flax's functions do not without `module`).
 pub fn without_sow<'c>(ctx: &'c mut Context<'_>) -> Context<'c> {
@@ -52,6 +85,22 @@ pub fn without_sow<'c>(ctx: &'c mut Context<'_>) -> Context<'c> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kv_heads_divide_names_both_dims() {
+        assert_eq!(kv_heads_divide(("H", 32usize), ("G", 8usize)), Ok(()));
+        assert_eq!(kv_heads_divide(("H", 32usize), ("G", 1usize)), Ok(()));
+        assert_eq!(kv_heads_divide(("H", 0usize), ("G", 1usize)), Ok(()));
+        assert_eq!(kv_heads_divide(("H", 0usize), ("G", 0usize)), Ok(()));
+        let error = kv_heads_divide(("H", 32usize), ("G", 5usize)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "`key` axis heads `G` (axis -2): expected a divisor of the 32 heads of `query` \
+             (`H`), for grouped-query attention, found 5"
+        );
+        assert!(kv_heads_divide(("H", 4usize), ("G", 0usize)).is_err());
+        assert!(kv_heads_divide(("H", 4usize), ("G", 8usize)).is_err());
+    }
 
     #[test]
     fn same_dim_names_both_sizes() {

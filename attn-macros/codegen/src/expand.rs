@@ -8,7 +8,7 @@
 use proc_macro2::{Group, Ident, Literal, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote};
 
-use crate::ir::{Axis, DType, Layer, Operand, Precision};
+use crate::ir::{Align, Axis, DType, Layer, Operand, Precision, Window};
 
 /// The expansion of every layer.
 pub fn expand(layers: &[Layer]) -> TokenStream {
@@ -111,8 +111,12 @@ fn struct_item(layer: &Layer) -> TokenStream {
             at_line(operand.line)
         ));
     }
-    if layer.mask.causal && layer.mask.explicit.is_none() {
-        lines.push(format!("- `mask: causal`{}", at_line(layer.mask.line)));
+    if !layer.mask.written.is_empty() && layer.mask.explicit.is_none() {
+        lines.push(format!(
+            "- `mask: {}`{}",
+            layer.mask.written,
+            at_line(layer.mask.line)
+        ));
     }
     lines.push(String::new());
     lines.push(format!(
@@ -193,7 +197,79 @@ fn operands(layer: &Layer) -> Vec<&Operand> {
     all.extend(&layer.value);
     all.extend(&layer.bias);
     all.extend(&layer.mask.explicit);
+    all.extend(layer.mask.index_operands());
     all
+}
+
+/// The element type of an argument: `bool` for the mask tensor, `i32` for lengths and segment
+/// ids, else the layer's dtype.
+fn element_of(layer: &Layer, operand: &Operand) -> TokenStream {
+    match operand.name {
+        "mask" => quote!(bool),
+        "query_lengths" | "kv_lengths" | "query_segment_ids" | "kv_segment_ids" => quote!(i32),
+        _ => dtype_tokens(layer.options.dtype),
+    }
+}
+
+fn align_tokens(align: Align) -> TokenStream {
+    match align {
+        Align::TopLeft => quote!(::attn::__private::kernel::Align::TopLeft),
+        Align::BottomRight => quote!(::attn::__private::kernel::Align::BottomRight),
+        Align::Offset(offset) => {
+            let offset = Literal::i64_unsuffixed(offset);
+            quote!(::attn::__private::kernel::Align::Offset(#offset))
+        }
+    }
+}
+
+/// The kernel `Mask` of a call, built term by term from the declaration.
+fn mask_tokens(layer: &Layer) -> TokenStream {
+    let mask = &layer.mask;
+    let explicit_mask = quote! {
+        ::attn::__private::Broadcast::new("mask", mask.as_slice(), &mask_shape.dims())?
+    };
+    // Today's masks keep their short forms (`Mask::causal()`, `Mask::dense(..)`).
+    let only_dense = mask.explicit.is_some()
+        && mask.causal.is_none()
+        && mask.window.is_none()
+        && mask.index_operands().is_empty();
+    if only_dense {
+        return quote!(::attn::__private::Mask::dense(#explicit_mask));
+    }
+    let mut tokens = match mask.causal {
+        Some(Align::TopLeft) => quote!(::attn::__private::Mask::causal()),
+        Some(align) => {
+            let align = align_tokens(align);
+            quote!(::attn::__private::Mask::none().with_causal(#align))
+        }
+        None => quote!(::attn::__private::Mask::none()),
+    };
+    if let Some(Window { left, right, align }) = mask.window {
+        let left = Literal::usize_unsuffixed(left);
+        let right = Literal::usize_unsuffixed(right);
+        let align = align_tokens(align);
+        tokens.extend(quote! {
+            .with_window(::attn::__private::kernel::Window { left: #left, right: #right, align: #align })
+        });
+    }
+    if mask.query_lengths.is_some() {
+        tokens.extend(quote!(.with_query_lengths(query_lengths.as_slice())));
+    }
+    if mask.kv_lengths.is_some() {
+        tokens.extend(quote!(.with_kv_lengths(kv_lengths.as_slice())));
+    }
+    if mask.segment_ids.is_some() {
+        tokens.extend(quote! {
+            .with_segment_ids(::attn::__private::kernel::SegmentIds {
+                query: query_segment_ids.as_slice(),
+                key: kv_segment_ids.as_slice(),
+            })
+        });
+    }
+    if mask.explicit.is_some() {
+        tokens.extend(quote!(.with_dense(#explicit_mask)));
+    }
+    tokens
 }
 
 fn dtype_tokens(dtype: DType) -> TokenStream {
@@ -297,6 +373,7 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
     }
     inputs.extend(&layer.bias);
     inputs.extend(&layer.mask.explicit);
+    inputs.extend(layer.mask.index_operands());
 
     let batch = layer.batch_rank();
     let q = query.axes.len();
@@ -340,11 +417,7 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
     let args = inputs.iter().map(|operand| {
         let name = format_ident!("{}", operand.name);
         let shape = shape_type(&operand.axes);
-        let element = if operand.name == "mask" {
-            quote!(bool)
-        } else {
-            element.clone()
-        };
+        let element = element_of(layer, operand);
         // Spanned at the entry, so that the compiler's notes about this argument point at
         // the declaration line rather than at the whole macro call.
         respan(
@@ -384,6 +457,23 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
         }
     }
 
+    // Grouped-query heads chosen at run time: one check that they divide the query heads (a
+    // static pair that does not divide is a compile error).
+    let heads_axis = &query.axes[q - 2];
+    let kv_heads_axis = &key.axes[k - 2];
+    let is_static = |axis: &Axis| match axis {
+        Axis::Named(name) => layer.static_size(name).is_some(),
+        Axis::Size(_) => true,
+    };
+    if layer.grouped() && !(is_static(heads_axis) && is_static(kv_heads_axis)) {
+        let dim_name = |axis: &Axis| shape_text([axis]).trim_matches(['[', ']']).to_owned();
+        let (heads_name, kv_heads_name) = (dim_name(heads_axis), dim_name(kv_heads_axis));
+        let (heads_value, kv_heads_value) = (axis_value(query, q - 2), axis_value(key, k - 2));
+        checks.push(quote! {
+            ::attn::__private::kv_heads_divide((#heads_name, #heads_value), (#kv_heads_name, #kv_heads_value))?;
+        });
+    }
+
     let shape_vars = inputs.iter().map(|operand| {
         let var = shape_var(operand);
         let name = format_ident!("{}", operand.name);
@@ -413,14 +503,13 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
         },
         None => quote!(::core::option::Option::None::<&::attn::__private::Broadcast<'_, #element>>),
     };
-    let explicit_mask = quote! {
-        ::attn::__private::Broadcast::new("mask", mask.as_slice(), &mask_shape.dims())?
-    };
-    let mask = match (layer.mask.causal, &layer.mask.explicit) {
-        (false, None) => quote!(::attn::__private::Mask::none()),
-        (true, None) => quote!(::attn::__private::Mask::causal()),
-        (false, Some(_)) => quote!(::attn::__private::Mask::dense(#explicit_mask)),
-        (true, Some(_)) => quote!(::attn::__private::Mask::causal().with_dense(#explicit_mask)),
+    let mask = mask_tokens(layer);
+    // The same heads as the query's unless grouped (then a divisor, checked by the validator
+    // when static and at entry when chosen at run time).
+    let kv_heads = if layer.grouped() {
+        axis_value(key, k - 2)
+    } else {
+        heads.clone()
     };
 
     let (name, kernel, result_var, value_arg) = match which {
@@ -465,7 +554,7 @@ fn method(layer: &Layer, which: Method) -> TokenStream {
                 q_len: #q_len.size(),
                 kv_len: #kv_len.size(),
                 heads: #heads,
-                kv_heads: #heads,
+                kv_heads: #kv_heads,
                 qk_depth: #qk_depth,
                 v_depth: #v_depth,
             };
@@ -513,10 +602,18 @@ fn method_docs(
     lines.push("Arguments (shapes as declared):".to_owned());
     lines.push(String::new());
     for operand in inputs {
-        let element = if operand.name == "mask" {
-            "`bool` (`true` = attend)".to_owned()
-        } else {
-            format!("`{}`", layer.options.dtype.rust_name())
+        let element = match operand.name {
+            "mask" => "`bool` (`true` = attend)".to_owned(),
+            "query_lengths" => "`i32`, each batch element's query length (rows past it see no \
+                                key)"
+                .to_owned(),
+            "kv_lengths" => "`i32`, each batch element's key/value length (keys past it are \
+                             invisible)"
+                .to_owned(),
+            "query_segment_ids" | "kv_segment_ids" => {
+                "`i32` (a query sees a key only within its own segment)".to_owned()
+            }
+            _ => format!("`{}`", layer.options.dtype.rust_name()),
         };
         let mut line = format!(
             "- `{}`: `{}` of {element}{}",
@@ -540,8 +637,40 @@ fn method_docs(
             .to_owned()
     });
     lines.push(String::new());
-    if layer.mask.causal {
-        lines.push("The mask is causal: query `i` attends to keys `j <= i`.".to_owned());
+    let position = |align: Align| match align {
+        Align::TopLeft => "i".to_owned(),
+        Align::BottomRight => "i + kv_len - q_len".to_owned(),
+        Align::Offset(n) if n < 0 => format!("i - {}", n.unsigned_abs()),
+        Align::Offset(n) => format!("i + {n}"),
+    };
+    if let Some(align) = layer.mask.causal {
+        lines.push(format!(
+            "The mask is causal: query `i` attends to keys `j <= {}`.",
+            position(align)
+        ));
+        lines.push(String::new());
+    }
+    if let Some(window) = layer.mask.window {
+        let p = position(window.align);
+        let upper = if window.right == 0 {
+            p.clone()
+        } else {
+            format!("{p} + {}", window.right)
+        };
+        lines.push(format!(
+            "Sliding window: query `i` attends to keys `{p} - {} <= j <= {upper}`.",
+            window.left,
+        ));
+        lines.push(String::new());
+    }
+    if layer.grouped() {
+        let heads = &layer.query.axes[layer.query.axes.len() - 2];
+        let kv_heads = &layer.key.axes[layer.key.axes.len() - 2];
+        lines.push(format!(
+            "Grouped-query attention: query head `n` reads key/value head `n / ({} / {})`.",
+            shape_text([heads]).trim_matches(['[', ']']),
+            shape_text([kv_heads]).trim_matches(['[', ']'])
+        ));
         lines.push(String::new());
     }
     let (what, dtype) = match which {

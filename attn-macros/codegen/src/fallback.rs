@@ -41,6 +41,17 @@ fn has_mask_tensor(layer: &LayerSyntax) -> bool {
     })
 }
 
+fn has_mask_term(layer: &LayerSyntax, name: &str) -> bool {
+    layer.entries.iter().any(|entry| {
+        entry.key == "mask"
+            && entry
+                .value
+                .terms
+                .iter()
+                .any(|term| matches!(term, Term::Ident(ident) if ident == name))
+    })
+}
+
 /// `struct Name;` with `weights` and `forward` taking the declared inputs as any type.
 fn stub(layer: &LayerSyntax) -> TokenStream {
     let vis = &layer.vis;
@@ -51,6 +62,15 @@ fn stub(layer: &LayerSyntax) -> TokenStream {
     }
     if has_mask_tensor(layer) {
         names.push("mask");
+    }
+    for (term, inputs) in [
+        ("query_lengths", &["query_lengths"][..]),
+        ("kv_lengths", &["kv_lengths"][..]),
+        ("segment_ids", &["query_segment_ids", "kv_segment_ids"][..]),
+    ] {
+        if has_mask_term(layer, term) {
+            names.extend(inputs);
+        }
     }
     let method = |name: &str, inputs: &[&str]| {
         let name = format_ident!("{}", name);

@@ -46,7 +46,8 @@ pub struct NamedDim {
 
 /// A tensor argument of the generated methods.
 pub struct Operand {
-    /// `query`, `key`, `value`, `bias` or `mask`.
+    /// `query`, `key`, `value`, `bias`, `mask`, `query_lengths`, `kv_lengths`,
+    /// `query_segment_ids` or `kv_segment_ids`.
     pub name: &'static str,
     /// The dims, outermost first.
     pub axes: Vec<Axis>,
@@ -69,14 +70,69 @@ pub enum Axis {
     Size(usize),
 }
 
-/// The mask of a layer.
+/// The mask of a layer: the AND of every term written (`mask: causal(bottom_right) + window(..)`).
 pub struct Mask {
-    /// `causal` was written: keep key `j` for query `i` only if `j <= i`.
-    pub causal: bool,
+    /// `causal`: keep key `j` for query `i` only if `j <= i + offset`.
+    pub causal: Option<Align>,
+    /// `window(left, right)`: keep key `j` only within `pos(i) - left ..= pos(i) + right`.
+    pub window: Option<Window>,
+    /// `query_lengths`: an `i32` argument `[batch..]`; query rows past the length see no key.
+    pub query_lengths: Option<Operand>,
+    /// `kv_lengths`: an `i32` argument `[batch..]`; keys past the length are invisible.
+    pub kv_lengths: Option<Operand>,
+    /// `segment_ids`: `i32` arguments `[batch.., q_len]` and `[batch.., kv_len]`.
+    pub segment_ids: Option<(Operand, Operand)>,
     /// A mask tensor argument (`true` = attend).
     pub explicit: Option<Operand>,
     /// Line of the `mask` entry (0 if there is none).
     pub line: usize,
+    /// The `mask` entry's value as written (empty if there is none).
+    pub written: String,
+}
+
+/// Where query row `i` sits among the keys (for `causal` and `window`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Align {
+    /// `top_left`: position `i` (Flax's `make_causal_mask`).
+    TopLeft,
+    /// `bottom_right`: position `i + kv_len - q_len` (KV-cache decoding, chunked prefill).
+    BottomRight,
+    /// `offset = n`: position `i + n`.
+    Offset(i64),
+}
+
+/// `window(left, right)`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Window {
+    /// Keys visible before the query's position.
+    pub left: usize,
+    /// Keys visible after the query's position.
+    pub right: usize,
+    /// The alignment (the causal term's, or the window's own third argument).
+    pub align: Align,
+}
+
+impl Mask {
+    /// Whether the mask uses anything beyond today's `causal` (top-left) and mask tensor.
+    pub fn is_structured(&self) -> bool {
+        !matches!(self.causal, None | Some(Align::TopLeft))
+            || self.window.is_some()
+            || self.query_lengths.is_some()
+            || self.kv_lengths.is_some()
+            || self.segment_ids.is_some()
+    }
+
+    /// The `i32` arguments of the structures, in signature order.
+    pub fn index_operands(&self) -> Vec<&Operand> {
+        let mut all: Vec<&Operand> = Vec::new();
+        all.extend(&self.query_lengths);
+        all.extend(&self.kv_lengths);
+        if let Some((query, key)) = &self.segment_ids {
+            all.push(query);
+            all.push(key);
+        }
+        all
+    }
 }
 
 /// The element type of the inputs, which is also Flax's computation `dtype`.
@@ -171,8 +227,26 @@ impl Layer {
             .and_then(|d| d.size)
     }
 
+    /// Whether `key` and `value` have other heads than `query` (grouped-query attention).
+    pub fn grouped(&self) -> bool {
+        let heads = |operand: &Operand| operand.axes[operand.axes.len() - 2].clone();
+        !same_axis(self, &heads(&self.query), &heads(&self.key))
+    }
+
     /// Number of batch dims.
     pub fn batch_rank(&self) -> usize {
         self.query.axes.len() - 3
+    }
+}
+
+/// Two dims are the same if they have the same name or the same static size.
+fn same_axis(layer: &Layer, a: &Axis, b: &Axis) -> bool {
+    let size = |axis: &Axis| match axis {
+        Axis::Named(name) => layer.static_size(name),
+        Axis::Size(n) => Some(*n),
+    };
+    match (a, b) {
+        (Axis::Named(x), Axis::Named(y)) if x == y => true,
+        _ => matches!((size(a), size(b)), (Some(x), Some(y)) if x == y),
     }
 }

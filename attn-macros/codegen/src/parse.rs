@@ -65,8 +65,26 @@ pub enum Term {
         /// The literal.
         lit: Lit,
     },
+    /// `name(arg, arg, ..)`, as in `causal(bottom_right)` or `window(512, 0)`.
+    Call {
+        /// The name before the parentheses.
+        name: Ident,
+        /// Span of the parentheses.
+        span: Span,
+        /// The arguments, split at top-level commas (each possibly empty; a trailing comma
+        /// adds none).
+        args: Vec<Arg>,
+    },
     /// Anything else; always an error where it appears.
     Other(TokenStream),
+}
+
+/// One argument of a [`Term::Call`].
+pub struct Arg {
+    /// The tokens between two commas (empty in `window(1,, 2)`).
+    pub tokens: TokenStream,
+    /// Where the argument is: its tokens, or for an empty argument the `,` that follows it.
+    pub span: Span,
 }
 
 /// `[dim, dim, ..]`
@@ -104,6 +122,20 @@ impl Term {
                 TokenTree::Group(group).into()
             }
             Term::Ident(ident) => ident.to_token_stream(),
+            Term::Call { name, span, args } => {
+                let mut inner = TokenStream::new();
+                for (i, arg) in args.iter().enumerate() {
+                    if i > 0 {
+                        inner.extend([TokenTree::Punct(punct(',', *span))]);
+                    }
+                    inner.extend(arg.tokens.clone());
+                }
+                let mut group = proc_macro2::Group::new(Delimiter::Parenthesis, inner);
+                group.set_span(*span);
+                let mut tokens = name.to_token_stream();
+                tokens.extend([TokenTree::Group(group)]);
+                tokens
+            }
             Term::Lit { minus, lit } => {
                 let mut tokens = TokenStream::new();
                 if let Some(span) = minus {
@@ -229,8 +261,44 @@ fn split_commas(tokens: TokenStream) -> Vec<(Vec<TokenTree>, Span)> {
     parts
 }
 
+/// Whether `tokens` start like a mask term (`causal`, `window(..)`, `[..]`, ..), which after a
+/// `mask` entry means a `,` where a `+` belongs.
+fn starts_mask_term(tokens: &[TokenTree]) -> bool {
+    match tokens {
+        [TokenTree::Ident(ident), rest @ ..] => {
+            [
+                "causal",
+                "window",
+                "query_lengths",
+                "kv_lengths",
+                "segment_ids",
+            ]
+            .iter()
+            .any(|term| ident == term)
+                && !matches!(rest.first(), Some(TokenTree::Punct(p)) if p.as_char() == ':')
+        }
+        [TokenTree::Group(group), ..] => group.delimiter() == Delimiter::Bracket,
+        _ => false,
+    }
+}
+
 fn parse_entries(body: TokenStream, layer: &mut LayerSyntax) {
+    let mut previous_comma: Option<Span> = None;
     for (tokens, comma_span) in split_commas(body) {
+        let after_mask = layer
+            .entries
+            .last()
+            .is_some_and(|entry| entry.key == "mask");
+        if let (true, Some(comma)) = (after_mask && starts_mask_term(&tokens), previous_comma) {
+            layer.errors.push(syn::Error::new(
+                comma,
+                "the terms of a mask are joined with `+`, not `,`: \
+                 `mask: causal + window(512, 0)`",
+            ));
+            previous_comma = Some(comma_span);
+            continue;
+        }
+        previous_comma = Some(comma_span);
         if tokens.is_empty() {
             layer.errors.push(syn::Error::new(
                 comma_span,
@@ -238,13 +306,40 @@ fn parse_entries(body: TokenStream, layer: &mut LayerSyntax) {
             ));
             continue;
         }
-        for tokens in split_missing_commas(tokens, &mut layer.errors) {
-            match parse_entry(tokens) {
-                Ok(entry) => layer.entries.push(entry),
-                Err(error) => layer.errors.push(error),
+        for tokens in split_semicolons(tokens, &mut layer.errors) {
+            for tokens in split_missing_commas(tokens, &mut layer.errors) {
+                match parse_entry(tokens) {
+                    Ok(entry) => layer.entries.push(entry),
+                    Err(error) => layer.errors.push(error),
+                }
             }
         }
     }
+}
+
+/// Splits `query: [..]; key: [..]` at each top-level `;`, reporting it: entries are separated by
+/// `,` (a struct's fields), and a `;` would otherwise make the next entry part of this value.
+fn split_semicolons(tokens: Vec<TokenTree>, errors: &mut Vec<syn::Error>) -> Vec<Vec<TokenTree>> {
+    let mut parts = Vec::new();
+    let mut current = Vec::new();
+    for tree in tokens {
+        match &tree {
+            TokenTree::Punct(p) if p.as_char() == ';' => {
+                errors.push(syn::Error::new(
+                    p.span(),
+                    "entries are separated by `,`, not `;`",
+                ));
+                if !current.is_empty() {
+                    parts.push(std::mem::take(&mut current));
+                }
+            }
+            _ => current.push(tree),
+        }
+    }
+    if !current.is_empty() {
+        parts.push(current);
+    }
+    parts
 }
 
 /// Splits `query: [..] key: [..]` (a forgotten comma) into two entries, reporting the comma.
@@ -262,6 +357,28 @@ fn split_missing_commas(
         );
         let after_attribute =
             matches!(&tokens[i - 2], TokenTree::Punct(hash) if hash.as_char() == '#');
+        // `query: [..] | key: [..]`, `query: [..]. key: [..]`: another separator than `,`.
+        let separator = match (&tokens[i - 1], &tokens[i], &tokens[i + 1]) {
+            (TokenTree::Punct(sep), TokenTree::Ident(_), TokenTree::Punct(colon))
+                if matches!(sep.as_char(), '|' | '.' | '/' | '&')
+                    && colon.as_char() == ':'
+                    && colon.spacing() == proc_macro2::Spacing::Alone =>
+            {
+                Some(sep)
+            }
+            _ => None,
+        };
+        if let Some(sep) = separator
+            && i > start + 2
+        {
+            errors.push(syn::Error::new(
+                sep.span(),
+                format!("entries are separated by `,`, not `{}`", sep.as_char()),
+            ));
+            entries.push(tokens[start..i - 1].to_vec());
+            start = i;
+            continue;
+        }
         if starts_entry && !after_attribute && i > start + 1 {
             errors.push(syn::Error::new(
                 tokens[i].span(),
@@ -363,6 +480,27 @@ fn parse_term(tokens: &[TokenTree], empty_span: Span) -> Term {
             })
         }
         [TokenTree::Ident(ident)] => Term::Ident(ident.clone()),
+        [TokenTree::Ident(name), TokenTree::Group(group)]
+            if group.delimiter() == Delimiter::Parenthesis =>
+        {
+            let args = split_commas(group.stream())
+                .into_iter()
+                .map(|(tokens, comma)| {
+                    let tokens: TokenStream = tokens.into_iter().collect();
+                    let span = if tokens.is_empty() {
+                        comma
+                    } else {
+                        tokens.span()
+                    };
+                    Arg { tokens, span }
+                })
+                .collect();
+            Term::Call {
+                name: name.clone(),
+                span: group.span(),
+                args,
+            }
+        }
         [TokenTree::Literal(literal)] => Term::Lit {
             minus: None,
             lit: Lit::new(literal.clone()),

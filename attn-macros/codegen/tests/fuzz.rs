@@ -74,7 +74,8 @@ fn check(source: &str, reached: &AtomicUsize) -> Result<(), TestCaseError> {
 
 fn dim_name() -> impl Strategy<Value = String> {
     prop::sample::select(vec![
-        "B", "B2", "T", "S", "H", "D", "Dv", "X", "batch", "len", "f32", "_", "H1",
+        "B", "B2", "T", "S", "H", "G", "D", "Dv", "X", "batch", "len", "heads", "seq", "Nh", "f32",
+        "_", "H1",
     ])
     .prop_map(str::to_owned)
 }
@@ -118,10 +119,11 @@ fn value_for(key: &'static str) -> BoxedStrategy<String> {
     let main: BoxedStrategy<String> = match key {
         "query" | "key" | "value" | "bias" => shape().boxed(),
         "mask" => prop_oneof![
-            Just("causal".to_owned()),
-            shape(),
-            shape().prop_map(|s| format!("causal + {s}")),
-            shape().prop_map(|s| format!("{s} + {s} + causal")),
+            1 => Just("causal".to_owned()),
+            1 => shape(),
+            1 => shape().prop_map(|s| format!("causal + {s}")),
+            1 => shape().prop_map(|s| format!("{s} + {s} + causal")),
+            3 => mask_terms(1..5),
         ]
         .boxed(),
         "dropout_rate" => prop::sample::select(vec![
@@ -132,9 +134,29 @@ fn value_for(key: &'static str) -> BoxedStrategy<String> {
         "scale" => prop::sample::select(vec!["0.125", "1", "0", "-1.0", "1e400"])
             .prop_map(str::to_owned)
             .boxed(),
-        "dtype" => prop::sample::select(vec!["f32", "f64", "bf16", "f16", "float16", "i32"])
-            .prop_map(str::to_owned)
-            .boxed(),
+        "dtype" => prop::sample::select(vec![
+            "f32",
+            "f64",
+            "bf16",
+            "f16",
+            "float16",
+            "i32",
+            "jnp.bfloat16",
+            "jax.numpy.float32",
+            "np.float16",
+            "np.int8",
+            "torch.float32",
+            "torch::kFloat16",
+            "tf.float64",
+            "\"float32\"",
+            "\"jnp.bfloat16\"",
+            "np.dtype(\"f4\")",
+            "jnp.",
+            ".float32",
+            "np..float16",
+        ])
+        .prop_map(str::to_owned)
+        .boxed(),
         "precision" => prop::sample::select(vec!["default", "high", "highest", "HIGHEST", "max"])
             .prop_map(str::to_owned)
             .boxed(),
@@ -143,6 +165,86 @@ fn value_for(key: &'static str) -> BoxedStrategy<String> {
             .boxed(),
     };
     prop_oneof![6 => main, 1 => any_value].boxed()
+}
+
+/// Mask terms joined by `+`, or now and then by another operator or separator (`&`, `|`, `,`,
+/// nothing), as written by someone used to another library.
+fn mask_terms(count: std::ops::Range<usize>) -> impl Strategy<Value = String> {
+    let join = prop::sample::select(vec![
+        " + ", " + ", " + ", " + ", " + ", " & ", " | ", ", ", " ",
+    ]);
+    prop::collection::vec((mask_term(), join), count).prop_map(|terms| {
+        let mut text = String::new();
+        for (i, (term, join)) in terms.iter().enumerate() {
+            if i > 0 {
+                text.push_str(join);
+            }
+            text.push_str(term);
+        }
+        text
+    })
+}
+
+/// One term of a mask (issue 13's grammar, right and wrong): joined by `+` in `value_for`.
+fn mask_term() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => prop::sample::select(vec![
+            "causal",
+            "causal(top_left)",
+            "causal(bottom_right)",
+            "causal(offset = 3)",
+            "causal(offset = -2)",
+            "causal(offset = 0)",
+            "window(512, 0)",
+            "window(0, 0)",
+            "window(4, 4, bottom_right)",
+            "window(2, 1, offset = -1)",
+            "query_lengths",
+            "kv_lengths",
+            "segment_ids",
+        ])
+        .prop_map(str::to_owned),
+        2 => prop::sample::select(vec![
+            "causal()",
+            "causal(offset)",
+            "causal(offset = )",
+            "causal(offset = 1.5)",
+            "causal(offset = 99999999999999999999)",
+            "causal(lower_right)",
+            "causal(bottom_right, top_left)",
+            "causal(offset = 1, bottom_right)",
+            "causal[bottom_right]",
+            "window",
+            "window()",
+            "window(512)",
+            "window(-1, 0)",
+            "window(1, 2, 3)",
+            "window(1, 2, sideways)",
+            "window(L, 0)",
+            "window(18446744073709551616, 0)",
+            "window(1,, 2)",
+            "window(, 2)",
+            "window(1, 2,)",
+            "window(,)",
+            "causal(,)",
+            "causal(bottom_right,)",
+            "window(1; 2)",
+            "causal[bottom_right]",
+            "window(4096 0)",
+            "lengths",
+            "lengths(query)",
+            "query_lengths(B)",
+            "segments",
+            "segment_ids[B, T]",
+            "is_causal",
+            "make_causal_mask(x)",
+            "causal(bottom_right) causal",
+            "-causal",
+            "1",
+        ])
+        .prop_map(str::to_owned),
+        1 => shape(),
+    ]
 }
 
 fn entry() -> impl Strategy<Value = String> {
@@ -180,15 +282,66 @@ fn declaration() -> impl Strategy<Value = String> {
         "pub Layer",
         "struct",
     ]);
-    (header, prop::collection::vec(entry(), 0..12), any::<bool>()).prop_map(
-        |(header, entries, trailing)| {
-            let mut body = entries.join(",\n    ");
-            if trailing {
-                body.push(',');
+    // Mostly `,` between entries; sometimes another framework's or language's separator.
+    let separator = prop::sample::select(vec![",", ",", ",", ",", ",", ",", ";", "|", "", "."]);
+    let entries = prop::collection::vec((entry(), separator), 0..12);
+    (header, entries, any::<bool>()).prop_map(|(header, entries, trailing)| {
+        let mut body = String::new();
+        for (i, (entry, separator)) in entries.iter().enumerate() {
+            if i > 0 {
+                body.push_str(separator);
+                body.push_str("\n    ");
             }
-            format!("{header} {{\n    {body}\n}}")
-        },
-    )
+            body.push_str(entry);
+        }
+        if trailing {
+            body.push(',');
+        }
+        format!("{header} {{\n    {body}\n}}")
+    })
+}
+
+/// A grouped-query layer with static or run-time heads (dividing or not), any other layout of
+/// its shapes, and a structured mask: the declarations of issue 13.
+fn gqa_declaration() -> impl Strategy<Value = String> {
+    let heads = prop::sample::select(vec!["H", "H = 32", "H = 12", "H = 0", "32"]);
+    let kv_heads = prop::sample::select(vec!["G", "G = 8", "G = 5", "G = 1", "H", "8", "G = 0"]);
+    let layout = any::<u8>();
+    let mask = prop::option::of(mask_terms(1..4));
+    (heads, kv_heads, layout, mask).prop_map(|(heads, kv_heads, layout, mask)| {
+        // Flax's layout, PyTorch's, or one operand in each.
+        let q = |len: &str, h: &str| match layout % 3 {
+            0 | 2 => format!("[B, {len}, {h}, D = 128]"),
+            _ => format!("[B, {h}, {len}, D = 128]"),
+        };
+        let kv = |len: &str, h: &str| match layout % 3 {
+            0 => format!("[B, {len}, {h}, D]"),
+            _ => format!("[B, {h}, {len}, D]"),
+        };
+        let g = kv_heads.split(' ').next().unwrap_or("G");
+        let mut body = format!(
+            "query: {}, key: {}, value: {}",
+            q("T", heads),
+            kv("S", kv_heads),
+            kv("S", g)
+        );
+        if let Some(terms) = mask {
+            body.push_str(&format!(", mask: {terms}"));
+        }
+        format!("pub struct Gqa {{ {body} }}")
+    })
+}
+
+#[test]
+fn gqa_and_structured_masks_never_panic_and_errors_are_spanned() {
+    let reached = AtomicUsize::new(0);
+    runner(2000)
+        .run(&gqa_declaration(), |source| check(&source, &reached))
+        .unwrap();
+    eprintln!(
+        "fuzz: {} grouped-query declarations reached the macro",
+        reached.load(Ordering::Relaxed)
+    );
 }
 
 #[test]
@@ -257,8 +410,44 @@ enum Mutation {
 }
 
 const REPLACEMENTS: &[&str] = &[
-    "[", "]", ",", ":", "=", "+", "-", ";", "#", "B", "T", "H", "causal", "1", "0", "64", "1.5",
-    "true", "query", "key", "value", "mask", "bias", "dtype", "f64", "struct", "pub",
+    "[",
+    "]",
+    ",",
+    ":",
+    "=",
+    "+",
+    "-",
+    ";",
+    "#",
+    "B",
+    "T",
+    "H",
+    "causal",
+    "1",
+    "0",
+    "64",
+    "1.5",
+    "true",
+    "query",
+    "key",
+    "value",
+    "mask",
+    "bias",
+    "dtype",
+    "f64",
+    "struct",
+    "pub",
+    "G",
+    "heads",
+    "window",
+    "bottom_right",
+    "offset",
+    "query_lengths",
+    "kv_lengths",
+    "segment_ids",
+    "jnp",
+    ".",
+    "|",
 ];
 
 fn mutation() -> impl Strategy<Value = Mutation> {

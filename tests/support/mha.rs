@@ -216,9 +216,23 @@ impl Case {
         self.params["module"]["decode"].as_bool().unwrap_or(false)
     }
 
+    /// The case's checkpoint file names (msgpack, and safetensors where present), relative to
+    /// the case directory.
+    pub fn checkpoint_files(&self) -> (&str, Option<&str>) {
+        (
+            &self.checkpoint.msgpack,
+            self.checkpoint.safetensors.as_deref(),
+        )
+    }
+
+    /// Whether the case runs Flax's `decode=True` steps.
+    pub fn decodes(&self) -> bool {
+        self.is_decode()
+    }
+
     /// Input features (q, k, v) from the input shapes (`inputs_k` defaults to `inputs_q`,
     /// `inputs_v` to `inputs_k`).
-    fn features(&self) -> Result<InFeatures, String> {
+    pub fn features(&self) -> Result<InFeatures, String> {
         let last = |name: &str| -> Option<usize> {
             self.inputs
                 .get(name)

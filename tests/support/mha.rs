@@ -91,6 +91,26 @@ impl Outcome {
         self.error.is_none() && !self.checks.is_empty() && self.checks.iter().all(Check::passed)
     }
 
+    /// What the run compared: the tensors by name, the loaded parameters as a count (e.g.
+    /// `output, attention_weights, 8 params`).
+    pub fn checked(&self) -> String {
+        let params = self
+            .checks
+            .iter()
+            .filter(|c| c.tensor.starts_with("params/"))
+            .count();
+        let mut names: Vec<String> = self
+            .checks
+            .iter()
+            .filter(|c| !c.tensor.starts_with("params/"))
+            .map(|c| c.tensor.clone())
+            .collect();
+        if params > 0 {
+            names.push(format!("{params} params bit-exact"));
+        }
+        names.join(", ")
+    }
+
     fn worst(&self) -> f64 {
         self.checks
             .iter()
@@ -205,7 +225,8 @@ impl Case {
         &self.name
     }
 
-    fn input(&self, name: &str) -> Result<Option<Array>, String> {
+    /// An input tensor of the case (`None` when absent or null).
+    pub fn input(&self, name: &str) -> Result<Option<Array>, String> {
         match self.inputs.get(name) {
             Some(Some(t)) => to_array(t).map(Some),
             _ => Ok(None),
@@ -223,6 +244,14 @@ impl Case {
             &self.checkpoint.msgpack,
             self.checkpoint.safetensors.as_deref(),
         )
+    }
+
+    /// An expected tensor of the case (Flax's result; `None` when absent or null).
+    pub fn expected(&self, name: &str) -> Result<Option<Array>, String> {
+        match self.expected.get(name) {
+            Some(Some(t)) => to_array(t).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// Whether the case runs Flax's `decode=True` steps.

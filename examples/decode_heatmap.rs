@@ -18,7 +18,6 @@
 //! stay visible). Row `t` is zero right of column `t` (causal over the cache).
 
 #[path = "../tests/support/mha.rs"]
-#[allow(dead_code)]
 mod mha;
 
 use std::path::{Path, PathBuf};

@@ -337,7 +337,8 @@ fn safetensors_missing_misshaped_and_mistyped_parameters_name_their_path() {
         .into_iter()
         .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
         .collect();
-    let write = |edit: &dyn Fn(&str, &mut Dtype, &mut Vec<usize>, &mut Vec<u8>) -> bool| {
+    type Edit<'e> = &'e dyn Fn(&str, &mut Dtype, &mut Vec<usize>, &mut Vec<u8>) -> bool;
+    let write = |edit: Edit<'_>| {
         let mut owned = Vec::new();
         for (k, d, s, b) in &tensors {
             let (mut d, mut s, mut b) = (*d, s.clone(), b.clone());

@@ -278,7 +278,7 @@ fn cases() -> Vec<Case> {
             error(AttnError::Axis {
                 tensor: "key",
                 axis: "heads (axis -2)".into(),
-                expected: "2, as in query".into(),
+                expected: "2, as in query, or a divisor of it (grouped-query attention)".into(),
                 found: 3,
             }),
         ),
@@ -308,7 +308,7 @@ fn cases() -> Vec<Case> {
             error(AttnError::Axis {
                 tensor: "value",
                 axis: "heads (axis -2)".into(),
-                expected: "2, as in query".into(),
+                expected: "2, as in key".into(),
                 found: 1,
             }),
         ),

@@ -91,6 +91,26 @@ impl Outcome {
         self.error.is_none() && !self.checks.is_empty() && self.checks.iter().all(Check::passed)
     }
 
+    /// What the run compared: the tensors by name, the loaded parameters as a count (e.g.
+    /// `output, attention_weights, 8 params`).
+    pub fn checked(&self) -> String {
+        let params = self
+            .checks
+            .iter()
+            .filter(|c| c.tensor.starts_with("params/"))
+            .count();
+        let mut names: Vec<String> = self
+            .checks
+            .iter()
+            .filter(|c| !c.tensor.starts_with("params/"))
+            .map(|c| c.tensor.clone())
+            .collect();
+        if params > 0 {
+            names.push(format!("{params} params bit-exact"));
+        }
+        names.join(", ")
+    }
+
     fn worst(&self) -> f64 {
         self.checks
             .iter()
@@ -102,12 +122,11 @@ impl Outcome {
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let verdict = if self.passed() { "PASS" } else { "FAIL" };
-        let checked: Vec<&str> = self.checks.iter().map(|c| c.tensor.as_str()).collect();
         write!(
             f,
             "{:<52} {verdict}  checked {:<32} worst |err|/tol = {:.3}",
             self.name,
-            checked.join(", "),
+            self.checked(),
             self.worst()
         )?;
         if let Some(e) = &self.error {
@@ -207,7 +226,8 @@ impl Case {
         &self.name
     }
 
-    fn input(&self, name: &str) -> Result<Option<Array>, String> {
+    /// An input tensor of the case (`None` when absent or null).
+    pub fn input(&self, name: &str) -> Result<Option<Array>, String> {
         match self.inputs.get(name) {
             Some(Some(t)) => to_array(t).map(Some),
             _ => Ok(None),
@@ -218,9 +238,31 @@ impl Case {
         self.params["module"]["decode"].as_bool().unwrap_or(false)
     }
 
+    /// The case's checkpoint file names (msgpack, and safetensors where present), relative to
+    /// the case directory.
+    pub fn checkpoint_files(&self) -> (&str, Option<&str>) {
+        (
+            &self.checkpoint.msgpack,
+            self.checkpoint.safetensors.as_deref(),
+        )
+    }
+
+    /// An expected tensor of the case (Flax's result; `None` when absent or null).
+    pub fn expected(&self, name: &str) -> Result<Option<Array>, String> {
+        match self.expected.get(name) {
+            Some(Some(t)) => to_array(t).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether the case runs Flax's `decode=True` steps.
+    pub fn decodes(&self) -> bool {
+        self.is_decode()
+    }
+
     /// Input features (q, k, v) from the input shapes (`inputs_k` defaults to `inputs_q`,
     /// `inputs_v` to `inputs_k`).
-    fn features(&self) -> Result<InFeatures, String> {
+    pub fn features(&self) -> Result<InFeatures, String> {
         let last = |name: &str| -> Option<usize> {
             self.inputs
                 .get(name)

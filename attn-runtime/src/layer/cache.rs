@@ -14,7 +14,7 @@ use crate::array::{Array, ArrayData};
 use crate::context::Context;
 use crate::element::DType;
 use crate::error::{AttnError, num_elements};
-use crate::flax::combine_masks;
+use crate::kernel::Align;
 
 /// A key/value cache for [`MultiHeadDotProductAttention::decode`]: `cached_key` and
 /// `cached_value` `[batch.., capacity, kv_heads, head_dim]` in the dtype of the projected keys
@@ -193,6 +193,17 @@ impl MultiHeadDotProductAttention {
                 requested: n,
             });
         }
+        if cache.sliding && n > cache.capacity {
+            return Err(AttnError::Axis {
+                tensor: "inputs",
+                axis: "length (axis -2)".into(),
+                expected: format!(
+                    "at most {} tokens, the sliding window (prefill a longer prompt in chunks)",
+                    cache.capacity
+                ),
+                found: n,
+            });
+        }
         if let Some(k) = &cache.key {
             let s = k.shape();
             if s[..s.len() - 3] != batch[..] {
@@ -205,6 +216,28 @@ impl MultiHeadDotProductAttention {
                     found: inputs.shape().to_vec(),
                 });
             }
+            let want = self.key_dtype(inputs.dtype());
+            if k.dtype() != want {
+                return Err(AttnError::DType {
+                    tensor: "cache (the keys these inputs project to)",
+                    expected: k.dtype(),
+                    found: want,
+                });
+            }
+        }
+        if let Some(m) = mask
+            && m.ndim() != batch.len() + 3
+        {
+            // Flax's `combine_masks` asserts equal ranks with the causal mask.
+            return Err(AttnError::Rank {
+                tensor: "mask",
+                expected: format!(
+                    "{}: [batch.., heads or 1, length or 1, capacity], as Flax's combine_masks \
+                     requires in decode",
+                    batch.len() + 3
+                ),
+                found: m.shape().to_vec(),
+            });
         }
         if cache.sliding && n > 1 {
             // Token by token: a later token of the chunk may overwrite a slot an earlier one
@@ -229,17 +262,8 @@ impl MultiHeadDotProductAttention {
         let v = self.project_value(&inputs, &batch, n)?;
         let cap = cache.capacity;
         let cur = cache.index;
-        // The causal rule over the slots, `[1.., 1, n, capacity]`: query i sees slot j <= cur + i
-        // (for a ring buffer, every written slot once it has wrapped).
-        let visible: Vec<bool> = (0..n)
-            .flat_map(|i| (0..cap).map(move |j| j <= cur + i))
-            .collect();
-        let mut causal_shape = vec![1; batch.len()];
-        causal_shape.extend_from_slice(&[1, n, cap]);
-        let causal = Array::new(visible, causal_shape)?;
-        let combined = combine_masks(&[mask, Some(&causal)], DType::Bool)?;
-        // Write into copies only when the cache is new; otherwise write in place and undo on
-        // error.
+        // Write into new zero arrays when the cache is new; otherwise write in place and undo
+        // on error.
         let kv_row = self.dims.kv_heads * self.dims.head_dim;
         let nb = num_elements("inputs", &batch)?;
         let mut cache_shape = batch.clone();
@@ -254,12 +278,19 @@ impl MultiHeadDotProductAttention {
         };
         let slot = |t: usize| (cur + t) % cap;
         // The slots' old contents, to restore on error.
-        let old_k = gather(&ck, nb, cap, n, kv_row, slot)?;
-        let old_v = gather(&cv, nb, cap, n, kv_row, slot)?;
+        let old_k = read_slots(ck.data(), nb, cap, n, kv_row, slot);
+        let old_v = read_slots(cv.data(), nb, cap, n, kv_row, slot);
         let mut run = || -> Result<Array, AttnError> {
             write_slots(ck.data_mut(), k.data(), nb, cap, n, kv_row, slot)?;
             write_slots(cv.data_mut(), v.data(), nb, cap, n, kv_row, slot)?;
-            let o = self.attend(&q, &ck, &cv, combined.as_ref(), ctx)?;
+            // The causal rule over the slots, as a structured term (no mask is built): query
+            // `i` sits at position `cur + i` and sees the slots `j <= cur + i` (for a ring
+            // buffer, every written slot once it has wrapped). The kernels skip the slots
+            // after it, so a call costs what is filled, not the capacity, unless a row is
+            // fully masked by the user mask (then it is uniform over all `capacity` slots,
+            // as in Flax).
+            let causal = Align::Offset(i64::try_from(cur).unwrap_or(i64::MAX));
+            let o = self.attend(&q, &ck, &cv, mask, Some(causal), ctx)?;
             self.project_out(&o)
         };
         match run() {
@@ -271,8 +302,8 @@ impl MultiHeadDotProductAttention {
             }
             Err(e) => {
                 if !fresh {
-                    let _ = write_slots(ck.data_mut(), old_k.data(), nb, cap, n, kv_row, slot);
-                    let _ = write_slots(cv.data_mut(), old_v.data(), nb, cap, n, kv_row, slot);
+                    let _ = write_slots(ck.data_mut(), &old_k, nb, cap, n, kv_row, slot);
+                    let _ = write_slots(cv.data_mut(), &old_v, nb, cap, n, kv_row, slot);
                     cache.key = Some(ck);
                     cache.value = Some(cv);
                 }
@@ -283,23 +314,33 @@ impl MultiHeadDotProductAttention {
 }
 
 /// The `[batch, n, row]` contents of the slots `slot(0..n)` of a `[batch, cap, row]` array.
-fn gather(
-    a: &Array,
+fn read_slots(
+    a: &ArrayData,
     batch: usize,
     cap: usize,
     n: usize,
     row: usize,
     slot: impl Fn(usize) -> usize,
-) -> Result<Array, AttnError> {
-    let vals = a.to_f64_vec();
-    let mut out = Vec::with_capacity(batch * n * row);
-    for b in 0..batch {
-        for t in 0..n {
-            let from = (b * cap + slot(t)) * row;
-            out.extend_from_slice(&vals[from..from + row]);
-        }
+) -> ArrayData {
+    macro_rules! read {
+        ($v:expr, $variant:ident) => {{
+            let mut out = Vec::with_capacity(batch * n * row);
+            for b in 0..batch {
+                for t in 0..n {
+                    let from = (b * cap + slot(t)) * row;
+                    out.extend_from_slice(&$v[from..from + row]);
+                }
+            }
+            ArrayData::$variant(out)
+        }};
     }
-    Array::from_f64(a.dtype(), &out, [batch, n, row])
+    match a {
+        ArrayData::F64(v) => read!(v, F64),
+        ArrayData::BF16(v) => read!(v, BF16),
+        ArrayData::F16(v) => read!(v, F16),
+        ArrayData::F32(v) => read!(v, F32),
+        other => other.clone(),
+    }
 }
 
 /// Token `t` of `[batch.., n, e]` as `[batch.., 1, e]`.

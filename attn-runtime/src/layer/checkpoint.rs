@@ -236,7 +236,13 @@ fn chunked(node: &ValueRef<'_>, path: &str) -> Result<Array, AttnError> {
         values.extend(a.to_f64_vec());
     }
     let dtype = dtype.unwrap_or(DType::F32);
-    let n = num_elements("checkpoint", &shape)?;
+    let n = num_elements("checkpoint", &shape).map_err(|_| {
+        corrupt(
+            path,
+            "a shape whose element count fits in memory",
+            format!("shape {shape:?}"),
+        )
+    })?;
     if n != values.len() {
         return Err(corrupt(
             path,
@@ -256,7 +262,13 @@ fn decode(path: &str, dtype: &str, shape: &[usize], buf: &[u8]) -> Result<Array,
             format!("dtype {dtype:?}"),
         ));
     };
-    let n = num_elements("checkpoint", shape)?;
+    let n = num_elements("checkpoint", shape).map_err(|_| {
+        corrupt(
+            path,
+            "a shape whose element count fits in memory",
+            format!("shape {shape:?}"),
+        )
+    })?;
     let size = match dt {
         DType::F64 => 8,
         DType::F32 | DType::I32 => 4,

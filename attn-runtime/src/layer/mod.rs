@@ -30,7 +30,6 @@ pub use params::{Dense, Dims, InFeatures, MhaConfig, MhaParams};
 pub use view::into_ndarray;
 pub use view::{ArrayRef, Floats, LayerElement};
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::array::Array;
@@ -38,6 +37,7 @@ use crate::context::Context;
 use crate::element::DType;
 use crate::error::AttnError;
 use crate::flax::{FlaxArgs, dot_product_attention};
+use crate::kernel::Align;
 use projection::{dense, dense_dtype, floats_of, layer_norm};
 
 /// Flax's `MultiHeadDotProductAttention` with its parameters.
@@ -190,7 +190,7 @@ impl MultiHeadDotProductAttention {
         let q = self.project_query(&inputs_q, &batch, lq)?;
         let k = self.project_key(k_in, &batch, lk)?;
         let v = self.project_value(v_in, &batch, lk)?;
-        let o = self.attend(&q, &k, &v, mask, ctx)?;
+        let o = self.attend(&q, &k, &v, mask, None, ctx)?;
         self.project_out(&o)
     }
 
@@ -298,26 +298,21 @@ impl MultiHeadDotProductAttention {
         self.project("value", x, b, l, &p.value, self.dims.kv_heads, None)
     }
 
-    /// Flax's `dot_product_attention` with the layer's options (no bias).
+    /// Flax's `dot_product_attention` with the layer's options (no bias). GQA key/value
+    /// `[.., K, D]` go to the kernel as they are (query head `n` reads key/value head `n /
+    /// (H / K)`): no head is repeated or copied.
     fn attend(
         &self,
         q: &Array,
         k: &Array,
         v: &Array,
         mask: Option<&Array>,
+        causal: Option<Align>,
         ctx: &mut Context<'_>,
     ) -> Result<Array, AttnError> {
         let c = &self.config;
         // Flax's merge_param: only consulted when dropout can happen.
         let deterministic = c.dropout_rate <= 0.0 || c.deterministic.unwrap_or(ctx.deterministic);
-        let (k, v) = if self.dims.kv_heads == self.dims.heads {
-            (Cow::Borrowed(k), Cow::Borrowed(v))
-        } else {
-            (
-                Cow::Owned(repeat_heads(k, self.dims.heads)?),
-                Cow::Owned(repeat_heads(v, self.dims.heads)?),
-            )
-        };
         let mut args = FlaxArgs {
             mask,
             broadcast_dropout: c.broadcast_dropout,
@@ -330,12 +325,13 @@ impl MultiHeadDotProductAttention {
             force_fp32_for_softmax: c.force_fp32_for_softmax,
             pool: ctx.pool,
             bias: None,
+            causal,
             ..FlaxArgs::default()
         };
         if let Some(s) = &mut ctx.sow {
             args.module = Some(&mut **s);
         }
-        dot_product_attention(q, &k, &v, args)
+        dot_product_attention(q, k, v, args)
     }
 
     /// `DenseGeneral(features=F, axis=(-2, -1))` of `o [batch.., len, heads, D]`.
@@ -371,24 +367,4 @@ impl MultiHeadDotProductAttention {
             _ => d,
         }
     }
-}
-
-/// `[batch.., len, K, D]` -> `[batch.., len, H, D]`, head `n` a copy of kv head `n / (H / K)`.
-/// (Until the kernels take key/value heads themselves.)
-fn repeat_heads(a: &Array, heads: usize) -> Result<Array, AttnError> {
-    let s = a.shape();
-    let r = s.len();
-    let (kv, d) = (s[r - 2], s[r - 1]);
-    let group = heads / kv.max(1);
-    let vals = a.to_f64_vec();
-    let mut out = Vec::with_capacity(vals.len() * group);
-    for row in vals.chunks_exact((kv * d).max(1)) {
-        for n in 0..heads {
-            let g = n / group.max(1);
-            out.extend_from_slice(&row[g * d..(g + 1) * d]);
-        }
-    }
-    let mut shape = s.to_vec();
-    shape[r - 2] = heads;
-    Array::from_f64(a.dtype(), &out, shape)
 }

@@ -1,6 +1,6 @@
 //! Every Flax conformance case (../shared/conformance/cases, or `$ATTN_CONFORMANCE_DIR`) through
 //! the public Flax-style API: dtype, shape and the stored tolerance of every expected tensor.
-//! Fails when no case file is found. Gradients (`grads`) are skipped: no backward pass yet.
+//! Fails when no case file is found. Gradients (`grads`) are checked by `conformance_grads.rs`.
 
 #[path = "support/conformance.rs"]
 mod conformance;

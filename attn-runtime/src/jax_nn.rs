@@ -22,7 +22,8 @@ use crate::element::{DType, Element};
 use crate::error::{AttnError, num_elements, try_filled};
 use std::borrow::Cow;
 
-use crate::kernel::{self, Align, Broadcast, Geometry, JaxOptions, Mask, Window};
+use crate::flax::AttentionGrads;
+use crate::kernel::{self, Align, Broadcast, Geometry, Grads, JaxOptions, Mask, Window};
 use crate::sow::Sow;
 
 /// The keyword arguments of `jax.nn.dot_product_attention`. `JaxArgs::default()` has jax's
@@ -72,13 +73,45 @@ pub fn dot_product_attention(
     value: &Array,
     args: JaxArgs<'_>,
 ) -> Result<JaxOutput, AttnError> {
+    match dispatch(query, key, value, None, args)? {
+        Computed::Forward(o) => Ok(o),
+        Computed::Grads(_) => unreachable!("a forward call computed gradients"),
+    }
+}
+
+/// The vector–Jacobian product of [`dot_product_attention`] (same arguments; `return_residual`
+/// is ignored): given the cotangent of the output (the query's shape and dtype), the gradients
+/// of query, key, value (summed over each group's query heads) and bias (its shape as passed).
+/// Padded query rows (`query_seq_lengths`) pass no gradient, as in jax. A sow sink selects the
+/// materialized backward (nothing is sown).
+pub fn dot_product_attention_vjp(
+    query: &Array,
+    key: &Array,
+    value: &Array,
+    cotangent: &Array,
+    mut args: JaxArgs<'_>,
+) -> Result<AttentionGrads, AttnError> {
+    args.return_residual = false;
+    match dispatch(query, key, value, Some(cotangent), args)? {
+        Computed::Grads(g) => Ok(g),
+        Computed::Forward(_) => unreachable!("a backward call computed no gradients"),
+    }
+}
+
+fn dispatch(
+    query: &Array,
+    key: &Array,
+    value: &Array,
+    cotangent: Option<&Array>,
+    args: JaxArgs<'_>,
+) -> Result<Computed, AttnError> {
     let shapes = Shapes::of(query, key, value)?;
     let dtype = query.dtype();
     match dtype {
-        DType::F32 => run::<f32>(query, key, value, &shapes, args),
-        DType::F64 => run::<f64>(query, key, value, &shapes, args),
-        DType::BF16 => run::<half::bf16>(query, key, value, &shapes, args),
-        _ => run::<half::f16>(query, key, value, &shapes, args),
+        DType::F32 => run::<f32>(query, key, value, cotangent, &shapes, args),
+        DType::F64 => run::<f64>(query, key, value, cotangent, &shapes, args),
+        DType::BF16 => run::<half::bf16>(query, key, value, cotangent, &shapes, args),
+        _ => run::<half::f16>(query, key, value, cotangent, &shapes, args),
     }
 }
 
@@ -278,9 +311,10 @@ fn run<E: Element>(
     query: &Array,
     key: &Array,
     value: &Array,
+    cotangent: Option<&Array>,
     s: &Shapes,
     args: JaxArgs<'_>,
-) -> Result<JaxOutput, AttnError> {
+) -> Result<Computed, AttnError> {
     let bias_shape = args.bias.map(|b| rank4("bias", b, s)).transpose()?;
     let mask_shape = args.mask.map(|m| rank4("mask", m, s)).transpose()?;
     if let Some(m) = args.mask
@@ -373,6 +407,54 @@ fn run<E: Element>(
         sow: args.module,
         pool: args.pool,
     };
+    if let Some(c) = cotangent {
+        if c.shape() != query.shape() {
+            return Err(AttnError::InvalidArgument {
+                argument: "cotangent",
+                reason: format!(
+                    "expected the shape of the output, {:?}, found {:?}",
+                    query.shape(),
+                    c.shape()
+                ),
+            });
+        }
+        if c.dtype() != E::DTYPE {
+            return Err(AttnError::DType {
+                tensor: "cotangent",
+                expected: E::DTYPE,
+                found: c.dtype(),
+            });
+        }
+        let c = cast::<E>("cotangent", c)?;
+        let t = Tensors {
+            q: &q,
+            k: &k,
+            v: &v,
+        };
+        let grads = match (&bias_f32, &bias_f64, &bias_shape) {
+            (Some(b), _, Some(shape)) => {
+                let b = Broadcast::new("bias", b, shape)?;
+                vjp(&geom, t, Some(&b), &mask, &opts, &mut ctx, &c)?
+            }
+            (_, Some(b), Some(shape)) => {
+                let b = Broadcast::new("bias", b, shape)?;
+                vjp(&geom, t, Some(&b), &mask, &opts, &mut ctx, &c)?
+            }
+            _ => vjp::<E, f32>(&geom, t, None, &mask, &opts, &mut ctx, &c)?,
+        };
+        let (gq, gk, gv, gb) = grads;
+        let arr = |g: Vec<E>, like: &Array| Array::new(g, like.shape().to_vec());
+        let bias = match (gb, args.bias) {
+            (Some(g), Some(b)) => Some(Array::from_f64(b.dtype(), &g, b.shape().to_vec())?),
+            _ => None,
+        };
+        return Ok(Computed::Grads(AttentionGrads {
+            query: arr(gq, query)?,
+            key: arr(gk, key)?,
+            value: Some(arr(gv, value)?),
+            bias,
+        }));
+    }
     let out_len = num_elements("output", query.shape())?;
     let mut out = try_filled("output", out_len, E::default())?;
     let mut residual = if args.return_residual {
@@ -432,5 +514,47 @@ fn run<E: Element>(
             Array::new(r, shape)
         })
         .transpose()?;
-    Ok(JaxOutput { output, residual })
+    Ok(Computed::Forward(JaxOutput { output, residual }))
+}
+
+/// Query, key and value of a call in the input dtype.
+struct Tensors<'t, E> {
+    q: &'t [E],
+    k: &'t [E],
+    v: &'t [E],
+}
+
+/// The gradients of query, key, value (input dtype) and bias (as f64 values).
+type Vjp<E> = (Vec<E>, Vec<E>, Vec<E>, Option<Vec<f64>>);
+
+fn vjp<E: Element, B: Element>(
+    geom: &Geometry<'_, usize, usize, usize, usize>,
+    t: Tensors<'_, E>,
+    bias: Option<&Broadcast<'_, B>>,
+    mask: &Mask<'_>,
+    opts: &JaxOptions,
+    ctx: &mut Context<'_>,
+    cotangent: &[E],
+) -> Result<Vjp<E>, AttnError> {
+    let mut gq = try_filled("grad query", t.q.len(), E::default())?;
+    let mut gk = try_filled("grad key", t.k.len(), E::default())?;
+    let mut gv = try_filled("grad value", t.v.len(), E::default())?;
+    let mut gb = bias
+        .map(|b| try_filled("grad bias", b.data().len(), B::default()))
+        .transpose()?;
+    let grads = Grads {
+        query: &mut gq,
+        key: &mut gk,
+        value: &mut gv,
+        bias: gb.as_deref_mut(),
+    };
+    kernel::jax_attention_backward(geom, t.q, t.k, t.v, bias, mask, opts, ctx, cotangent, grads)?;
+    let gb = gb.map(|g| g.iter().map(|x| x.to_f64()).collect());
+    Ok((gq, gk, gv, gb))
+}
+
+/// What [`run`] computes.
+enum Computed {
+    Forward(JaxOutput),
+    Grads(AttentionGrads),
 }

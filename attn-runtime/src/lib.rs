@@ -32,7 +32,8 @@ pub use dim::{Const, ConstDim, Dim, DimEq, Shape};
 pub use element::{DType, Element, Scalar};
 pub use error::AttnError;
 pub use flax::{
-    FlaxArgs, PairwiseFn, combine_masks, dot_product_attention, dot_product_attention_weights,
+    AttentionGrads, FlaxArgs, PairwiseFn, combine_masks, dot_product_attention,
+    dot_product_attention_vjp, dot_product_attention_weights, dot_product_attention_weights_vjp,
     make_attention_mask, make_causal_mask,
 };
 pub use kernel::{Broadcast, Geometry, Mask, Options, Precision};

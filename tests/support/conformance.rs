@@ -3,7 +3,7 @@
 //! same dtype, same shape, and `|actual - expected| <= atol + rtol·|expected|` element by
 //! element. Shared by `tests/conformance.rs` and `examples/conformance.rs`.
 //!
-//! `grads` are skipped: attn has no backward pass yet.
+//! `grads` are checked by `tests/conformance_grads.rs` (runner `tests/support/grads.rs`).
 //!
 //! `tests/layers.rs` runs cases through `attention!`-generated layers instead, with
 //! [`load`], [`Case::input`] and [`run_case_with`]; items one user of this file does not need

@@ -8,11 +8,13 @@
 //! `finfo(dtype).min`, the softmax dtype rules of `force_fp32_for_softmax`, NumPy broadcasting
 //! of bias and mask (a bias or mask of higher rank enlarges the result, as in Flax).
 
-mod expand;
+pub(crate) mod expand;
+mod grad;
 mod masks;
 
 use std::borrow::Cow;
 
+pub use grad::{AttentionGrads, dot_product_attention_vjp, dot_product_attention_weights_vjp};
 pub use masks::{PairwiseFn, combine_masks, make_attention_mask, make_causal_mask};
 
 use crate::array::Array;
@@ -185,7 +187,7 @@ pub fn dot_product_attention_weights(
     key: &Array,
     args: FlaxArgs<'_>,
 ) -> Result<Array, AttnError> {
-    attend(query, key, None, args)
+    attend(query, key, None, None, args).map(Outcome::into_forward)
 }
 
 /// Flax's `dot_product_attention(query, key, value, ...)`: `value [batch..., kv, heads, dv]`
@@ -196,7 +198,23 @@ pub fn dot_product_attention(
     value: &Array,
     args: FlaxArgs<'_>,
 ) -> Result<Array, AttnError> {
-    attend(query, key, Some(value), args)
+    attend(query, key, Some(value), None, args).map(Outcome::into_forward)
+}
+
+/// What [`attend`] computes: the forward's result, or (given a cotangent) the gradients.
+enum Outcome {
+    Forward(Array),
+    Grads(AttentionGrads),
+}
+
+impl Outcome {
+    fn into_forward(self) -> Array {
+        match self {
+            Outcome::Forward(a) => a,
+            // (Only `attend` with a cotangent computes gradients.)
+            Outcome::Grads(_) => unreachable!("a forward call computed gradients"),
+        }
+    }
 }
 
 /// Flax's `promote_dtype`: the `dtype=` argument, or the promotion of the inputs (an inexact
@@ -357,8 +375,9 @@ fn attend(
     query: &Array,
     key: &Array,
     value: Option<&Array>,
+    cotangent: Option<&Array>,
     args: FlaxArgs<'_>,
-) -> Result<Array, AttnError> {
+) -> Result<Outcome, AttnError> {
     check_shapes(query, key, value)?;
     let mut inputs = vec![query, key];
     inputs.extend(value);
@@ -399,7 +418,7 @@ fn attend(
         let opts = options(&args);
         let plan = kernel::result_dtypes(compute, bias_dtype, &opts, dropout_active);
         let result = if value.is_some() { plan.output } else { plan.dropped_weights };
-        with_float!(result, R => run::<E, B, R>(query, key, value, &layout, args, opts))
+        with_float!(result, R => run::<E, B, R>(query, key, value, cotangent, &layout, args, opts))
     }))
 }
 
@@ -441,10 +460,11 @@ fn run<E: Element, B: Element, R: Element>(
     query: &Array,
     key: &Array,
     value: Option<&Array>,
+    cotangent: Option<&Array>,
     layout: &Layout,
     args: FlaxArgs<'_>,
     opts: Options,
-) -> Result<Array, AttnError> {
+) -> Result<Outcome, AttnError> {
     let rank = query.ndim();
     let (qs, ks) = (query.shape(), key.shape());
     // Cheap checks first: the result's size, and whether there is anything to compute. An
@@ -489,7 +509,13 @@ fn run<E: Element, B: Element, R: Element>(
             });
         }
     }
-    if num_elements(result_name, &result_shape)? == 0 && args.module.is_none() {
+    if let Some(c) = cotangent {
+        grad::check_cotangent::<R>(c, &result_shape, result_name)?;
+    }
+    if num_elements(result_name, &result_shape)? == 0
+        && args.module.is_none()
+        && cotangent.is_none()
+    {
         let ctx = Context {
             deterministic: args.deterministic,
             dropout_rng: args.dropout_rng,
@@ -497,7 +523,7 @@ fn run<E: Element, B: Element, R: Element>(
             pool: None,
         };
         kernel::check_dropout(&opts, &ctx, E::DTYPE)?;
-        return Array::new(Vec::<R>::new(), result_shape);
+        return Array::new(Vec::<R>::new(), result_shape).map(Outcome::Forward);
     }
     // Key/value heads: the layout's, or fewer (grouped-query attention, never broadcast).
     let kv_heads = if ks[rank - 2] == qs[rank - 2] {
@@ -596,6 +622,22 @@ fn run<E: Element, B: Element, R: Element>(
         sow: args.module,
         pool: args.pool,
     };
+    if let Some(c) = cotangent {
+        let inputs = grad::Inputs {
+            query,
+            key,
+            value,
+            bias: args.bias,
+        };
+        let operands = grad::Operands {
+            query: &q,
+            key: &k,
+            value: v.as_deref(),
+            bias: bias.as_ref(),
+        };
+        return grad::backward::<E, B, R>(&geom, operands, &mask, &opts, &mut ctx, c, inputs)
+            .map(Outcome::Grads);
+    }
     let mut shape = layout.batch_shape.clone();
     match &v {
         Some(v) => {
@@ -612,7 +654,7 @@ fn run<E: Element, B: Element, R: Element>(
                 &mut ctx,
                 &mut out,
             )?;
-            Array::new(out, shape)
+            Array::new(out, shape).map(Outcome::Forward)
         }
         None => {
             shape.extend_from_slice(&[layout.heads, layout.q_len, layout.kv_len]);
@@ -627,7 +669,7 @@ fn run<E: Element, B: Element, R: Element>(
                 &mut ctx,
                 &mut out,
             )?;
-            Array::new(out, shape)
+            Array::new(out, shape).map(Outcome::Forward)
         }
     }
 }

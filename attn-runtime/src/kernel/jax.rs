@@ -67,6 +67,40 @@ pub fn jax_attention<E: Element, B: Element, H: Dim, G: Dim, Dk: Dim, Dv: Dim>(
     out: &mut [E],
     residual: Option<&mut [f64]>,
 ) -> Result<(), AttnError> {
+    let call = jax_call(geom, query, key, value, bias, mask, opts, ctx)?;
+    call.check_len("output", out.len(), &call.output_shape())?;
+    match residual {
+        Some(lse) => {
+            call.check_len("residual", lse.len(), &call.lse_shape())?;
+            if ctx.sow.is_some() {
+                return Err(AttnError::InvalidArgument {
+                    argument: "residual",
+                    reason: "expected no sow sink with a residual: the residual comes from \
+                             the tiled output path, a sink selects the weights path"
+                        .into(),
+                });
+            }
+            super::run_tiled(&call, out, Some(lse), ctx)?;
+        }
+        None => run(&call, None::<&mut [E]>, Some(&mut *out), ctx)?,
+    }
+    zero_padded_rows(&call, mask, out);
+    Ok(())
+}
+
+/// A validated jax.nn call: the [`Call`] of the same tensors with jax's dtype plan, masked
+/// logit, rounding of the scaled query (in the logits dtype) and scale.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn jax_call<'a, E: Element, B: Element, H: Dim, G: Dim, Dk: Dim, Dv: Dim>(
+    geom: &Geometry<'_, H, G, Dk, Dv>,
+    query: &'a [E],
+    key: &'a [E],
+    value: &'a [E],
+    bias: Option<&Broadcast<'a, B>>,
+    mask: &Mask<'a>,
+    opts: &JaxOptions,
+    ctx: &Context<'_>,
+) -> Result<Call<'a, E, B>, AttnError> {
     if ctx.dropout_rng.is_some() && !ctx.deterministic {
         return Err(AttnError::InvalidArgument {
             argument: "dropout_rng",
@@ -91,24 +125,8 @@ pub fn jax_attention<E: Element, B: Element, H: Dim, G: Dim, Dk: Dim, Dv: Dim>(
         .plan
         .logits
         .round_f64(opts.scale.unwrap_or_else(|| 1.0 / (depth as f64).sqrt()));
-    call.check_len("output", out.len(), &call.output_shape())?;
-    match residual {
-        Some(lse) => {
-            call.check_len("residual", lse.len(), &call.lse_shape())?;
-            if ctx.sow.is_some() {
-                return Err(AttnError::InvalidArgument {
-                    argument: "residual",
-                    reason: "expected no sow sink with a residual: the residual comes from \
-                             the tiled output path, a sink selects the weights path"
-                        .into(),
-                });
-            }
-            super::run_tiled(&call, out, Some(lse), ctx)?;
-        }
-        None => run(&call, None::<&mut [E]>, Some(&mut *out), ctx)?,
-    }
-    zero_padded_rows(&call, mask, out);
-    Ok(())
+    call.zero_padded_rows = true;
+    Ok(call)
 }
 
 /// `out[b, i] *= 0` for the query rows `i >= query_lengths[b]` (jax multiplies them by 0, so a

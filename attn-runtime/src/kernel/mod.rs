@@ -11,6 +11,7 @@
 //! micro-kernels). `unsafe` code lives in `gemm.rs` and `simd.rs` only. Which driver computes a
 //! call is decided in one place: `choose_path`.
 
+mod backward;
 mod broadcast;
 mod dot;
 pub(crate) mod exp;
@@ -26,6 +27,8 @@ mod simd;
 mod transpose;
 mod visibility;
 
+pub(crate) use backward::sum_to_shape;
+pub use backward::{Grads, attention_backward, attention_weights_backward, jax_attention_backward};
 pub use broadcast::{Broadcast, broadcast_shapes};
 pub use jax::{JaxOptions, LARGE_NEGATIVE, attention_lse, jax_attention, jax_dtypes};
 pub use plan::DTypePlan;
@@ -183,6 +186,8 @@ pub(crate) struct Call<'a, E, B> {
     /// the logits dtype (jax.nn: float32 logits for 16-bit inputs).
     query_round: DType,
     dropout: Option<(DropoutPlan, rand_pcg::Pcg32)>,
+    /// Whether the output rows of padded queries are zeroed after the value product (jax.nn).
+    zero_padded_rows: bool,
 }
 
 impl<'a, E: Element, B: Element> Call<'a, E, B> {
@@ -282,6 +287,7 @@ impl<'a, E: Element, B: Element> Call<'a, E, B> {
             query_round: plan.compute,
             plan,
             dropout,
+            zero_padded_rows: false,
         })
     }
 

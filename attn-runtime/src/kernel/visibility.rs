@@ -252,6 +252,11 @@ impl<'a> Visibility<'a> {
             && self.segments.is_none()
     }
 
+    /// The query lengths, if given.
+    pub(crate) fn query_lengths_slice(&self) -> Option<&'a [i32]> {
+        self.query_lengths
+    }
+
     /// Whether the visible keys move with the query row (a causal term or a window).
     pub(crate) fn banded(&self) -> bool {
         self.causal.is_some() || self.window.is_some()

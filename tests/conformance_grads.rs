@@ -1,0 +1,91 @@
+//! The stored gradients (`grads`) of every conformance case through attn's VJPs, on both
+//! backward paths: `../shared/conformance/cases` (Flax, `$ATTN_CONFORMANCE_DIR`) and
+//! `../shared/conformance/jax_nn` (`$ATTN_JAX_NN_DIR`): family A through
+//! `attn::jax_nn::dot_product_attention_vjp`, family B through the Flax-style VJP with the mask
+//! as its structure and as the stored dense mask. Each test prints one line per case and the
+//! counts, and fails when it finds no case with gradients.
+
+#[path = "support/grads.rs"]
+mod grads;
+
+use grads::{MaskForm, Route, Set};
+
+fn run(var: &str, sub: &str, set: Set, route: Route) {
+    let dir = grads::dir(var, sub);
+    let files = grads::case_files(&dir)
+        .unwrap_or_else(|e| panic!("cannot read the cases ({e}); set {var} to their directory"));
+    let mut outcomes = Vec::new();
+    for f in &files {
+        match grads::load(f) {
+            Ok(case) => outcomes.extend(grads::run_case(&case, set, route)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        !outcomes.is_empty(),
+        "no {set:?} case with gradients in {}",
+        dir.display()
+    );
+    for o in &outcomes {
+        println!("{o}");
+    }
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.passed())
+        .map(|o| o.to_string())
+        .collect();
+    println!(
+        "{set:?} {route:?}: {} cases with grads, {} passed, {} failed",
+        outcomes.len(),
+        outcomes.len() - failed.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failed.len(),
+        outcomes.len(),
+        failed.join("\n")
+    );
+}
+
+const CASES: (&str, &str) = ("ATTN_CONFORMANCE_DIR", "cases");
+const JAX_NN: (&str, &str) = ("ATTN_JAX_NN_DIR", "jax_nn");
+
+#[test]
+fn flax_cases_weights_path() {
+    run(CASES.0, CASES.1, Set::Flax, Route::Weights);
+}
+
+#[test]
+fn flax_cases_tiled_path() {
+    run(CASES.0, CASES.1, Set::Flax, Route::Tiled);
+}
+
+#[test]
+fn jax_nn_family_a_weights_path() {
+    run(JAX_NN.0, JAX_NN.1, Set::JaxNn, Route::Weights);
+}
+
+#[test]
+fn jax_nn_family_a_tiled_path() {
+    run(JAX_NN.0, JAX_NN.1, Set::JaxNn, Route::Tiled);
+}
+
+#[test]
+fn jax_nn_family_b_structure_weights_path() {
+    let set = Set::Structured(MaskForm::Structure);
+    run(JAX_NN.0, JAX_NN.1, set, Route::Weights);
+}
+
+#[test]
+fn jax_nn_family_b_structure_tiled_path() {
+    let set = Set::Structured(MaskForm::Structure);
+    run(JAX_NN.0, JAX_NN.1, set, Route::Tiled);
+}
+
+#[test]
+fn jax_nn_family_b_dense_mask_weights_path() {
+    let set = Set::Structured(MaskForm::Dense);
+    run(JAX_NN.0, JAX_NN.1, set, Route::Weights);
+}

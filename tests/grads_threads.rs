@@ -1,0 +1,78 @@
+//! The gradients are bit-identical for 1, 2 and 3 threads, on both backward paths: shapes with
+//! several query and key blocks per head, GQA (key/value gradients summed over a group), a
+//! broadcast bias (its gradient summed over batch, heads and queries), a causal term and
+//! dropout. The summation order is fixed by the shape, never by the scheduling.
+
+use attn::kernel::Align;
+use attn::{
+    Array, AttentionGrads, DType, DropoutRng, FlaxArgs, Intermediates, dot_product_attention_vjp,
+};
+
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+        .collect()
+}
+
+fn grads(pool: &rayon::ThreadPool, dtype: DType, weights_path: bool) -> AttentionGrads {
+    let (b, q, kv, h, g, d) = (2, 150, 170, 4, 2, 16);
+    let arr = |shape: Vec<usize>, seed| {
+        let n = shape.iter().product();
+        Array::new(data(n, seed), shape).unwrap().astype(dtype)
+    };
+    let query = arr(vec![b, q, h, d], 1);
+    let key = arr(vec![b, kv, g, d], 2);
+    let value = arr(vec![b, kv, g, d], 3);
+    let bias = Array::new(data(h * kv, 4), vec![h, 1, kv]).unwrap();
+    let out_dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        dtype
+    };
+    let cot = arr(vec![b, q, h, d], 5).astype(out_dtype);
+    let mut sink = Intermediates::new();
+    let args = FlaxArgs::new()
+        .bias(&bias)
+        .causal(Align::BottomRight)
+        .dropout_rate(0.2)
+        .dropout_rng(DropoutRng::new(7))
+        .pool(pool);
+    let args = if weights_path {
+        args.module(&mut sink)
+    } else {
+        args
+    };
+    dot_product_attention_vjp(&query, &key, &value, &cot, args).unwrap()
+}
+
+fn bits(a: &Array) -> Vec<u64> {
+    a.to_f64_vec().iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn gradients_do_not_depend_on_the_thread_count() {
+    let pools: Vec<rayon::ThreadPool> = [1, 2, 3]
+        .iter()
+        .map(|&n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for dtype in [DType::F32, DType::BF16, DType::F64] {
+        for weights_path in [false, true] {
+            let reference = grads(&pools[0], dtype, weights_path);
+            for pool in &pools[1..] {
+                let other = grads(pool, dtype, weights_path);
+                let name = format!("{dtype} weights_path={weights_path}");
+                assert_eq!(bits(&reference.query), bits(&other.query), "{name} query");
+                assert_eq!(bits(&reference.key), bits(&other.key), "{name} key");
+                let (rv, ov) = (reference.value.as_ref(), other.value.as_ref());
+                assert_eq!(bits(rv.unwrap()), bits(ov.unwrap()), "{name} value");
+                let (rb, ob) = (reference.bias.as_ref(), other.bias.as_ref());
+                assert_eq!(bits(rb.unwrap()), bits(ob.unwrap()), "{name} bias");
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Hostile inputs of the backward pass, table-driven like `hostile_inputs.rs`: cotangents of
+//! the wrong shape or dtype (including one from another call), gradient buffers of the wrong
+//! length, a bias gradient without a bias, and the forward's own bad inputs — each must return
+//! exactly the error written here, and never panic (every case runs under `catch_unwind`).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use attn::jax_nn::{self, JaxArgs};
+use attn::kernel::{self, Broadcast, Geometry, Grads, JaxOptions, Mask, Options};
+use attn::{
+    Array, AttnError, Context, DType, FlaxArgs, dot_product_attention_vjp,
+    dot_product_attention_weights_vjp,
+};
+
+fn zeros(dtype: DType, shape: &[usize]) -> Array {
+    let n = shape.iter().product();
+    Array::from_f64(dtype, &vec![0.0; n], shape.to_vec()).unwrap()
+}
+
+fn f32s(shape: &[usize]) -> Array {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+    Array::new(data, shape.to_vec()).unwrap()
+}
+
+/// Runs `f` under `catch_unwind` and compares its error with `want` (through `Debug`).
+fn expect_error(name: &str, want: AttnError, f: impl FnOnce() -> Result<(), AttnError>) {
+    let got = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| panic!("{name}: panicked"));
+    match got {
+        Ok(()) => panic!("{name}: expected {want:?}, got Ok"),
+        Err(e) => assert_eq!(format!("{e:?}"), format!("{want:?}"), "{name}: {e}"),
+    }
+}
+
+fn shape_error(what: &str, expected: &[usize], found: &[usize]) -> AttnError {
+    AttnError::InvalidArgument {
+        argument: "cotangent",
+        reason: format!("expected the shape of the {what}, {expected:?}, found {found:?}"),
+    }
+}
+
+#[test]
+fn flax_cotangents_of_the_wrong_shape_or_dtype() {
+    let (q, k, v) = (
+        f32s(&[2, 3, 4, 5]),
+        f32s(&[2, 6, 4, 5]),
+        f32s(&[2, 6, 4, 7]),
+    );
+    let vjp = |c: &Array| {
+        dot_product_attention_vjp(&q, &k, &v, c, FlaxArgs::new().deterministic(true)).map(drop)
+    };
+    // The output is [2, 3, 4, 7]: a cotangent of the weights' shape belongs to another call.
+    for found in [
+        vec![2, 3, 4, 5],
+        vec![3, 4, 7],
+        vec![2, 4, 3, 6],
+        vec![2, 3, 4, 7, 1],
+        vec![],
+    ] {
+        expect_error(
+            "flax output cotangent shape",
+            shape_error("output", &[2, 3, 4, 7], &found),
+            || vjp(&zeros(DType::F32, &found)),
+        );
+    }
+    for found in [DType::F64, DType::BF16, DType::F16, DType::Bool, DType::I32] {
+        expect_error(
+            "flax output cotangent dtype",
+            AttnError::DType {
+                tensor: "cotangent",
+                expected: DType::F32,
+                found,
+            },
+            || vjp(&zeros(found, &[2, 3, 4, 7])),
+        );
+    }
+    // bf16 inputs: the output (and so the cotangent) is bf16.
+    let qb = q.astype(DType::BF16);
+    let (kb, vb) = (k.astype(DType::BF16), v.astype(DType::BF16));
+    expect_error(
+        "bf16 call, f32 cotangent",
+        AttnError::DType {
+            tensor: "cotangent",
+            expected: DType::BF16,
+            found: DType::F32,
+        },
+        || {
+            let c = zeros(DType::F32, &[2, 3, 4, 7]);
+            dot_product_attention_vjp(&qb, &kb, &vb, &c, FlaxArgs::new()).map(drop)
+        },
+    );
+    // The weights' VJP wants the weights' shape [2, 4, 3, 6].
+    expect_error(
+        "flax weights cotangent shape",
+        shape_error("weights", &[2, 4, 3, 6], &[2, 3, 4, 7]),
+        || {
+            let c = zeros(DType::F32, &[2, 3, 4, 7]);
+            dot_product_attention_weights_vjp(&q, &k, &c, FlaxArgs::new()).map(drop)
+        },
+    );
+    // With force_fp32_for_softmax and f16 inputs the weights are f32.
+    expect_error(
+        "f16 weights with forced f32 softmax",
+        AttnError::DType {
+            tensor: "cotangent",
+            expected: DType::F32,
+            found: DType::F16,
+        },
+        || {
+            let c = zeros(DType::F16, &[2, 4, 3, 6]);
+            let (qh, kh) = (q.astype(DType::F16), k.astype(DType::F16));
+            let args = FlaxArgs::new().force_fp32_for_softmax(true);
+            dot_product_attention_weights_vjp(&qh, &kh, &c, args).map(drop)
+        },
+    );
+}
+
+#[test]
+fn flax_vjp_checks_what_the_forward_checks() {
+    let (q, v) = (f32s(&[3, 4, 5]), f32s(&[6, 4, 7]));
+    let c = zeros(DType::F32, &[3, 4, 7]);
+    expect_error(
+        "key depth",
+        AttnError::Axis {
+            tensor: "key",
+            axis: "depth (axis -1)".into(),
+            expected: "5, the depth of query".into(),
+            found: 6,
+        },
+        || dot_product_attention_vjp(&q, &f32s(&[6, 4, 6]), &v, &c, FlaxArgs::new()).map(drop),
+    );
+    expect_error(
+        "dropout without an rng",
+        AttnError::MissingDropoutRng { rate: 0.5 },
+        || {
+            let args = FlaxArgs::new().dropout_rate(0.5);
+            dot_product_attention_vjp(&q, &f32s(&[6, 4, 5]), &v, &c, args).map(drop)
+        },
+    );
+}
+
+#[test]
+fn jax_nn_cotangents_of_the_wrong_shape_or_dtype() {
+    let (q, k) = (f32s(&[2, 3, 4, 8]), f32s(&[2, 5, 2, 8]));
+    let vjp = |c: &Array| jax_nn::dot_product_attention_vjp(&q, &k, &k, c, JaxArgs::default());
+    expect_error(
+        "jax cotangent shape",
+        shape_error("output", &[2, 3, 4, 8], &[2, 3, 2, 8]),
+        || vjp(&zeros(DType::F32, &[2, 3, 2, 8])).map(drop),
+    );
+    expect_error(
+        "jax cotangent dtype",
+        AttnError::DType {
+            tensor: "cotangent",
+            expected: DType::F32,
+            found: DType::F64,
+        },
+        || vjp(&zeros(DType::F64, &[2, 3, 4, 8])).map(drop),
+    );
+}
+
+#[test]
+fn kernel_backward_checks_its_slices() {
+    let batch = [2usize];
+    let geom = Geometry {
+        batch_shape: &batch,
+        q_len: 3,
+        kv_len: 4,
+        heads: 2usize,
+        kv_heads: 1usize,
+        qk_depth: 5usize,
+        v_depth: 6usize,
+    };
+    let q = vec![0.1f32; 2 * 3 * 2 * 5];
+    let k = vec![0.2f32; 2 * 4 * 5];
+    let v = vec![0.3f32; 2 * 4 * 6];
+    let bias_data = vec![0.0f32; 4];
+    let bias = Broadcast::new("bias", &bias_data, &[4]).unwrap();
+    let run = |cot_len: usize, lens: [usize; 3], bias_grad: Option<usize>, with_bias: bool| {
+        let cot = vec![1.0f32; cot_len];
+        let (mut gq, mut gk, mut gv) = (
+            vec![0f32; lens[0]],
+            vec![0f32; lens[1]],
+            vec![0f32; lens[2]],
+        );
+        let mut gb = bias_grad.map(|n| vec![0f32; n]);
+        let grads = Grads {
+            query: &mut gq,
+            key: &mut gk,
+            value: &mut gv,
+            bias: gb.as_deref_mut(),
+        };
+        let mut ctx = Context::deterministic();
+        kernel::attention_backward(
+            &geom,
+            &q,
+            &k,
+            &v,
+            with_bias.then_some(&bias),
+            &Mask::none(),
+            &Options::default(),
+            &mut ctx,
+            &cot,
+            grads,
+        )
+    };
+    let good = [q.len(), k.len(), v.len()];
+    assert!(run(2 * 3 * 2 * 6, good, Some(4), true).is_ok());
+    expect_error(
+        "cotangent length",
+        AttnError::Length {
+            tensor: "cotangent",
+            shape: vec![2, 3, 2, 6],
+            expected: 72,
+            found: 71,
+        },
+        || run(71, good, None, false),
+    );
+    expect_error(
+        "grad key length",
+        AttnError::Length {
+            tensor: "grad key",
+            shape: vec![2, 4, 1, 5],
+            expected: 40,
+            found: 80,
+        },
+        || run(72, [q.len(), 80, v.len()], None, false),
+    );
+    expect_error(
+        "grad bias length",
+        AttnError::Length {
+            tensor: "grad bias",
+            shape: vec![4],
+            expected: 4,
+            found: 3,
+        },
+        || run(72, good, Some(3), true),
+    );
+    expect_error(
+        "grad bias without a bias",
+        AttnError::InvalidArgument {
+            argument: "grad bias",
+            reason: "expected none: the call has no bias".into(),
+        },
+        || run(72, good, Some(4), false),
+    );
+    // jax.nn's backward: the same checks.
+    expect_error(
+        "jax kernel cotangent length",
+        AttnError::Length {
+            tensor: "cotangent",
+            shape: vec![2, 3, 2, 6],
+            expected: 72,
+            found: 10,
+        },
+        || {
+            let cot = vec![0f32; 10];
+            let (mut gq, mut gk, mut gv) = (
+                vec![0f32; good[0]],
+                vec![0f32; good[1]],
+                vec![0f32; good[2]],
+            );
+            let grads = Grads::<f32, f32> {
+                query: &mut gq,
+                key: &mut gk,
+                value: &mut gv,
+                bias: None,
+            };
+            kernel::jax_attention_backward(
+                &geom,
+                &q,
+                &k,
+                &v,
+                None,
+                &Mask::none(),
+                &JaxOptions::default(),
+                &mut Context::deterministic(),
+                &cot,
+                grads,
+            )
+        },
+    );
+}

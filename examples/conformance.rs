@@ -10,13 +10,16 @@
 //! `dot_product_attention`), `jax.nn.dot_product_attention` and Flax with structured masks (both
 //! paths; Flax's also with the stored dense mask), and `MultiHeadDotProductAttention` (from each
 //! of its checkpoint files). Prints one line per run — the case, PASS/FAIL, the route, the
-//! tensors it checked and the worst |error| / tolerance — and ends with `N passed, M failed`;
+//! tensors it checked and the worst |error| / tolerance — then, for a case with stored `grads`,
+//! one line per backward path naming the gradients it checked; it ends with `N passed, M failed`;
 //! the exit status is non-zero if any run fails or no case is found. Without DIR it runs the
 //! three sets of ../shared/conformance (`cases`, `jax_nn`, `mha`, or `$ATTN_CONFORMANCE_DIR`,
 //! `$ATTN_JAX_NN_DIR`, `$ATTN_MHA_CONFORMANCE_DIR`).
 
 #[path = "../tests/support/conformance.rs"]
 mod conformance;
+#[path = "../tests/support/grads.rs"]
+mod grads;
 #[path = "../tests/support/jax_nn.rs"]
 mod jax_nn;
 #[path = "../tests/support/mha.rs"]
@@ -31,8 +34,41 @@ struct Line {
     passed: bool,
 }
 
-/// Every run of one case file, by the set its `function` names.
+/// Every run of one case file, by the set its `function` names, then its stored gradients.
 fn run(file: &Path) -> Vec<Line> {
+    let mut lines = run_forward(file);
+    lines.extend(run_grads(file));
+    lines
+}
+
+/// The stored `grads` of a case (if any) through the VJPs, on both backward paths; Flax's
+/// structured cases with the mask as its structure and as the stored dense mask.
+fn run_grads(file: &Path) -> Vec<Line> {
+    let Ok(case) = grads::load(file) else {
+        return Vec::new();
+    };
+    let sets = [
+        grads::Set::Flax,
+        grads::Set::JaxNn,
+        grads::Set::Structured(grads::MaskForm::Structure),
+        grads::Set::Structured(grads::MaskForm::Dense),
+    ];
+    let mut lines = Vec::new();
+    for set in sets {
+        for route in [grads::Route::Weights, grads::Route::Tiled] {
+            if let Some(o) = grads::run_case(&case, set, route) {
+                lines.push(Line {
+                    passed: o.passed(),
+                    text: format!("{o}"),
+                });
+            }
+        }
+    }
+    lines
+}
+
+/// The forward runs of one case file.
+fn run_forward(file: &Path) -> Vec<Line> {
     if mha::is_mha_file(file) {
         return mha::run_file(file)
             .into_iter()

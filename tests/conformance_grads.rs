@@ -89,3 +89,9 @@ fn jax_nn_family_b_dense_mask_weights_path() {
     let set = Set::Structured(MaskForm::Dense);
     run(JAX_NN.0, JAX_NN.1, set, Route::Weights);
 }
+
+#[test]
+fn jax_nn_family_b_dense_mask_tiled_path() {
+    let set = Set::Structured(MaskForm::Dense);
+    run(JAX_NN.0, JAX_NN.1, set, Route::Tiled);
+}

@@ -20,6 +20,7 @@ use crate::array::{Array, try_collect};
 use crate::context::Context;
 use crate::element::{DType, Element};
 use crate::error::{AttnError, num_elements, try_filled};
+use crate::flax::expand::cast;
 use std::borrow::Cow;
 
 use crate::flax::AttentionGrads;
@@ -113,19 +114,6 @@ fn dispatch(
         DType::BF16 => run::<half::bf16>(query, key, value, cotangent, &shapes, args),
         _ => run::<half::f16>(query, key, value, cotangent, &shapes, args),
     }
-}
-
-/// The elements of `a` as `E` (borrowed when they are `E`), each rounded as `jnp.asarray`; a
-/// converted copy is allocated fallibly (an error naming `tensor`).
-fn cast<'x, E: Element>(tensor: &'static str, a: &'x Array) -> Result<Cow<'x, [E]>, AttnError> {
-    Ok(match a.as_slice::<E>() {
-        Some(s) => Cow::Borrowed(s),
-        None => Cow::Owned(try_collect(
-            tensor,
-            a.len(),
-            (0..a.len()).map(|i| E::from_f64(a.f64_at(i))),
-        )?),
-    })
 }
 
 /// The sizes of a call: `[B, T, N, H]` with `B = 1` for rank-3 inputs.

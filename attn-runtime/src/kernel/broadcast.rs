@@ -134,9 +134,10 @@ impl<'a, T: Copy> Resolved<'a, T> {
         })
     }
 
-    /// The row of flattened batch index `b`, head `h`, query `i`.
+    /// The offset in the operand's data of the row of flattened batch index `b`, head `h`,
+    /// query `i`.
     #[inline]
-    pub(crate) fn row(&self, b: usize, h: usize, i: usize) -> Row<'a, T> {
+    fn row_start(&self, b: usize, h: usize, i: usize) -> usize {
         // Offset of flattened batch index `b`, last batch axis fastest. Only called for an
         // element of a non-empty result, where every offset is within the operand's data.
         let mut batch_offset = 0;
@@ -145,7 +146,26 @@ impl<'a, T: Copy> Resolved<'a, T> {
             batch_offset += rest % n * s;
             rest /= n;
         }
-        let start = batch_offset + h * self.head_stride + i * self.q_stride;
+        batch_offset + h * self.head_stride + i * self.q_stride
+    }
+
+    /// The operand's own rows along the kv axis (`kv_len` values each, row-major), or `None`
+    /// when the operand broadcasts the kv axis (a row is then one value).
+    pub(crate) fn own_rows(&self) -> Option<std::slice::ChunksExact<'a, T>> {
+        (self.has_kv && self.kv_len > 0).then(|| self.data.chunks_exact(self.kv_len))
+    }
+
+    /// The index among [`Self::own_rows`] of the row of flattened batch index `b`, head `h`,
+    /// query `i` (only meaningful when `own_rows` is `Some`).
+    #[inline]
+    pub(crate) fn own_row_index(&self, b: usize, h: usize, i: usize) -> usize {
+        self.row_start(b, h, i) / self.kv_len.max(1)
+    }
+
+    /// The row of flattened batch index `b`, head `h`, query `i`.
+    #[inline]
+    pub(crate) fn row(&self, b: usize, h: usize, i: usize) -> Row<'a, T> {
+        let start = self.row_start(b, h, i);
         if self.has_kv {
             Row::Values(&self.data[start..start + self.kv_len])
         } else {

@@ -23,7 +23,9 @@
 //!
 //! Keys that a mask removes for every row of a task (outside the range the structured terms of
 //! [`Visibility`] leave to its rows: above a causal diagonal, outside a window, past a kv length,
-//! every key for padded query rows; or a block on which an explicit mask is false) are skipped. A skipped entry would have weight
+//! every key for padded query rows; or a block on which an explicit mask is false, found from
+//! the mask's block summary [`MaskBlocks`] built once per call, which also spares reading the
+//! mask in blocks it leaves entirely visible) are skipped. A skipped entry would have weight
 //! `exp(big_neg - m) = 0` unless the whole row is masked; for such rows Flax returns uniform
 //! weights over *all* keys, so the skipped keys are added back with weight 1 at the end.
 //!
@@ -46,6 +48,7 @@ use super::Call;
 use super::broadcast::Resolved;
 use super::dot::{Dot, dot};
 use super::exp::{MulAdd, Unfused, exp_f32};
+use super::mask_blocks::{BlockClass, MaskBlocks};
 use super::round::bf16_bits;
 use super::simd::{self, Body, Isa, Product};
 use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32, transpose_tile_u32};
@@ -404,13 +407,21 @@ pub(crate) struct FlashMask<'a> {
     pub vis: Visibility<'a>,
     /// Keep only where this is true (ANDed with `vis`).
     pub explicit: Option<Resolved<'a, bool>>,
+    /// The summary of `explicit` by blocks of keys, if built (see [`MaskBlocks`]); without
+    /// it every block reads the mask.
+    pub explicit_blocks: Option<MaskBlocks>,
 }
 
 impl FlashMask<'_> {
-    /// Whether the visible keys move with the query row (causal or window): smaller query
-    /// blocks then skip more keys.
+    /// Whether the visible keys move with the query row (causal or window, or a mask tensor
+    /// that hides whole blocks of keys from some rows): smaller query blocks then skip more
+    /// keys.
     fn banded(&self) -> bool {
         self.vis.banded()
+            || self
+                .explicit_blocks
+                .as_ref()
+                .is_some_and(MaskBlocks::hides_chunks)
     }
 }
 
@@ -513,9 +524,17 @@ pub(crate) struct FlashArgs<'a, E> {
 }
 
 impl<'a, E: Element> FlashArgs<'a, E> {
-    /// The arguments of a validated call of the output function.
-    pub(crate) fn of_call<B: Element>(call: &'a Call<'a, E, B>, value: &'a [E]) -> Self {
-        FlashArgs {
+    /// The arguments of a validated call of the output function (with the summary of its
+    /// mask tensor, whose allocation can fail).
+    pub(crate) fn of_call<B: Element>(
+        call: &'a Call<'a, E, B>,
+        value: &'a [E],
+    ) -> Result<Self, AttnError> {
+        let explicit_blocks = match &call.mask {
+            Some(mask) if call.kv_len > 0 => MaskBlocks::new(mask)?,
+            _ => None,
+        };
+        Ok(FlashArgs {
             dims: Dims {
                 batch: call.batch,
                 q_len: call.q_len,
@@ -533,6 +552,7 @@ impl<'a, E: Element> FlashArgs<'a, E> {
             mask: FlashMask {
                 vis: call.vis.clone(),
                 explicit: call.mask.clone(),
+                explicit_blocks,
             },
             big_neg: call.big_neg,
             dropout: call.dropout.as_ref().map(|(plan, rng)| FlashDropout {
@@ -543,7 +563,7 @@ impl<'a, E: Element> FlashArgs<'a, E> {
             }),
             accumulate_f64: call.plan.accumulate_f64(),
             weights_bf16: call.plan.weights == DType::BF16,
-        }
+        })
     }
 }
 
@@ -1160,22 +1180,36 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
         pairs,
     } = s;
 
-    // An explicit mask that is false on the whole block removes it.
+    // An explicit mask that is false on the whole block removes it; one that is true on the
+    // whole block is not read (`keep` stays empty).
+    keep.clear();
     if let Some(mask) = &args.mask.explicit {
-        keep.clear();
-        keep.resize(cols * rows.count, false);
-        let mut any = false;
-        for r in 0..rows.count {
-            let row = mask.row(b, h, rows.first + r);
-            for jj in 0..cols {
-                let k = row.get(j0 + jj);
-                any |= k;
-                keep[jj * rows.count + r] = k;
+        let class = args.mask.explicit_blocks.as_ref().map(|blocks| {
+            let rows = rows.first..rows.first + rows.count;
+            blocks.classify(mask, (b, h, rows), keys_range.clone())
+        });
+        match class {
+            Some(BlockClass::Hidden) => {
+                skipped[h].push(keys_range);
+                return;
             }
-        }
-        if !any {
-            skipped[h].push(keys_range);
-            return;
+            Some(BlockClass::Visible) => {}
+            Some(BlockClass::Mixed) | None => {
+                keep.resize(cols * rows.count, false);
+                let mut any = false;
+                for r in 0..rows.count {
+                    let row = mask.row(b, h, rows.first + r);
+                    for jj in 0..cols {
+                        let k = row.get(j0 + jj);
+                        any |= k;
+                        keep[jj * rows.count + r] = k;
+                    }
+                }
+                if !any {
+                    skipped[h].push(keys_range);
+                    return;
+                }
+            }
         }
     }
 
@@ -1518,7 +1552,7 @@ fn softmax_block<C: TileReal, E: Element, M: MulAdd>(
     } else if !vis.is_trivial() {
         mask_structured(vis, (rows, j0, cols), scores, big_neg);
     }
-    if args.mask.explicit.is_some() {
+    if !keep.is_empty() {
         for jj in 0..cols {
             for r in 0..rows.count {
                 if !keep[jj * rows.count + r] {
@@ -1859,9 +1893,20 @@ mod tests {
         }
     }
 
-    /// Runs every available instruction set and checks `|got - want| <= atol + rtol·|want|`.
+    /// Runs every available instruction set and checks `|got - want| <= atol + rtol·|want|`;
+    /// with a mask tensor, both without and with its block summary (as calls build it), and
+    /// checks that the two give the same bits.
     fn check<E: Element, O: Element>(args: &FlashArgs<'_, E>, atol: f64, rtol: f64) {
         let want = reference(args);
+        let blocks = (args.mask.explicit.as_ref()).and_then(|mask| MaskBlocks::new(mask).unwrap());
+        let summarized = blocks.map(|blocks| FlashArgs {
+            mask: FlashMask {
+                explicit_blocks: Some(blocks),
+                ..args.mask.clone()
+            },
+            dropout: args.dropout.clone(),
+            ..*args
+        });
         for isa in Isa::available() {
             let mut got = vec![O::from_f64(0.0); want.len()];
             flash_attention(args, &mut got, None, isa, Threads(None)).unwrap();
@@ -1872,7 +1917,44 @@ mod tests {
                     "{isa:?}: element {n}: got {g}, want {w}"
                 );
             }
+            if let Some(summarized) = &summarized {
+                let mut again = vec![O::from_f64(0.0); want.len()];
+                flash_attention(summarized, &mut again, None, isa, Threads(None)).unwrap();
+                let bits = |v: &[O]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&again), "{isa:?}: with the mask summary");
+            }
         }
+    }
+
+    #[test]
+    fn mask_tensors_with_hidden_visible_and_mixed_blocks() {
+        // Per batch element a different mask [2, 1, q, kv]: packed segments (block diagonal,
+        // whole key blocks hidden, blocks entirely visible, edges mixed) and a causal mask
+        // whose rows 0..40 are hidden entirely (uniform rows over skipped blocks).
+        let (q, k) = (260, 300);
+        let d = dims(2, q, k, 3, 16, 8);
+        let x = inputs::<f32>(&d, 11);
+        let segment = |n: usize| {
+            [0..70, 70..200, 200..300]
+                .iter()
+                .position(|r| r.contains(&n))
+        };
+        let keep: Vec<bool> = (0..2 * q * k)
+            .map(|n| {
+                let (b, i, j) = (n / (q * k), n / k % q, n % k);
+                if b == 0 {
+                    segment(i) == segment(j)
+                } else {
+                    i >= 40 && j <= i
+                }
+            })
+            .collect();
+        let mut a = args::<f32>(d, &x);
+        a.mask.explicit = resolved(&keep, &[2, 1, q, k], &[2], 3, q, k);
+        check::<f32, f32>(&a, 1e-6, 1e-5);
+        // With a causal structure on top (the summary and the structured range together).
+        a.mask.vis = causal(&d);
+        check::<f32, f32>(&a, 1e-6, 1e-5);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub(crate) mod exp;
 mod flash;
 pub(crate) mod gemm;
 mod jax;
+mod mask_blocks;
 mod materialized;
 mod plan;
 mod real;
@@ -440,7 +441,7 @@ fn run_tiled<E: Element, B: Element, O: Element>(
     let Some(value) = call.value else {
         unreachable!("the tiled path is chosen only for output calls")
     };
-    let args = flash::FlashArgs::of_call(call, value);
+    let args = flash::FlashArgs::of_call(call, value)?;
     let isa = simd::Isa::detect();
     let threads = ctx.threads();
     threads.install(|| flash::flash_attention(&args, out, lse, isa, threads))

@@ -129,7 +129,7 @@ def render_layer(results, cases, bw):
         out.append("Decode step of a GQA layer (E=1024, H=32, K=8, head_dim=128; qkv_features 4096) over "
                    "4096 cached tokens: cache of capacity 4097 prefilled once with 4096 tokens; each timed "
                    "step decodes one token (reading 4097 slots) and `KvCache::truncate(4096)` resets it (no "
-                   "copy). The same step over an empty cache (`truncate(0)`) is timed in the same process; "
+                   "copy). The same step over a second, empty cache of the same capacity is timed in the same process; "
                    "**cache GB/s = cache bytes / (step − empty step)** (the projections cost the same in both). "
                    "Whole step: (cache + projection kernels) bytes / step time.\n")
         out.append("| case | step ms | empty-cache step ms | cache MB | cache GB/s | % of streaming (target ≥ 85%) | whole step GB/s |")

@@ -22,7 +22,7 @@
 #[path = "grid.rs"]
 mod grid;
 #[allow(dead_code)]
-#[path = "suites.rs"]
+#[path = "support/suites.rs"]
 mod suites;
 
 use std::time::Instant;

@@ -1,12 +1,13 @@
 //! CI smoke test of the benchmarks: every case of every suite, shrunk to microseconds (`tiny`),
-//! through the benchmark code itself (`benches/grid.rs`, `benches/suites.rs`), on 2 threads.
+//! through the benchmark code itself (`benches/grid.rs`, `benches/support/suites.rs`: a
+//! subdirectory, or cargo would make it a bench target), on 2 threads.
 //! The real measurements are `cargo bench` and `bench/compare.sh` (not run in CI).
 
 #[allow(dead_code)]
 #[path = "../benches/grid.rs"]
 mod grid;
 #[allow(dead_code)]
-#[path = "../benches/suites.rs"]
+#[path = "../benches/support/suites.rs"]
 mod suites;
 
 fn numbers(name: &str, results: &[f32]) {

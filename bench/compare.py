@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--suite", action="append", choices=SUITES, default=[],
                     help="grid (issue 4), structured (issue 13), layer (issue 14), fwd_bwd (issue 16); default all")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--libs", default="attn,torch,jax",
+                    help="comma-separated implementations to run (attn, torch, jax); default all")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     a = ap.parse_args()
     suites = a.suite or list(SUITES)
@@ -103,6 +105,10 @@ def main():
     tag = "_".join(picked) if a.suite else "all"
     raw_path = os.path.join(a.out, f"raw_{tag}_t{a.threads}.jsonl")
     todo = jobs(a.ours, a.threads, picked)
+    libs = set(a.libs.split(","))
+    lib_of = {"ours": "attn", "jax": "jax", "torch": "torch"}
+    todo = {name: job for name, job in todo.items()
+            if lib_of.get(name.split()[0], lib_of.get(name.split()[-1])) in libs}
     names = list(todo)
     results = {}  # (impl, case) -> [round medians]
     with open(raw_path, "w") as log:

@@ -2,7 +2,7 @@
 # Compares attn with jax.jit(flax) and torch SDPA on this machine; see docs/performance.md.
 #
 #   bench/compare.sh [--threads N] [--rounds R] [--suite grid|structured|layer|fwd_bwd ...]
-#                    [--case NAME ...] [--no-memory]
+#                    [--case NAME ...] [--no-memory] [--libs attn,torch,jax]
 #
 # Creates bench/.venv (jax, jaxlib, flax, torch, numpy, matplotlib from PyPI; several GB, not
 # part of CI), builds attn's benchmark binary (benches/harness.rs) in release mode, runs every

@@ -14,7 +14,12 @@ import subprocess
 import sys
 import time
 
-from grid import CASES, flops
+import report
+from grid import CASES, FWD_BWD, LAYER, STRUCTURED, flops
+
+SUITES = ("grid", "structured", "layer", "fwd_bwd")
+# The cases of each suite (`--case` picks among them; a suite with none picked is skipped).
+SUITE_CASES = {"grid": list(CASES), "structured": list(STRUCTURED), "layer": list(LAYER), "fwd_bwd": FWD_BWD}
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -26,25 +31,31 @@ JAX_W = "jax.jit(flax dot_product_attention_weights)"
 TORCH = "torch SDPA"
 
 
-def jobs(ours, threads, cases):
+def jobs(ours, threads, picked):
+    """{job name: (command, env)} of the picked cases ({suite: [case]})."""
     cpus = ",".join(str(c) for c in range(threads))
     pin = ["taskset", "-c", cpus]
     xla = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" if threads == 1 else ""
     env_jax = {"XLA_FLAGS": xla, "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": str(threads)}
     env_torch = {"OMP_NUM_THREADS": str(threads)}
-    case_args = [a for c in cases for a in ("--case", c)]
     peer = [PY, os.path.join(HERE, "peers.py"), "--threads", str(threads)]
-    return {
-        "ours output": (pin + [ours, "--threads", str(threads), "--what", "output"] + case_args, {}),
-        "ours weights": (pin + [ours, "--threads", str(threads), "--what", "weights"] + case_args, {}),
-        "jax output": (pin + peer + ["--lib", "jax", "--what", "output"] + case_args, env_jax),
-        "jax weights": (pin + peer + ["--lib", "jax", "--what", "weights"] + case_args, env_jax),
-        "torch output": (pin + peer + ["--lib", "torch", "--what", "output"] + case_args, env_torch),
-        "sgemm torch": (pin + peer + ["--lib", "torch", "--what", "sgemm"], env_torch),
-        "sgemm jax": (pin + peer + ["--lib", "jax", "--what", "sgemm"], env_jax),
-        "bandwidth torch": (pin + peer + ["--lib", "torch", "--what", "bandwidth"], env_torch),
-        "bandwidth ours": (pin + [ours, "--threads", str(threads), "--what", "bandwidth"], {}),
-    }
+    attn = pin + [ours, "--threads", str(threads), "--what"]
+    todo = {}
+    for suite, cases in picked.items():
+        case_args = [a for c in cases for a in ("--case", c)]
+        whats = ["output", "weights"] if suite == "grid" else [suite]
+        for what in whats:
+            todo[f"ours {what}"] = (attn + [what] + case_args, {})
+            todo[f"jax {what}"] = (pin + peer + ["--lib", "jax", "--what", what] + case_args, env_jax)
+            if what != "weights":
+                todo[f"torch {what}"] = (pin + peer + ["--lib", "torch", "--what", what] + case_args, env_torch)
+    if "grid" in picked:
+        todo["sgemm torch"] = (pin + peer + ["--lib", "torch", "--what", "sgemm"], env_torch)
+        todo["sgemm jax"] = (pin + peer + ["--lib", "jax", "--what", "sgemm"], env_jax)
+    if picked.keys() & {"grid", "structured", "layer"}:
+        todo["bandwidth torch"] = (pin + peer + ["--lib", "torch", "--what", "bandwidth"], env_torch)
+        todo["bandwidth ours"] = (attn + ["bandwidth"], {})
+    return todo
 
 
 def load():
@@ -73,13 +84,31 @@ def main():
     ap.add_argument("--ours", required=True, help="path of attn's benchmark binary")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--case", action="append", default=[])
+    ap.add_argument("--case", action="append", default=[], help="only these cases (of the selected suites)")
+    ap.add_argument("--suite", action="append", choices=SUITES, default=[],
+                    help="grid (issue 4), structured (issue 13), layer (issue 14), fwd_bwd (issue 16); default all")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--libs", default="attn,torch,jax",
+                    help="comma-separated implementations to run (attn, torch, jax); default all")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     a = ap.parse_args()
-    cases = a.case or list(CASES)
+    suites = a.suite or list(SUITES)
+    known = {c for s in SUITES for c in SUITE_CASES[s]}
+    unknown = [c for c in a.case if c not in known]
+    if unknown:
+        sys.exit(f"unknown case(s) {unknown}")
+    picked = {s: [c for c in SUITE_CASES[s] if not a.case or c in a.case] for s in suites}
+    picked = {s: cs for s, cs in picked.items() if cs}
+    if not picked:
+        sys.exit("no case of the selected suites was picked")
     os.makedirs(a.out, exist_ok=True)
-    raw_path = os.path.join(a.out, f"raw_t{a.threads}.jsonl")
-    todo = jobs(a.ours, a.threads, cases)
+    tag = "_".join(picked) if a.suite else "all"
+    raw_path = os.path.join(a.out, f"raw_{tag}_t{a.threads}.jsonl")
+    todo = jobs(a.ours, a.threads, picked)
+    libs = set(a.libs.split(","))
+    lib_of = {"ours": "attn", "jax": "jax", "torch": "torch"}
+    todo = {name: job for name, job in todo.items()
+            if lib_of.get(name.split()[0], lib_of.get(name.split()[-1])) in libs}
     names = list(todo)
     results = {}  # (impl, case) -> [round medians]
     with open(raw_path, "w") as log:
@@ -92,13 +121,42 @@ def main():
                         continue
                     results.setdefault((row["impl"], row["case"]), []).append(row)
             print(f"round {r + 1}/{a.rounds} done, load {load():.2f}", file=sys.stderr, flush=True)
-    report = render(results, cases, a.threads, a.rounds)
-    report += memory_report(a.ours, a.threads)
-    with open(os.path.join(a.out, f"report_t{a.threads}.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(a.out, f"summary_t{a.threads}.json"), "w") as f:
+    bw = best_bandwidth(results)
+    text = f"# attn vs peers, {a.threads} thread(s), {a.rounds} interleaved round(s)\n\n"
+    if "grid" in picked:
+        text += render(results, picked["grid"], a.threads, a.rounds)
+        if not a.no_memory:
+            text += memory_report(a.ours, a.threads)
+    if "structured" in picked:
+        text += "\n" + report.render_structured(results, picked["structured"], bw)
+        if not a.no_memory:
+            text += "\n" + report.memory_structured(a.ours, a.threads, [
+                "window512_h8_l8192_d64", "packed16_h8_l8192_d64", "causal_h8_l8192_d64",
+                "gqa_prefill_h32_k8_l2048_d128_causal"])
+    if "layer" in picked:
+        text += "\n" + report.render_layer(results, picked["layer"], bw)
+    if "fwd_bwd" in picked:
+        text += "\n" + report.render_fwd_bwd(results, picked["fwd_bwd"])
+        if not a.no_memory:
+            text += report.memory_fwd_bwd(a.ours, a.threads)
+    if bw is not None:
+        text += f"\nStreaming read bandwidth measured in this run: {bw:.1f} GB/s (best of attn's and torch's 512 MiB sum).\n"
+    report_md = text
+    with open(os.path.join(a.out, f"report_{tag}_t{a.threads}.md"), "w") as f:
+        f.write(report_md)
+    with open(os.path.join(a.out, f"summary_{tag}_t{a.threads}.json"), "w") as f:
         json.dump({f"{k[0]}|{k[1]}": med_time(v) for k, v in results.items()}, f, indent=1)
-    print(report)
+    if "grid" in picked:
+        subprocess.run([PY, os.path.join(HERE, "plot.py"), os.path.join(a.out, f"summary_{tag}_t{a.threads}.json"),
+                        os.path.join(a.out, f"gflops_t{a.threads}.png"), "--threads", str(a.threads)], check=False)
+    print(report_md)
+
+
+def best_bandwidth(results):
+    """The best streaming read bandwidth (GB/s) of this run, or None."""
+    bws = [536870912 / med_time(results[(impl, "read_512MiB")]) / 1e9 for impl in ("torch read", "attn read")
+           if (impl, "read_512MiB") in results]
+    return max(bws, default=None)
 
 
 def memory_report(ours, threads):

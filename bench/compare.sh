@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Compares attn with jax.jit(flax) and torch SDPA on this machine; see docs/performance.md.
 #
-#   bench/compare.sh [--threads N] [--rounds R] [--case NAME ...]
+#   bench/compare.sh [--threads N] [--rounds R] [--suite grid|structured|layer|fwd_bwd ...]
+#                    [--case NAME ...] [--no-memory] [--libs attn,torch,jax]
 #
 # Creates bench/.venv (jax, jaxlib, flax, torch, numpy, matplotlib from PyPI; several GB, not
 # part of CI), builds attn's benchmark binary (benches/harness.rs) in release mode, runs every
 # implementation on the same shapes with the same thread count, interleaved, and prints medians
-# and ratios. Results: bench/results/report_t<N>.md (+ raw JSON lines), plot:
+# and ratios, each issue's targets as met/missed. Results: bench/results/report_<suites>_t<N>.md
+# (<suites> = "all" without --suite; + raw JSON lines), plot of the grid suite:
 # bench/results/gflops_t<N>.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,14 +29,6 @@ for line in open("target/harness-build.json"):
         print(m["executable"])
 PY
 )
-threads=2
-args=()
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --threads) threads=$2; args+=("$1" "$2"); shift 2 ;;
-        *) args+=("$1"); shift ;;
-    esac
-done
+args=("$@")
 cd bench
 "$root/$venv/bin/python" compare.py --ours "$ours" "${args[@]}"
-"$root/$venv/bin/python" plot.py results/summary_t"$threads".json results/gflops_t"$threads".png --threads "$threads"

@@ -275,3 +275,362 @@ pub fn pool(threads: usize) -> rayon::ThreadPool {
         .build()
         .expect("a rayon thread pool")
 }
+
+/// The visibility of a structured case (issue 13). Every structure but `None` is causal,
+/// top-left aligned (`q_len == kv_len` in these cases, so bottom-right is the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Structure {
+    /// Every key visible (the decode cases: one query at the end sees every cached key, which
+    /// is bottom-right causal for one query).
+    None,
+    /// Declared causal (`Mask::causal()`).
+    Causal,
+    /// Causal and a sliding window `(left, 0)`: query `i` sees keys `i - left ..= i`
+    /// (`left + 1` keys, itself included).
+    Window(usize),
+    /// Packed sequences of these lengths (summing to `q_len`) with segment ids, causal within
+    /// each segment.
+    Segments(&'static [usize]),
+    /// The same sequences run one by one (one causal call each); attn only.
+    OneByOne(&'static [usize]),
+    /// Causal handed over as a bool tensor `[1, 1, L, L]` (Flax's `make_causal_mask`).
+    CausalTensor,
+}
+
+/// One case of the structured suite: batch 1, query `[1, q_len, heads, depth]`, key and value
+/// `[1, kv_len, kv_heads, depth]`.
+#[derive(Clone, Copy, Debug)]
+pub struct StructuredCase {
+    /// Name shared with bench/grid.py.
+    pub name: &'static str,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (dividing `heads`).
+    pub kv_heads: usize,
+    /// Query length.
+    pub q_len: usize,
+    /// Key/value length.
+    pub kv_len: usize,
+    /// Depth of queries, keys and values.
+    pub depth: usize,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Which keys each query sees.
+    pub structure: Structure,
+}
+
+impl std::fmt::Display for StructuredCase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// Lengths of the 8 packed sequences (256–1024 tokens, summing to 4096).
+pub const PACKED8: &[usize] = &[256, 1024, 384, 768, 512, 320, 448, 384];
+/// The same lengths twice (16 sequences, 8192 tokens): the peak-memory case.
+pub const PACKED16: &[usize] = &[
+    256, 1024, 384, 768, 512, 320, 448, 384, 256, 1024, 384, 768, 512, 320, 448, 384,
+];
+
+const fn structured(
+    name: &'static str,
+    h: usize,
+    k: usize,
+    lq: usize,
+    lk: usize,
+    d: usize,
+    structure: Structure,
+) -> StructuredCase {
+    StructuredCase {
+        name,
+        heads: h,
+        kv_heads: k,
+        q_len: lq,
+        kv_len: lk,
+        depth: d,
+        dtype: Dtype::F32,
+        structure,
+    }
+}
+
+/// The cases of issue 13's performance item (bench/grid.py `STRUCTURED` mirrors them).
+pub const STRUCTURED: &[StructuredCase] = &[
+    structured(
+        "gqa_decode_h32_k8_kv8192_d128",
+        32,
+        8,
+        1,
+        8192,
+        128,
+        Structure::None,
+    ),
+    StructuredCase {
+        dtype: Dtype::Bf16,
+        ..structured(
+            "gqa_decode_h32_k8_kv8192_d128_bf16",
+            32,
+            8,
+            1,
+            8192,
+            128,
+            Structure::None,
+        )
+    },
+    structured(
+        "gqa_prefill_h32_k8_l2048_d128_causal",
+        32,
+        8,
+        2048,
+        2048,
+        128,
+        Structure::Causal,
+    ),
+    structured(
+        "window512_h8_l8192_d64",
+        8,
+        8,
+        8192,
+        8192,
+        64,
+        Structure::Window(511),
+    ),
+    structured(
+        "causal_h8_l8192_d64",
+        8,
+        8,
+        8192,
+        8192,
+        64,
+        Structure::Causal,
+    ),
+    structured(
+        "packed8_h8_l4096_d64",
+        8,
+        8,
+        4096,
+        4096,
+        64,
+        Structure::Segments(PACKED8),
+    ),
+    structured(
+        "one_by_one8_h8_l4096_d64",
+        8,
+        8,
+        4096,
+        4096,
+        64,
+        Structure::OneByOne(PACKED8),
+    ),
+    structured(
+        "causal_tensor_h8_l4095_d64",
+        8,
+        8,
+        4095,
+        4095,
+        64,
+        Structure::CausalTensor,
+    ),
+    structured(
+        "causal_h8_l4095_d64",
+        8,
+        8,
+        4095,
+        4095,
+        64,
+        Structure::Causal,
+    ),
+];
+
+/// Cases only run for the structured suite's peak-memory report (output path, L=8192).
+pub const STRUCTURED_MEMORY: &[StructuredCase] = &[structured(
+    "packed16_h8_l8192_d64",
+    8,
+    8,
+    8192,
+    8192,
+    64,
+    Structure::Segments(PACKED16),
+)];
+
+impl StructuredCase {
+    /// Bytes of K and V (read once per key/value head).
+    pub fn kv_bytes(&self) -> f64 {
+        (2 * self.kv_len * self.kv_heads * self.depth * self.dtype.size()) as f64
+    }
+
+    /// Bytes of q, k, v and the output.
+    pub fn qkvo_bytes(&self) -> f64 {
+        (2 * self.q_len * self.heads * self.depth * self.dtype.size()) as f64 + self.kv_bytes()
+    }
+
+    /// The same kind of case with lengths divided by 64 (packed sequences: [`TINY_PACKED`])
+    /// and at most 4 query heads, GQA kept (for the CI smoke test).
+    pub fn tiny(&self) -> StructuredCase {
+        let shrink = |l: usize| l.div_ceil(64);
+        let (structure, len) = match self.structure {
+            Structure::Window(left) => (Structure::Window(shrink(left)), None),
+            Structure::Segments(_) => (Structure::Segments(TINY_PACKED), Some(64)),
+            Structure::OneByOne(_) => (Structure::OneByOne(TINY_PACKED), Some(64)),
+            s => (s, None),
+        };
+        let heads = self.heads.min(4);
+        StructuredCase {
+            heads,
+            kv_heads: if self.kv_heads == self.heads {
+                heads
+            } else {
+                2
+            },
+            q_len: len.unwrap_or(shrink(self.q_len)),
+            kv_len: len.unwrap_or(shrink(self.kv_len)),
+            structure,
+            ..*self
+        }
+    }
+}
+
+/// Packed sequences of the tiny structured cases (summing to 64).
+pub const TINY_PACKED: &[usize] = &[4, 16, 6, 12, 8, 5, 7, 6];
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 => 2,
+        }
+    }
+}
+
+/// One forward of the multi-head attention layer (issue 14): `inputs [1, len, features]`,
+/// self-attention, no mask.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerCase {
+    /// Name shared with bench/grid.py.
+    pub name: &'static str,
+    /// Features `E` (in and out).
+    pub features: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Depth per head.
+    pub head_dim: usize,
+    /// Tokens of the forward (`Forward`) or cached tokens before the step (`Decode`).
+    pub len: usize,
+    /// Parameters, inputs and computation dtype.
+    pub dtype: Dtype,
+    /// Forward pass, or one decode step over `len` cached tokens.
+    pub decode: bool,
+}
+
+impl std::fmt::Display for LayerCase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+const fn layer(name: &'static str, e: usize, h: usize, l: usize, dtype: Dtype) -> LayerCase {
+    LayerCase {
+        name,
+        features: e,
+        heads: h,
+        kv_heads: h,
+        head_dim: e / h,
+        len: l,
+        dtype,
+        decode: false,
+    }
+}
+
+const fn decode_step(name: &'static str, dtype: Dtype) -> LayerCase {
+    LayerCase {
+        name,
+        features: 1024,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        len: 4096,
+        dtype,
+        decode: true,
+    }
+}
+
+/// The cases of issue 14's performance item (bench/grid.py `LAYER` mirrors them).
+pub const LAYER: &[LayerCase] = &[
+    layer("mha_e768_h12_l512", 768, 12, 512, Dtype::F32),
+    layer("mha_e768_h12_l512_bf16", 768, 12, 512, Dtype::Bf16),
+    layer("mha_e768_h12_l2048", 768, 12, 2048, Dtype::F32),
+    layer("mha_e768_h12_l2048_bf16", 768, 12, 2048, Dtype::Bf16),
+    decode_step("decode_gqa_e1024_h32_k8_d128_kv4096", Dtype::F32),
+    decode_step("decode_gqa_e1024_h32_k8_d128_kv4096_bf16", Dtype::Bf16),
+];
+
+impl LayerCase {
+    /// Bytes of the cached keys and values a decode step reads (`len + 1` slots: the cache
+    /// and the new token).
+    pub fn cache_bytes(&self) -> f64 {
+        (2 * (self.len + 1) * self.kv_heads * self.head_dim * self.dtype.size()) as f64
+    }
+
+    /// Bytes of the four projection kernels (read once by a decode step).
+    pub fn param_bytes(&self) -> f64 {
+        let (e, q, kv) = (
+            self.features,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        );
+        ((2 * e * q + 2 * e * kv) * self.dtype.size()) as f64
+    }
+
+    /// The same kind of case at E=32, 4 heads (2 key/value heads for GQA), 8 dims per head,
+    /// 16 tokens (for the CI smoke test).
+    pub fn tiny(&self) -> LayerCase {
+        LayerCase {
+            features: 32,
+            heads: 4,
+            kv_heads: if self.kv_heads == self.heads { 4 } else { 2 },
+            head_dim: 8,
+            len: 16,
+            ..*self
+        }
+    }
+}
+
+/// Forward and backward of the output path (issue 16) in one place: the output of
+/// `attn::dot_product_attention` and the gradients of `attn::dot_product_attention_vjp` for
+/// `cotangent` (f32 `[batch, len, heads, depth]` arrays; causal top-left when `causal`).
+/// One function so that it can switch to a forward-with-residuals API.
+pub fn forward_backward(
+    query: &attn::Array,
+    key: &attn::Array,
+    value: &attn::Array,
+    cotangent: &attn::Array,
+    causal: bool,
+    pool: &rayon::ThreadPool,
+) -> Result<(attn::Array, attn::AttentionGrads), AttnError> {
+    let args = || {
+        let a = attn::FlaxArgs::new().deterministic(true).pool(pool);
+        if causal {
+            a.causal(attn::kernel::Align::TopLeft)
+        } else {
+            a
+        }
+    };
+    let output = attn::dot_product_attention(query, key, value, args())?;
+    let grads = attn::dot_product_attention_vjp(query, key, value, cotangent, args())?;
+    Ok((output, grads))
+}
+
+/// f32 arrays `query, key, value, cotangent` of a grid case, for [`forward_backward`].
+pub fn fwd_bwd_inputs(case: &Case) -> Result<[attn::Array; 4], AttnError> {
+    let q = vec![case.batch, case.q_len, case.heads, case.depth];
+    let kv = vec![case.batch, case.kv_len, case.heads, case.depth];
+    let n = |s: &[usize]| s.iter().product::<usize>();
+    Ok([
+        attn::Array::new(values(n(&q), 1), q.clone())?,
+        attn::Array::new(values(n(&kv), 2), kv.clone())?,
+        attn::Array::new(values(n(&kv), 3), kv)?,
+        attn::Array::new(values(n(&q), 4), q)?,
+    ])
+}

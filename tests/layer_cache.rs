@@ -268,3 +268,40 @@ fn a_full_cache_attends_over_the_filled_slots_only_as_flax() {
         assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
     }
 }
+
+#[test]
+fn a_truncated_cache_decodes_as_if_the_later_tokens_were_never_written() {
+    // Fill 6 tokens of x, truncate to 4, decode token 4 of another sequence y that shares x's
+    // first 4 tokens: the result is the causal forward pass over [x0..x3, y4] (the stale
+    // slots 4 and 5 are not seen), and the cache index counts 5 tokens.
+    let mut cfg = MhaConfig::new(2);
+    cfg.param_dtype = DType::F64;
+    cfg.num_kv_heads = Some(1);
+    let layer = MultiHeadDotProductAttention::init(cfg, InFeatures::same(8), 11).unwrap();
+    let x = input(12, &[1, 6, 8]);
+    let other = input(13, &[1, 6, 8]);
+    let mut joined = rows(&x, 0, 4).to_f64_vec();
+    joined.extend(rows(&other, 4, 5).to_f64_vec());
+    let y = Array::from_f64(DType::F64, &joined, vec![1, 5, 8]).unwrap();
+    let want = banded_reference(&layer, &y, 5);
+    let ctx = &mut Context::deterministic();
+    let mut cache = KvCache::new(8);
+    layer.prefill(&mut cache, &x, None, ctx).unwrap();
+    cache.truncate(4).unwrap();
+    assert_eq!(cache.cache_index(), 4);
+    let got = layer
+        .decode(&mut cache, &rows(&y, 4, 5), None, ctx)
+        .unwrap();
+    assert!(max_diff(&got, &rows(&want, 4, 5)) < 1e-12);
+    assert_eq!(cache.cache_index(), 5);
+    // Errors name the argument and leave the cache unchanged.
+    let e = cache.truncate(6).unwrap_err().to_string();
+    assert!(
+        e.contains("len") && e.contains("at most cache_index = 5") && e.contains("6"),
+        "{e}"
+    );
+    assert_eq!(cache.cache_index(), 5);
+    let mut ring = KvCache::sliding_window(4);
+    let e = ring.truncate(0).unwrap_err().to_string();
+    assert!(e.contains("cache") && e.contains("sliding-window"), "{e}");
+}

@@ -77,6 +77,34 @@ impl KvCache {
         self.value.as_ref()
     }
 
+    /// Forgets the tokens after the first `len`: `cache_index` becomes `len`, and the next
+    /// call writes its tokens from slot `len` on (the later slots are stale and no query sees
+    /// them: a query at position `p` sees the slots `j <= p`). For re-running a decode step
+    /// over the same prefix (benchmarks, speculative decoding) without copying the cache.
+    /// `len` above `cache_index`, or a sliding-window cache (whose ring buffer has overwritten
+    /// older tokens), is an error and leaves the cache unchanged.
+    pub fn truncate(&mut self, len: usize) -> Result<(), AttnError> {
+        if self.sliding {
+            return Err(AttnError::InvalidArgument {
+                argument: "cache",
+                reason: "a sliding-window cache cannot be truncated (its ring buffer has \
+                         overwritten older tokens)"
+                    .into(),
+            });
+        }
+        if len > self.index {
+            return Err(AttnError::InvalidArgument {
+                argument: "len",
+                reason: format!(
+                    "expected at most cache_index = {} tokens, found {len}",
+                    self.index
+                ),
+            });
+        }
+        self.index = len;
+        Ok(())
+    }
+
     /// Empties the cache (keeps nothing; the next call allocates again).
     pub fn reset(&mut self) {
         self.index = 0;

@@ -145,18 +145,20 @@ impl ProjectionLayer {
             .and_then(|d| d.size)
     }
 
-    /// The element type of the inputs: `dtype`, or `f32` when it is not declared.
+    /// The element type of the inputs: `dtype`; when it is not declared (Flax's `dtype=None`,
+    /// computing in the promotion of the inputs and the parameters), `f64` for `f64`
+    /// parameters, else `f32`.
     pub fn input_dtype(&self) -> DType {
-        self.dtype.unwrap_or(DType::F32)
-    }
-
-    /// The element type of the output: `dtype`, or (Flax's `dtype=None`) the promotion of
-    /// the `f32` inputs with `param_dtype`, which is `f64` only for `f64` parameters.
-    pub fn output_dtype(&self) -> DType {
         match (self.dtype, self.param_dtype) {
             (Some(dtype), _) => dtype,
             (None, DType::F64) => DType::F64,
             (None, _) => DType::F32,
         }
+    }
+
+    /// The element type of the output: `dtype`, or (Flax's `dtype=None`) the promotion of
+    /// the `f32` inputs with `param_dtype`, which is `f64` only for `f64` parameters.
+    pub fn output_dtype(&self) -> DType {
+        self.input_dtype()
     }
 }

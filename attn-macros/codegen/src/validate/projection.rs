@@ -596,3 +596,54 @@ fn validate_projection(syntax: &LayerSyntax, errors: &mut Errors) -> Option<Proj
         cache: cache.map(|(c, _)| c),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quote::quote;
+
+    fn projections(tokens: TokenStream) -> (Vec<ProjectionLayer>, Vec<String>) {
+        let input = crate::parse(tokens).unwrap();
+        let layers: Vec<&LayerSyntax> = input.layers.iter().collect();
+        let (layers, error) = validate_projections(&layers, &[]);
+        let messages = error
+            .map(|e| e.into_iter().map(|e| e.to_string()).collect())
+            .unwrap_or_default();
+        (layers, messages)
+    }
+
+    #[test]
+    fn sizes_follow_flax_defaults_and_declared_options() {
+        let (layers, errors) = projections(quote! {
+            struct L {
+                inputs_q: [B, T, E = 4096],
+                heads: 32, kv_heads: 8, head_dim: 128,
+                out_features: 1024, use_bias: false, dtype: bf16, cache: 8192,
+            }
+            struct Defaults { inputs_q: [T, 96], heads: 3 }
+        });
+        assert!(errors.is_empty(), "{errors:?}");
+        let l = &layers[0];
+        assert_eq!((l.heads, l.kv_heads, l.head_dim), (32, 8, 128));
+        assert_eq!((l.qkv_features, l.out_features), (4096, 1024));
+        assert_eq!(l.cache, Some(Cache::Static(8192)));
+        assert_eq!((l.use_bias, l.dtype), (false, Some(DType::BF16)));
+        let d = &layers[1];
+        assert_eq!((d.qkv_features, d.head_dim, d.out_features), (96, 32, 96));
+        assert_eq!((d.dtype, d.input_dtype()), (None, DType::F32));
+    }
+
+    #[test]
+    fn every_mistake_is_reported_at_once() {
+        let (layers, errors) = projections(quote! {
+            struct L { inputs_q: [B, T, E = 30], heads: 4, kv_heads: 3, cache: 0, bogus: 1 }
+        });
+        assert!(layers.is_empty());
+        assert_eq!(errors.len(), 5, "{errors:?}"); // divisibility (+ note), kv_heads, cache, option
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("not divisible by `heads: 4`"))
+        );
+    }
+}

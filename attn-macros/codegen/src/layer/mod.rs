@@ -1,7 +1,7 @@
 //! Projection layers: declarations with `inputs_q` instead of `query`/`key`, which generate a
 //! `flax.linen.MultiHeadDotProductAttention` with its parameters (a struct wrapping
 //! `attn::layer::MultiHeadDotProductAttention`). The syntax is the attention core's
-//! ([`crate::parse`]); [`crate::validate::projection`] checks a declaration into a
+//! ([`mod@crate::parse`]); [`crate::validate::projection`] checks a declaration into a
 //! [`ProjectionLayer`] and [`expand()`] turns it into Rust.
 
 mod expand;

@@ -84,7 +84,40 @@ pub fn expand_projections(
             "the `attention!` declaration of this layer has errors"
         ));
         let result = quote!(::core::result::Result<R, ::attn::__private::AttnError>);
+        // The cache type too, so that code creating one adds no "cannot find type" error.
+        let cache = layer
+            .entries
+            .iter()
+            .find(|entry| entry.key == "cache")
+            .map(|entry| {
+                let cache_ident = format_ident!("{}Cache", ident);
+                let dynamic = matches!(
+                    entry.value.terms.as_slice(),
+                    [Term::Ident(word)] if word == "dynamic"
+                );
+                let new = if dynamic {
+                    quote!(
+                        pub fn new(_capacity: usize) -> Self {
+                            Self
+                        }
+                    )
+                } else {
+                    quote!(
+                        pub fn new() -> Self {
+                            Self
+                        }
+                    )
+                };
+                quote! {
+                    #vis struct #cache_ident;
+                    impl #cache_ident {
+                        #new
+                        pub fn len(&self) -> usize { #unreachable }
+                    }
+                }
+            });
         stubs.extend(quote! {
+            #cache
             #vis struct #ident;
             impl #ident {
                 pub fn new<R>(_seed: u64) -> #result { #unreachable }

@@ -1,7 +1,7 @@
-//! Fuzz target: any UTF-8 text that lexes as Rust tokens goes through the macro's three stages
-//! as plain functions. Properties: nothing panics; a declaration that validates expands to
-//! Rust items; the macro's full output (code, or `compile_error!`s plus stub layers) is always
-//! Rust items; every error has a message.
+//! Fuzz target: any UTF-8 text that lexes as Rust tokens goes through the macro's stages as
+//! plain functions (both pipelines: attention cores and projection layers). Properties: nothing
+//! panics; a declaration that validates expands to Rust items; the macro's full output (code,
+//! or `compile_error!`s plus stub layers) is always Rust items; every error has a message.
 #![no_main]
 
 use std::str::FromStr;
@@ -21,27 +21,21 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn check(tokens: TokenStream, source: &str) {
-    match attn_codegen::parse(tokens.clone()) {
-        Ok(input) => match attn_codegen::validate(&input) {
-            Ok(layers) => {
-                let code = attn_codegen::expand(&layers);
-                if let Err(e) = syn::parse2::<syn::File>(code.clone()) {
-                    panic!("expansion is not Rust items ({e}) for:\n{source}\n---\n{code}");
-                }
+    // `try_attention` runs both pipelines: attention cores and projection layers (`inputs_q`).
+    match attn_codegen::try_attention(tokens.clone()) {
+        Ok(code) => {
+            if let Err(e) = syn::parse2::<syn::File>(code.clone()) {
+                panic!("expansion is not Rust items ({e}) for:\n{source}\n---\n{code}");
             }
-            Err(errors) => {
-                for error in errors {
-                    assert!(
-                        !error.to_string().is_empty(),
-                        "empty message for:\n{source}"
-                    );
-                }
+        }
+        Err(errors) => {
+            for error in errors {
+                assert!(
+                    !error.to_string().is_empty(),
+                    "empty message for:\n{source}"
+                );
             }
-        },
-        Err(error) => assert!(
-            !error.to_string().is_empty(),
-            "empty message for:\n{source}"
-        ),
+        }
     }
     let full = attn_codegen::attention(tokens);
     if let Err(e) = syn::parse2::<syn::File>(full.clone()) {

@@ -69,7 +69,8 @@ pub struct Check {
 }
 
 impl Check {
-    fn passed(&self) -> bool {
+    /// Whether the tensor matched (dtype, shape, values within the case's tolerance).
+    pub fn passed(&self) -> bool {
         self.problem.is_none() && self.worst <= 1.0
     }
 }
@@ -253,6 +254,16 @@ impl Case {
             Some(Some(t)) => to_array(t).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// Compares `actual` with the expected tensor `name` under the case's tolerance for it.
+    pub fn check(&self, name: &str, actual: &Array) -> Check {
+        compare(
+            name,
+            Some(actual),
+            self.expected.get(name).and_then(Option::as_ref),
+            self.tolerance.get(name).copied(),
+        )
     }
 
     /// Whether the case runs Flax's `decode=True` steps.

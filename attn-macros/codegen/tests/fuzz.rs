@@ -510,3 +510,88 @@ fn mutated_examples_never_panic_and_errors_are_spanned() {
         reached.load(Ordering::Relaxed)
     );
 }
+
+// ---------- projection layers (`inputs_q`, `heads`, `cache`) ----------
+
+/// A projection layer: inputs of any rank (static or run-time features), heads that divide the
+/// features or not, and any subset of the options with right or wrong values.
+fn projection_declaration() -> impl Strategy<Value = String> {
+    let input = prop::sample::select(vec![
+        "[B, T, E = 64]",
+        "[T, E = 64]",
+        "[B, T, E]",
+        "[B, T, 64]",
+        "[B, T, E = 0]",
+        "[E = 64]",
+        "[B, T, E = 48]",
+        "[C, S, 32]",
+        "[B, S, E]",
+        "(B, T, E)",
+        "[B, T, E = 64, 2, 3, 4, 5, 6, 7]",
+    ]);
+    let option = prop::sample::select(vec![
+        "heads: 8",
+        "heads: 0",
+        "heads: 7",
+        "heads: x",
+        "kv_heads: 2",
+        "kv_heads: 3",
+        "head_dim: 8",
+        "head_dim: 16",
+        "qkv_features: 64",
+        "qkv_features: 30",
+        "out_features: 32",
+        "out_features: 0",
+        "use_bias: false",
+        "use_bias: 1",
+        "normalize_qk: true",
+        "mask: causal",
+        "mask: causal(bottom_right)",
+        "mask: [B, 1, T, T]",
+        "mask: causal + [B, 1, 1, T]",
+        "mask: window(3, 0)",
+        "mask: [B, 9, T, T, 1]",
+        "dtype: bf16",
+        "dtype: float32",
+        "param_dtype: f64",
+        "param_dtype: int8",
+        "dropout_rate: 0.1",
+        "dropout_rate: 2",
+        "precision: highest",
+        "force_fp32_for_softmax: true",
+        "sow: attention_weights",
+        "cache: 128",
+        "cache: 0",
+        "cache: dynamic",
+        "cache: sliding_window(16)",
+        "cache: sliding_window()",
+        "cache: sliding_window(0)",
+        "cache: static",
+        "num_heads: 8",
+        "query: [B, T, H, D]",
+        "scale: 0.5",
+    ]);
+    let inputs = prop::collection::vec(input, 0..4);
+    let options = prop::collection::vec(option, 0..7);
+    (inputs, options).prop_map(|(inputs, options)| {
+        let mut entries: Vec<String> = inputs
+            .iter()
+            .zip(["inputs_q", "inputs_k", "inputs_v", "inputs_q"])
+            .map(|(shape, name)| format!("{name}: {shape}"))
+            .collect();
+        entries.extend(options.iter().map(|o| (*o).to_owned()));
+        format!("pub struct Projection {{ {} }}", entries.join(", "))
+    })
+}
+
+#[test]
+fn projection_layers_never_panic_and_errors_are_spanned() {
+    let reached = AtomicUsize::new(0);
+    runner(2000)
+        .run(&projection_declaration(), |source| check(&source, &reached))
+        .unwrap();
+    eprintln!(
+        "fuzz: {} projection-layer declarations reached the macro",
+        reached.load(Ordering::Relaxed)
+    );
+}

@@ -165,6 +165,21 @@ impl MultiHeadDotProductAttention {
         mask: Option<&Array>,
         ctx: &mut Context<'_>,
     ) -> Result<Array, AttnError> {
+        self.forward_causal_views(inputs_q, inputs_k, inputs_v, mask, None, ctx)
+    }
+
+    /// [`forward_views`](Self::forward_views) with a causal term AND-ed with `mask`: key `j`
+    /// is visible to query `i` iff `j <= pos(i)` (`causal`'s alignment, e.g. `Align::TopLeft`
+    /// for Flax's `make_causal_mask`). The kernels skip the hidden keys; no mask is built.
+    pub fn forward_causal_views(
+        &self,
+        inputs_q: ArrayRef<'_>,
+        inputs_k: Option<ArrayRef<'_>>,
+        inputs_v: Option<ArrayRef<'_>>,
+        mask: Option<&Array>,
+        causal: Option<Align>,
+        ctx: &mut Context<'_>,
+    ) -> Result<Array, AttnError> {
         if inputs_k.is_none() && inputs_v.is_some() {
             return Err(AttnError::InvalidArgument {
                 argument: "inputs_v",
@@ -190,7 +205,7 @@ impl MultiHeadDotProductAttention {
         let q = self.project_query(&inputs_q, &batch, lq)?;
         let k = self.project_key(k_in, &batch, lk)?;
         let v = self.project_value(v_in, &batch, lk)?;
-        let o = self.attend(&q, &k, &v, mask, None, ctx)?;
+        let o = self.attend(&q, &k, &v, mask, causal, ctx)?;
         self.project_out(&o)
     }
 

@@ -20,6 +20,7 @@ mod heads;
 mod layout;
 mod mask;
 mod options;
+pub mod projection;
 mod structure;
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,13 @@ pub(crate) trait Dot: Copy + Default + Add<Output = Self> + Mul<Output = Self> {
     fn dot(a: &[Self], b: &[Self]) -> Self {
         dot_portable(a, b)
     }
+
+    /// `[dot(a[0], b[0]), .., dot(a[3], b[3])]` (slices of one length), with the same bits;
+    /// an instruction set may compute the four at once.
+    #[inline(always)]
+    fn dot4(a: [&[Self]; 4], b: [&[Self]; 4]) -> [Self; 4] {
+        [0, 1, 2, 3].map(|t| Self::dot(a[t], b[t]))
+    }
 }
 
 impl Dot for f64 {}
@@ -21,6 +28,13 @@ impl Dot for f32 {
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         super::simd::dot_avx512(a, b).unwrap_or_else(|| dot_portable(a, b))
+    }
+
+    /// The AVX-512 code where the CPU has it (the same bits as four [`dot`]s).
+    #[inline(always)]
+    fn dot4(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
+        super::simd::dot4_avx512(a, b)
+            .unwrap_or_else(|| [0, 1, 2, 3].map(|t| Self::dot(a[t], b[t])))
     }
 }
 
@@ -78,6 +92,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::{dot, dot_portable};
+
+    #[test]
+    fn four_at_once_give_the_bits_of_four_dots() {
+        use super::Dot;
+        for n in [0usize, 1, 15, 16, 17, 64, 100, 128] {
+            let v = |s: f32| (0..n).map(|k| (k as f32 * s).sin()).collect::<Vec<f32>>();
+            let (a, b) = (
+                [v(0.1), v(0.2), v(0.3), v(0.4)],
+                [v(0.5), v(0.6), v(0.7), v(0.8)],
+            );
+            let a = [&a[0][..], &a[1], &a[2], &a[3]];
+            let b = [&b[0][..], &b[1], &b[2], &b[3]];
+            let four = f32::dot4(a, b);
+            for t in 0..4 {
+                assert_eq!(four[t].to_bits(), dot(a[t], b[t]).to_bits(), "n={n} t={t}");
+            }
+        }
+    }
 
     #[test]
     fn matches_a_float64_sum_for_every_length_around_the_lane_count() {

@@ -1420,15 +1420,29 @@ fn single_row_block<C: TileReal, E: Element, M: MulAdd>(
     }
 
     // Logits of every head, key row by key row: scores[h][jj].
+    // Four heads at a time (independent sums, each in the order of `dot`: the same bits);
+    // inactive heads' logits are computed and never read.
     let key_row_len = d.kv_heads * depth;
+    let (quads, rest) = (task_heads.len() / 4, task_heads.len() % 4);
     for jj in 0..cols {
         let start = (rows.b * d.kv_len + j0 + jj) * key_row_len;
         let (key_row, _) = rows_as(args.key, start, key_row_len, key_row_len, 1, keys);
-        for h in task_heads.clone() {
+        let query = |h: usize| &query_t[h * depth..(h + 1) * depth];
+        let key = |h: usize| {
+            let g = d.kv_head(h);
+            &key_row[g * depth..(g + 1) * depth]
+        };
+        for quad in 0..quads {
+            let h = rows.first_head + 4 * quad;
+            let heads = [h, h + 1, h + 2, h + 3];
+            let logits = C::dot4(heads.map(query), heads.map(key));
+            for (h, x) in heads.into_iter().zip(logits) {
+                scores[h * stride + jj] = x;
+            }
+        }
+        for h in task_heads.end - rest..task_heads.end {
             if active[h] {
-                let q = &query_t[h * depth..(h + 1) * depth];
-                let g = d.kv_head(h);
-                scores[h * stride + jj] = dot(q, &key_row[g * depth..(g + 1) * depth]);
+                scores[h * stride + jj] = dot(query(h), key(h));
             }
         }
     }
@@ -1493,10 +1507,26 @@ fn mask_structured<C: TileReal>(
 ) {
     let width = rows.width;
     let block = j0..j0 + cols;
+    // Packed sequences: most blocks lie inside one sequence. When every key of the block has
+    // the same segment id, a row either shares it (only the other terms mask) or sees none of
+    // the block: no id is compared per key.
+    let block_segment = vis.segments(rows.b, rows.first).and_then(|(_, keys)| {
+        let keys = &keys[block.clone()];
+        keys.iter().all(|&k| k == keys[0]).then_some(keys[0])
+    });
     for r in 0..rows.count {
         let i = rows.first + r;
         let range = vis.row_range(rows.b, i);
-        let segment = vis.segments(rows.b, i);
+        let mut segment = vis.segments(rows.b, i);
+        if let (Some((id, _)), Some(block_id)) = (segment, block_segment) {
+            if id != block_id {
+                for jj in 0..cols {
+                    scores[jj * width + r] = big_neg;
+                }
+                continue;
+            }
+            segment = None;
+        }
         if segment.is_none() && range.start <= block.start && block.end <= range.end {
             continue;
         }

@@ -364,6 +364,79 @@ pub(crate) fn dot_avx512(a: &[f32], b: &[f32]) -> Option<f32> {
     }
 }
 
+/// Four dot products `Σ a_n[k]·b_n[k]` at once (all slices of one length), each in exactly the
+/// order of [`dot_avx512`] (so with the same bits): four independent chains of additions keep
+/// the adder busy where one chain waits on each addition (a decoding step's logits of the
+/// query heads that share a key/value head, or of four heads). `None` without AVX-512.
+#[inline]
+pub(crate) fn dot4_avx512(a: [&[f32]; 4], b: [&[f32]; 4]) -> Option<[f32; 4]> {
+    let n = a[0].len();
+    if !Isa::detect().has_avx512() || a.iter().chain(&b).any(|x| x.len() != n) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU has AVX-512F (checked above) and all eight slices have length `n`.
+        Some(unsafe { dot4_16_lanes(a, b) })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// [`dot4_avx512`]'s body.
+///
+/// # Safety
+/// The CPU supports AVX-512F, and every slice of `a` and `b` has the length of `a[0]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4_16_lanes(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
+    let n = a[0].len();
+    let whole = n / 16 * 16;
+    let mut partial = [_mm512_setzero_ps(); 4];
+    let mut k = 0;
+    while k < whole {
+        for t in 0..4 {
+            // SAFETY: k + 16 <= whole <= n, the length of every slice.
+            let (x, y) = unsafe {
+                (
+                    _mm512_loadu_ps(a[t].as_ptr().add(k)),
+                    _mm512_loadu_ps(b[t].as_ptr().add(k)),
+                )
+            };
+            partial[t] = _mm512_add_ps(partial[t], _mm512_mul_ps(x, y));
+        }
+        k += 16;
+    }
+    if whole < n {
+        let lanes: __mmask16 = (1u32 << (n - whole)) as u16 - 1;
+        for t in 0..4 {
+            // SAFETY: the mask allows only the n - whole < 16 lanes inside the slices; a
+            // masked load does not access (or fault on) the lanes its mask excludes.
+            let (x, y) = unsafe {
+                (
+                    _mm512_maskz_loadu_ps(lanes, a[t].as_ptr().add(whole)),
+                    _mm512_maskz_loadu_ps(lanes, b[t].as_ptr().add(whole)),
+                )
+            };
+            partial[t] = _mm512_add_ps(partial[t], _mm512_mul_ps(x, y));
+        }
+    }
+    partial.map(|p| {
+        // The fold of `dot_16_lanes`.
+        let low = _mm512_castps512_ps256(p);
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(p)));
+        let eight = _mm256_add_ps(low, high);
+        let four = _mm_add_ps(
+            _mm256_castps256_ps128(eight),
+            _mm256_extractf128_ps::<1>(eight),
+        );
+        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
+    })
+}
+
 /// [`dot_avx512`]'s body.
 ///
 /// # Safety

@@ -307,8 +307,29 @@ impl<'a> Visibility<'a> {
         // Both bounds grow with `i`: the first row gives the start, the last the end.
         let first = self.row_range_unpadded(b, rows.start);
         let end = self.row_range_unpadded(b, last - 1);
-        let (lo, hi) = (first.start, end.end);
+        let (mut lo, mut hi) = (first.start, end.end);
+        if let Some(span) = self.segment_span(b, rows.start..last) {
+            lo = lo.max(span.start);
+            hi = hi.min(span.end);
+        }
         if hi <= lo { 0..0 } else { lo..hi }
+    }
+
+    /// Packed sequences: when the key segment ids of batch element `b` are sorted (each
+    /// sequence one stretch of keys, as packing lays them out), the keys whose ids lie between
+    /// the smallest and the largest id of query rows `rows`; every other key is in another
+    /// segment than every row. `None` without segment ids or with unsorted key ids (then the
+    /// ids are only compared element by element).
+    fn segment_span(&self, b: usize, rows: Range<usize>) -> Option<Range<usize>> {
+        let s = self.segments?;
+        let queries = &s.query[b * self.q_len..][rows];
+        let keys = &s.key[b * self.kv_len..(b + 1) * self.kv_len];
+        let min = queries.iter().copied().min()?;
+        let max = queries.iter().copied().max()?;
+        if !keys.is_sorted() {
+            return None;
+        }
+        Some(keys.partition_point(|&k| k < min)..keys.partition_point(|&k| k <= max))
     }
 
     /// [`Visibility::row_range`] without the query length, with possibly empty (start > end)
@@ -365,6 +386,36 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn packed_segments_narrow_the_block_range() {
+        // Sorted key ids (packed sequences of 3, 4 and 2 tokens) and unsorted ones.
+        let sorted = [1, 1, 1, 2, 2, 2, 2, 5, 5];
+        let unsorted = [1, 2, 1, 2, 2, 2, 2, 5, 5];
+        for keys in [sorted, unsorted] {
+            let queries = sorted;
+            let mask = Mask::causal().with_segment_ids(SegmentIds {
+                query: &queries,
+                key: &keys,
+            });
+            let v = Visibility::new(&mask, 1, 9, 9).unwrap();
+            for first in 0..9 {
+                for last in first + 1..=9 {
+                    let r = v.block_range(0, first..last);
+                    for i in first..last {
+                        for j in 0..9 {
+                            if v.keeps(0, i, j) {
+                                assert!(r.contains(&j), "{keys:?} rows {first}..{last} key {j}");
+                            }
+                        }
+                    }
+                }
+            }
+            // Rows 3..7 (segment 2): keys 3..=6 when sorted, causal only when not.
+            let want = if keys == sorted { 3..7 } else { 0..7 };
+            assert_eq!(v.block_range(0, 3..7), want);
+        }
     }
 
     #[test]

@@ -63,6 +63,21 @@ fn flax_cases_tiled_path() {
 }
 
 #[test]
+fn flax_cases_saved_residuals() {
+    run(CASES.0, CASES.1, Set::Flax, Route::Saved);
+}
+
+#[test]
+fn jax_nn_family_b_structure_saved_residuals() {
+    run(
+        JAX_NN.0,
+        JAX_NN.1,
+        Set::Structured(MaskForm::Structure),
+        Route::Saved,
+    );
+}
+
+#[test]
 fn jax_nn_family_a_weights_path() {
     run(JAX_NN.0, JAX_NN.1, Set::JaxNn, Route::Weights);
 }

@@ -1,12 +1,22 @@
-//! The gradients are bit-identical for 1, 2 and 3 threads, on both backward paths: shapes with
+//! The gradients are bit-identical for 1, 2 and 3 threads, on both backward paths and on the
+//! tiled path reading a forward's residuals (`dot_product_attention_fwd` / `_bwd`): shapes with
 //! several query and key blocks per head, GQA (key/value gradients summed over a group), a
 //! broadcast bias (its gradient summed over batch, heads and queries), a causal term and
 //! dropout. The summation order is fixed by the shape, never by the scheduling.
 
 use attn::kernel::Align;
 use attn::{
-    Array, AttentionGrads, DType, DropoutRng, FlaxArgs, Intermediates, dot_product_attention_vjp,
+    Array, AttentionGrads, DType, DropoutRng, FlaxArgs, Intermediates, dot_product_attention_bwd,
+    dot_product_attention_fwd, dot_product_attention_vjp,
 };
+
+/// Which backward computes the gradients.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Route {
+    Weights,
+    Tiled,
+    Saved,
+}
 
 fn data(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
@@ -14,7 +24,7 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-fn grads(pool: &rayon::ThreadPool, dtype: DType, weights_path: bool) -> AttentionGrads {
+fn grads(pool: &rayon::ThreadPool, dtype: DType, route: Route) -> AttentionGrads {
     let (b, q, kv, h, g, d) = (2, 150, 170, 4, 2, 16);
     let arr = |shape: Vec<usize>, seed| {
         let n = shape.iter().product();
@@ -31,18 +41,25 @@ fn grads(pool: &rayon::ThreadPool, dtype: DType, weights_path: bool) -> Attentio
     };
     let cot = arr(vec![b, q, h, d], 5).astype(out_dtype);
     let mut sink = Intermediates::new();
-    let args = FlaxArgs::new()
-        .bias(&bias)
-        .causal(Align::BottomRight)
-        .dropout_rate(0.2)
-        .dropout_rng(DropoutRng::new(7))
-        .pool(pool);
-    let args = if weights_path {
-        args.module(&mut sink)
-    } else {
-        args
+    let args = || {
+        FlaxArgs::new()
+            .bias(&bias)
+            .causal(Align::BottomRight)
+            .dropout_rate(0.2)
+            .dropout_rng(DropoutRng::new(7))
+            .pool(pool)
     };
-    dot_product_attention_vjp(&query, &key, &value, &cot, args).unwrap()
+    match route {
+        Route::Weights => {
+            dot_product_attention_vjp(&query, &key, &value, &cot, args().module(&mut sink))
+        }
+        Route::Tiled => dot_product_attention_vjp(&query, &key, &value, &cot, args()),
+        Route::Saved => {
+            let (out, saved) = dot_product_attention_fwd(&query, &key, &value, args()).unwrap();
+            dot_product_attention_bwd(&query, &key, &value, &out, &saved, &cot, args())
+        }
+    }
+    .unwrap()
 }
 
 fn bits(a: &Array) -> Vec<u64> {
@@ -61,11 +78,11 @@ fn gradients_do_not_depend_on_the_thread_count() {
         })
         .collect();
     for dtype in [DType::F32, DType::BF16, DType::F64] {
-        for weights_path in [false, true] {
-            let reference = grads(&pools[0], dtype, weights_path);
+        for route in [Route::Weights, Route::Tiled, Route::Saved] {
+            let reference = grads(&pools[0], dtype, route);
             for pool in &pools[1..] {
-                let other = grads(pool, dtype, weights_path);
-                let name = format!("{dtype} weights_path={weights_path}");
+                let other = grads(pool, dtype, route);
+                let name = format!("{dtype} {route:?}");
                 assert_eq!(bits(&reference.query), bits(&other.query), "{name} query");
                 assert_eq!(bits(&reference.key), bits(&other.key), "{name} key");
                 let (rv, ov) = (reference.value.as_ref(), other.value.as_ref());

@@ -8,8 +8,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use attn::jax_nn::{self, JaxArgs};
 use attn::kernel::{self, Broadcast, Geometry, Grads, JaxOptions, Mask, Options};
 use attn::{
-    Array, AttnError, Context, DType, FlaxArgs, dot_product_attention_vjp,
-    dot_product_attention_weights_vjp,
+    Array, AttnError, Context, DType, DropoutRng, FlaxArgs, dot_product_attention_bwd,
+    dot_product_attention_fwd, dot_product_attention_vjp, dot_product_attention_weights_vjp,
 };
 
 fn zeros(dtype: DType, shape: &[usize]) -> Array {
@@ -136,6 +136,92 @@ fn flax_vjp_checks_what_the_forward_checks() {
             let args = FlaxArgs::new().dropout_rate(0.5);
             dot_product_attention_vjp(&q, &f32s(&[6, 4, 5]), &v, &c, args).map(drop)
         },
+    );
+}
+
+fn residuals_error() -> AttnError {
+    AttnError::InvalidArgument {
+        argument: "residuals",
+        reason: "expected the residuals of this call (the same shapes, dtypes, options, dropout \
+                 generator, query, key, value and output); these belong to another call"
+            .into(),
+    }
+}
+
+#[test]
+fn residuals_and_outputs_of_another_call() {
+    let (q, k, v) = (
+        f32s(&[2, 3, 4, 5]),
+        f32s(&[2, 6, 4, 5]),
+        f32s(&[2, 6, 4, 7]),
+    );
+    let c = f32s(&[2, 3, 4, 7]);
+    let (out, saved) = dot_product_attention_fwd(&q, &k, &v, FlaxArgs::new()).unwrap();
+    // The right call works.
+    dot_product_attention_bwd(&q, &k, &v, &out, &saved, &c, FlaxArgs::new()).unwrap();
+    // Another query of the same shape (another batch of data).
+    let q2 = Array::from_f64(DType::F32, &vec![0.25; 2 * 3 * 4 * 5], vec![2, 3, 4, 5]).unwrap();
+    expect_error("another query", residuals_error(), || {
+        dot_product_attention_bwd(&q2, &k, &v, &out, &saved, &c, FlaxArgs::new()).map(drop)
+    });
+    // Another call's output.
+    let (out2, saved2) = dot_product_attention_fwd(&q2, &k, &v, FlaxArgs::new()).unwrap();
+    expect_error("another output", residuals_error(), || {
+        dot_product_attention_bwd(&q, &k, &v, &out2, &saved, &c, FlaxArgs::new()).map(drop)
+    });
+    expect_error("another call's residuals", residuals_error(), || {
+        dot_product_attention_bwd(&q, &k, &v, &out, &saved2, &c, FlaxArgs::new()).map(drop)
+    });
+    // Other options: causal, a dropout generator of another seed.
+    expect_error("other options", residuals_error(), || {
+        let args = FlaxArgs::new().causal(attn::kernel::Align::TopLeft);
+        dot_product_attention_bwd(&q, &k, &v, &out, &saved, &c, args).map(drop)
+    });
+    let dropout = |seed| {
+        FlaxArgs::new()
+            .dropout_rate(0.3)
+            .deterministic(false)
+            .dropout_rng(DropoutRng::new(seed))
+    };
+    let (out3, saved3) = dot_product_attention_fwd(&q, &k, &v, dropout(1)).unwrap();
+    dot_product_attention_bwd(&q, &k, &v, &out3, &saved3, &c, dropout(1)).unwrap();
+    expect_error("another dropout seed", residuals_error(), || {
+        dot_product_attention_bwd(&q, &k, &v, &out3, &saved3, &c, dropout(2)).map(drop)
+    });
+    // Residuals of another shape (a shorter query).
+    let q4 = f32s(&[2, 2, 4, 5]);
+    let c4 = f32s(&[2, 2, 4, 7]);
+    let (out4, _) = dot_product_attention_fwd(&q4, &k, &v, FlaxArgs::new()).unwrap();
+    expect_error("residuals of another shape", residuals_error(), || {
+        dot_product_attention_bwd(&q4, &k, &v, &out4, &saved, &c4, FlaxArgs::new()).map(drop)
+    });
+    // An output of the wrong shape or dtype.
+    expect_error(
+        "output shape",
+        AttnError::InvalidArgument {
+            argument: "output",
+            reason: "expected the forward's output, of shape [2, 3, 4, 7], found [2, 3, 4, 5]"
+                .into(),
+        },
+        || dot_product_attention_bwd(&q, &k, &v, &q, &saved, &c, FlaxArgs::new()).map(drop),
+    );
+    expect_error(
+        "output dtype",
+        AttnError::DType {
+            tensor: "output",
+            expected: DType::F32,
+            found: DType::F64,
+        },
+        || {
+            let o = out.astype(DType::F64);
+            dot_product_attention_bwd(&q, &k, &v, &o, &saved, &c, FlaxArgs::new()).map(drop)
+        },
+    );
+    // A cotangent of the wrong shape, as for the VJP.
+    expect_error(
+        "cotangent shape",
+        shape_error("output", &[2, 3, 4, 7], &[2, 3, 4, 5]),
+        || dot_product_attention_bwd(&q, &k, &v, &out, &saved, &q, FlaxArgs::new()).map(drop),
     );
 }
 

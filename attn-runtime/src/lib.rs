@@ -33,9 +33,10 @@ pub use element::{DType, Element, Scalar};
 pub use error::AttnError;
 pub use flax::{
     AttentionGrads, FlaxArgs, PairwiseFn, combine_masks, dot_product_attention,
-    dot_product_attention_vjp, dot_product_attention_weights, dot_product_attention_weights_vjp,
-    make_attention_mask, make_causal_mask,
+    dot_product_attention_bwd, dot_product_attention_fwd, dot_product_attention_vjp,
+    dot_product_attention_weights, dot_product_attention_weights_vjp, make_attention_mask,
+    make_causal_mask,
 };
-pub use kernel::{Broadcast, Geometry, Mask, Options, Precision};
+pub use kernel::{Broadcast, Geometry, Mask, Options, Precision, Residuals};
 pub use sow::{Intermediates, Sow};
 pub use tensor::{Tensor, TensorView, TensorViewMut};

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use attn::jax_nn::{JaxArgs, dot_product_attention_vjp as jax_vjp};
 use attn::kernel::{Align, Window};
 use attn::{
-    Array, AttentionGrads, DType, FlaxArgs, Intermediates, Precision, dot_product_attention_vjp,
+    Array, AttentionGrads, DType, FlaxArgs, Intermediates, Precision, dot_product_attention_bwd,
+    dot_product_attention_fwd, dot_product_attention_vjp,
 };
 use serde::Deserialize;
 
@@ -50,6 +51,9 @@ pub enum Route {
     Weights,
     /// No sink: the tiled path.
     Tiled,
+    /// `dot_product_attention_fwd`, then `dot_product_attention_bwd` with its residuals (the
+    /// tiled path reading the saved logsumexp). Flax-style sets only.
+    Saved,
 }
 
 /// How a family-B mask is given.
@@ -251,10 +255,15 @@ impl Case {
         let (bias, mask) = (self.input("bias")?, self.input("mask")?);
         let args = self.flax_args(bias.as_ref(), mask.as_ref())?;
         let c = self.cotangent()?;
+        if route == Route::Saved {
+            return fwd_bwd(&q, &k, &v, &c, || {
+                self.flax_args(bias.as_ref(), mask.as_ref())
+            });
+        }
         let mut sink = Intermediates::new();
         let args = match route {
             Route::Weights => args.module(&mut sink),
-            Route::Tiled => args,
+            Route::Tiled | Route::Saved => args,
         };
         dot_product_attention_vjp(&q, &k, &v, &c, args).map_err(|e| e.to_string())
     }
@@ -272,69 +281,76 @@ impl Case {
         let k_ids = self.input("key_segment_ids")?;
         let key_lengths = self.input("key_lengths")?;
         let (q_len, kv_len) = (self.param_usize("q_len")?, self.param_usize("kv_len")?);
-        let mut args = match form {
-            MaskForm::Dense => self.flax_args(bias.as_ref(), dense.as_ref())?,
-            MaskForm::Structure => self.flax_args(bias.as_ref(), None)?,
-        };
-        if form == MaskForm::Structure {
-            let structure = self.param("mask_structure").ok_or("no mask_structure")?;
-            let leaves: Vec<&serde_json::Value> =
-                match structure.get("kind").and_then(|k| k.as_str()) {
-                    Some("and") => structure
-                        .get("terms")
-                        .and_then(|t| t.as_array())
-                        .ok_or("an \"and\" without terms")?
-                        .iter()
-                        .collect(),
-                    _ => vec![structure],
-                };
-            for leaf in leaves {
-                let kind = leaf.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-                let align = || -> Result<Align, String> {
-                    let offset = leaf
-                        .get("q_offset")
-                        .and_then(|o| o.as_i64())
-                        .ok_or("q_offset")?;
-                    let align = match leaf.get("align").and_then(|a| a.as_str()) {
-                        Some("top_left") => Align::TopLeft,
-                        Some("bottom_right") => Align::BottomRight,
-                        Some("offset") => Align::Offset(offset),
-                        other => return Err(format!("unknown align {other:?}")),
+        let build = || -> Result<FlaxArgs<'_>, String> {
+            let mut args = match form {
+                MaskForm::Dense => self.flax_args(bias.as_ref(), dense.as_ref())?,
+                MaskForm::Structure => self.flax_args(bias.as_ref(), None)?,
+            };
+            if form == MaskForm::Structure {
+                let structure = self.param("mask_structure").ok_or("no mask_structure")?;
+                let leaves: Vec<&serde_json::Value> =
+                    match structure.get("kind").and_then(|k| k.as_str()) {
+                        Some("and") => structure
+                            .get("terms")
+                            .and_then(|t| t.as_array())
+                            .ok_or("an \"and\" without terms")?
+                            .iter()
+                            .collect(),
+                        _ => vec![structure],
                     };
-                    if align.q_offset(q_len, kv_len) != offset {
-                        return Err(format!("{align:?} does not give q_offset {offset}"));
-                    }
-                    Ok(align)
-                };
-                let size = |k: &str| -> Result<usize, String> {
-                    leaf.get(k)
-                        .and_then(|v| v.as_u64())
-                        .map(|v| v as usize)
-                        .ok_or_else(|| format!("window {k}"))
-                };
-                args = match kind {
-                    "causal" => args.causal(align()?),
-                    "window" => args.window(Window {
-                        left: size("left")?,
-                        right: size("right")?,
-                        align: align()?,
-                    }),
-                    "segment" => args.segment_ids(
-                        q_ids.as_ref().ok_or("query_segment_ids missing")?,
-                        k_ids.as_ref().ok_or("key_segment_ids missing")?,
-                    ),
-                    "key_lengths" => {
-                        args.kv_lengths(key_lengths.as_ref().ok_or("key_lengths missing")?)
-                    }
-                    other => return Err(format!("unknown mask leaf {other:?}")),
-                };
+                for leaf in leaves {
+                    let kind = leaf.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+                    let align = || -> Result<Align, String> {
+                        let offset = leaf
+                            .get("q_offset")
+                            .and_then(|o| o.as_i64())
+                            .ok_or("q_offset")?;
+                        let align = match leaf.get("align").and_then(|a| a.as_str()) {
+                            Some("top_left") => Align::TopLeft,
+                            Some("bottom_right") => Align::BottomRight,
+                            Some("offset") => Align::Offset(offset),
+                            other => return Err(format!("unknown align {other:?}")),
+                        };
+                        if align.q_offset(q_len, kv_len) != offset {
+                            return Err(format!("{align:?} does not give q_offset {offset}"));
+                        }
+                        Ok(align)
+                    };
+                    let size = |k: &str| -> Result<usize, String> {
+                        leaf.get(k)
+                            .and_then(|v| v.as_u64())
+                            .map(|v| v as usize)
+                            .ok_or_else(|| format!("window {k}"))
+                    };
+                    args = match kind {
+                        "causal" => args.causal(align()?),
+                        "window" => args.window(Window {
+                            left: size("left")?,
+                            right: size("right")?,
+                            align: align()?,
+                        }),
+                        "segment" => args.segment_ids(
+                            q_ids.as_ref().ok_or("query_segment_ids missing")?,
+                            k_ids.as_ref().ok_or("key_segment_ids missing")?,
+                        ),
+                        "key_lengths" => {
+                            args.kv_lengths(key_lengths.as_ref().ok_or("key_lengths missing")?)
+                        }
+                        other => return Err(format!("unknown mask leaf {other:?}")),
+                    };
+                }
             }
-        }
+            Ok(args)
+        };
+        let args = build()?;
         let c = self.cotangent()?;
+        if route == Route::Saved {
+            return fwd_bwd(&query, &key, &value, &c, build);
+        }
         let mut sink = Intermediates::new();
         let args = match route {
             Route::Weights => args.module(&mut sink),
-            Route::Tiled => args,
+            Route::Tiled | Route::Saved => args,
         };
         dot_product_attention_vjp(&query, &key, &value, &c, args).map_err(|e| e.to_string())
     }
@@ -377,7 +393,7 @@ impl Case {
             return_residual: false,
             module: match route {
                 Route::Weights => Some(&mut sink),
-                Route::Tiled => None,
+                Route::Tiled | Route::Saved => None,
             },
             pool: None,
         };
@@ -439,6 +455,19 @@ pub enum Set {
     JaxNn,
     /// `jax_nn/` family B, with the mask in the given form.
     Structured(MaskForm),
+}
+
+/// The forward keeping its residuals, then the backward reading them (`args()` gives the
+/// same arguments twice).
+fn fwd_bwd<'a>(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    c: &Array,
+    args: impl Fn() -> Result<FlaxArgs<'a>, String>,
+) -> Result<AttentionGrads, String> {
+    let (out, saved) = dot_product_attention_fwd(q, k, v, args()?).map_err(|e| e.to_string())?;
+    dot_product_attention_bwd(q, k, v, &out, &saved, c, args()?).map_err(|e| e.to_string())
 }
 
 /// Runs the gradients of one parsed case; `None` when the case has no gradients or is not of

@@ -3,13 +3,13 @@
 
 use std::borrow::Cow;
 
-use super::{FlaxArgs, attend};
+use super::{FlaxArgs, Mode, Outcome, attend};
 use crate::array::Array;
 use crate::context::Context;
 use crate::dim::Dim;
 use crate::element::{DType, Element};
 use crate::error::{AttnError, try_filled};
-use crate::kernel::{self, Broadcast, Geometry, Grads, Mask, Options};
+use crate::kernel::{self, Broadcast, Geometry, Grads, Mask, Options, Residuals};
 
 /// The gradients a VJP returns, each with the shape and dtype of its input.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,7 +37,65 @@ pub fn dot_product_attention_vjp(
     cotangent: &Array,
     args: FlaxArgs<'_>,
 ) -> Result<AttentionGrads, AttnError> {
-    into_grads(attend(query, key, Some(value), Some(cotangent), args)?)
+    into_grads(attend(
+        query,
+        key,
+        Some(value),
+        Mode::Vjp { cotangent },
+        args,
+    )?)
+}
+
+/// [`super::dot_product_attention`] that also returns what [`dot_product_attention_bwd`]
+/// needs (the pair `jax.custom_vjp` calls `fwd` and `bwd`): the output, and the
+/// [`Residuals`]: each row's logsumexp and a fingerprint of the call. Same arguments and
+/// errors as the forward.
+///
+/// ```
+/// # use attn::{Array, FlaxArgs, dot_product_attention_bwd, dot_product_attention_fwd};
+/// let x = Array::new(vec![0.5f32; 2 * 4 * 8], vec![2, 4, 8]).unwrap(); // [q, heads, depth]
+/// let (out, saved) = dot_product_attention_fwd(&x, &x, &x, FlaxArgs::new())?;
+/// let cotangent = Array::new(vec![1.0f32; 2 * 4 * 8], vec![2, 4, 8]).unwrap(); // dLoss/dOut
+/// let grads = dot_product_attention_bwd(&x, &x, &x, &out, &saved, &cotangent, FlaxArgs::new())?;
+/// assert_eq!(grads.query.shape(), x.shape());
+/// # Ok::<(), attn::AttnError>(())
+/// ```
+pub fn dot_product_attention_fwd(
+    query: &Array,
+    key: &Array,
+    value: &Array,
+    args: FlaxArgs<'_>,
+) -> Result<(Array, Residuals), AttnError> {
+    match attend(query, key, Some(value), Mode::ForwardSaving, args)? {
+        Outcome::Saved(out, residuals) => Ok((out, residuals)),
+        _ => Err(AttnError::InvalidArgument {
+            argument: "residuals",
+            reason: "internal error: the forward kept no residuals".into(),
+        }),
+    }
+}
+
+/// The backward of [`dot_product_attention_fwd`]: the gradients of query, key, value and bias
+/// (as [`dot_product_attention_vjp`] returns them) from the forward's `output` and
+/// `residuals` and the output's `cotangent`. `args` must be the forward's (the same dropout
+/// generator). Without a sow sink it reads each row's saved logsumexp and `output` instead of
+/// recomputing them: one sweep over the keys instead of two. Residuals or an output of
+/// another call are [`AttnError::InvalidArgument`] (`argument: "residuals"`).
+pub fn dot_product_attention_bwd(
+    query: &Array,
+    key: &Array,
+    value: &Array,
+    output: &Array,
+    residuals: &Residuals,
+    cotangent: &Array,
+    args: FlaxArgs<'_>,
+) -> Result<AttentionGrads, AttnError> {
+    let mode = Mode::Bwd {
+        output,
+        residuals,
+        cotangent,
+    };
+    into_grads(attend(query, key, Some(value), mode, args)?)
 }
 
 /// The vector–Jacobian product of [`super::dot_product_attention_weights`]: given the cotangent
@@ -49,13 +107,13 @@ pub fn dot_product_attention_weights_vjp(
     cotangent: &Array,
     args: FlaxArgs<'_>,
 ) -> Result<AttentionGrads, AttnError> {
-    into_grads(attend(query, key, None, Some(cotangent), args)?)
+    into_grads(attend(query, key, None, Mode::Vjp { cotangent }, args)?)
 }
 
-fn into_grads(o: super::Outcome) -> Result<AttentionGrads, AttnError> {
+fn into_grads(o: Outcome) -> Result<AttentionGrads, AttnError> {
     match o {
-        super::Outcome::Grads(g) => Ok(g),
-        super::Outcome::Forward(_) => Err(AttnError::InvalidArgument {
+        Outcome::Grads(g) => Ok(g),
+        Outcome::Forward(_) | Outcome::Saved(..) => Err(AttnError::InvalidArgument {
             argument: "cotangent",
             reason: "internal error: no gradients computed".into(),
         }),
@@ -87,6 +145,27 @@ pub(super) fn check_cotangent<R: Element>(
     Ok(())
 }
 
+/// The forward's output handed to a backward must have the output's shape and dtype.
+pub(super) fn check_output<R: Element>(output: &Array, shape: &[usize]) -> Result<(), AttnError> {
+    if output.shape() != shape {
+        return Err(AttnError::InvalidArgument {
+            argument: "output",
+            reason: format!(
+                "expected the forward's output, of shape {shape:?}, found {:?}",
+                output.shape()
+            ),
+        });
+    }
+    if output.dtype() != R::DTYPE {
+        return Err(AttnError::DType {
+            tensor: "output",
+            expected: R::DTYPE,
+            found: output.dtype(),
+        });
+    }
+    Ok(())
+}
+
 /// The caller's arrays (their shapes and dtypes are those of the gradients).
 pub(super) struct Inputs<'x> {
     pub query: &'x Array,
@@ -103,7 +182,9 @@ pub(super) struct Operands<'o, 'x, E, B> {
     pub bias: Option<&'o Broadcast<'x, B>>,
 }
 
-/// Runs the kernel's backward and returns the gradients in the inputs' shapes and dtypes.
+/// Runs the kernel's backward and returns the gradients in the inputs' shapes and dtypes;
+/// with `saved` (the forward's output and residuals), [`kernel::attention_bwd`].
+#[allow(clippy::too_many_arguments)]
 pub(super) fn backward<E: Element, B: Element, R: Element>(
     geom: &Geometry<'_, usize, usize, usize, usize>,
     ops: Operands<'_, '_, E, B>,
@@ -111,6 +192,7 @@ pub(super) fn backward<E: Element, B: Element, R: Element>(
     opts: &Options,
     ctx: &mut Context<'_>,
     cotangent: &Array,
+    saved: Option<(&Array, &Residuals)>,
     inputs: Inputs<'_>,
 ) -> Result<AttentionGrads, AttnError> {
     let cot: Cow<'_, [R]> = super::expand::cast::<R>("cotangent", cotangent)?;
@@ -129,11 +211,17 @@ pub(super) fn backward<E: Element, B: Element, R: Element>(
         value: &mut gv,
         bias: gb.as_deref_mut(),
     };
-    match ops.value {
-        Some(v) => kernel::attention_backward(
+    let saved_output: Option<Cow<'_, [R]>> = saved
+        .map(|(o, _)| super::expand::cast::<R>("output", o))
+        .transpose()?;
+    match (ops.value, saved, saved_output.as_deref()) {
+        (Some(v), Some((_, residuals)), Some(output)) => kernel::attention_bwd(
+            geom, ops.query, ops.key, v, ops.bias, mask, opts, ctx, output, residuals, &cot, grads,
+        )?,
+        (Some(v), _, _) => kernel::attention_backward(
             geom, ops.query, ops.key, v, ops.bias, mask, opts, ctx, &cot, grads,
         )?,
-        None => kernel::attention_weights_backward(
+        (None, _, _) => kernel::attention_weights_backward(
             geom, ops.query, ops.key, ops.bias, mask, opts, ctx, &cot, grads,
         )?,
     }

@@ -14,7 +14,10 @@ mod masks;
 
 use std::borrow::Cow;
 
-pub use grad::{AttentionGrads, dot_product_attention_vjp, dot_product_attention_weights_vjp};
+pub use grad::{
+    AttentionGrads, dot_product_attention_bwd, dot_product_attention_fwd,
+    dot_product_attention_vjp, dot_product_attention_weights_vjp,
+};
 pub use masks::{PairwiseFn, combine_masks, make_attention_mask, make_causal_mask};
 
 use crate::array::Array;
@@ -22,7 +25,7 @@ use crate::context::{Context, DropoutRng};
 use crate::element::{DType, Element};
 use crate::error::{AttnError, num_elements, try_filled};
 use crate::kernel::{
-    self, Align, Broadcast, Geometry, Mask, Options, Precision, SegmentIds, Window,
+    self, Align, Broadcast, Geometry, Mask, Options, Precision, Residuals, SegmentIds, Window,
     broadcast_shapes,
 };
 use crate::sow::Sow;
@@ -187,7 +190,7 @@ pub fn dot_product_attention_weights(
     key: &Array,
     args: FlaxArgs<'_>,
 ) -> Result<Array, AttnError> {
-    attend(query, key, None, None, args).map(Outcome::into_forward)
+    attend(query, key, None, Mode::Forward, args).map(Outcome::into_forward)
 }
 
 /// Flax's `dot_product_attention(query, key, value, ...)`: `value [batch..., kv, heads, dv]`
@@ -198,19 +201,46 @@ pub fn dot_product_attention(
     value: &Array,
     args: FlaxArgs<'_>,
 ) -> Result<Array, AttnError> {
-    attend(query, key, Some(value), None, args).map(Outcome::into_forward)
+    attend(query, key, Some(value), Mode::Forward, args).map(Outcome::into_forward)
 }
 
-/// What [`attend`] computes: the forward's result, or (given a cotangent) the gradients.
+/// What [`attend`] is asked for.
+#[derive(Clone, Copy)]
+enum Mode<'m> {
+    /// The forward's result.
+    Forward,
+    /// The output and the residuals its backward needs ([`dot_product_attention_fwd`]).
+    ForwardSaving,
+    /// The gradients, recomputing what the forward knew.
+    Vjp { cotangent: &'m Array },
+    /// The gradients from the forward's output and residuals ([`dot_product_attention_bwd`]).
+    Bwd {
+        output: &'m Array,
+        residuals: &'m Residuals,
+        cotangent: &'m Array,
+    },
+}
+
+impl<'m> Mode<'m> {
+    fn cotangent(self) -> Option<&'m Array> {
+        match self {
+            Mode::Vjp { cotangent } | Mode::Bwd { cotangent, .. } => Some(cotangent),
+            Mode::Forward | Mode::ForwardSaving => None,
+        }
+    }
+}
+
+/// What [`attend`] computes, by [`Mode`].
 enum Outcome {
     Forward(Array),
+    Saved(Array, Residuals),
     Grads(AttentionGrads),
 }
 
 impl Outcome {
     fn into_forward(self) -> Array {
         match self {
-            Outcome::Forward(a) => a,
+            Outcome::Forward(a) | Outcome::Saved(a, _) => a,
             // (Only `attend` with a cotangent computes gradients.)
             Outcome::Grads(_) => unreachable!("a forward call computed gradients"),
         }
@@ -375,7 +405,7 @@ fn attend(
     query: &Array,
     key: &Array,
     value: Option<&Array>,
-    cotangent: Option<&Array>,
+    mode: Mode<'_>,
     args: FlaxArgs<'_>,
 ) -> Result<Outcome, AttnError> {
     check_shapes(query, key, value)?;
@@ -418,7 +448,7 @@ fn attend(
         let opts = options(&args);
         let plan = kernel::result_dtypes(compute, bias_dtype, &opts, dropout_active);
         let result = if value.is_some() { plan.output } else { plan.dropped_weights };
-        with_float!(result, R => run::<E, B, R>(query, key, value, cotangent, &layout, args, opts))
+        with_float!(result, R => run::<E, B, R>(query, key, value, mode, &layout, args, opts))
     }))
 }
 
@@ -460,11 +490,12 @@ fn run<E: Element, B: Element, R: Element>(
     query: &Array,
     key: &Array,
     value: Option<&Array>,
-    cotangent: Option<&Array>,
+    mode: Mode<'_>,
     layout: &Layout,
     args: FlaxArgs<'_>,
     opts: Options,
 ) -> Result<Outcome, AttnError> {
+    let cotangent = mode.cotangent();
     let rank = query.ndim();
     let (qs, ks) = (query.shape(), key.shape());
     // Cheap checks first: the result's size, and whether there is anything to compute. An
@@ -512,9 +543,12 @@ fn run<E: Element, B: Element, R: Element>(
     if let Some(c) = cotangent {
         grad::check_cotangent::<R>(c, &result_shape, result_name)?;
     }
+    if let Mode::Bwd { output, .. } = mode {
+        grad::check_output::<R>(output, &result_shape)?;
+    }
     if num_elements(result_name, &result_shape)? == 0
         && args.module.is_none()
-        && cotangent.is_none()
+        && matches!(mode, Mode::Forward)
     {
         let ctx = Context {
             deterministic: args.deterministic,
@@ -635,14 +669,36 @@ fn run<E: Element, B: Element, R: Element>(
             value: v.as_deref(),
             bias: bias.as_ref(),
         };
-        return grad::backward::<E, B, R>(&geom, operands, &mask, &opts, &mut ctx, c, inputs)
-            .map(Outcome::Grads);
+        let saved = match mode {
+            Mode::Bwd {
+                output, residuals, ..
+            } => Some((output, residuals)),
+            _ => None,
+        };
+        return grad::backward::<E, B, R>(
+            &geom, operands, &mask, &opts, &mut ctx, c, saved, inputs,
+        )
+        .map(Outcome::Grads);
     }
     let mut shape = layout.batch_shape.clone();
     match &v {
         Some(v) => {
             shape.extend_from_slice(&[layout.q_len, layout.heads, geom.v_depth]);
             let mut out = try_filled("output", num_elements("output", &shape)?, R::default())?;
+            if let Mode::ForwardSaving = mode {
+                let residuals = kernel::attention_fwd(
+                    &geom,
+                    &q,
+                    &k,
+                    v,
+                    bias.as_ref(),
+                    &mask,
+                    &opts,
+                    &mut ctx,
+                    &mut out,
+                )?;
+                return Ok(Outcome::Saved(Array::new(out, shape)?, residuals));
+            }
             kernel::attention(
                 &geom,
                 &q,

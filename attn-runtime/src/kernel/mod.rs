@@ -29,7 +29,10 @@ mod transpose;
 mod visibility;
 
 pub(crate) use backward::sum_to_shape;
-pub use backward::{Grads, attention_backward, attention_weights_backward, jax_attention_backward};
+pub use backward::{
+    Grads, Residuals, attention_backward, attention_bwd, attention_fwd, attention_weights_backward,
+    jax_attention_backward,
+};
 pub use broadcast::{Broadcast, broadcast_shapes};
 pub use jax::{JaxOptions, LARGE_NEGATIVE, attention_lse, jax_attention, jax_dtypes};
 pub use plan::DTypePlan;

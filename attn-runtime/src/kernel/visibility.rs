@@ -175,6 +175,29 @@ fn check_lengths(
 }
 
 impl<'a> Visibility<'a> {
+    /// Every term as numbers, for a call's fingerprint: the causal and window offsets, and the
+    /// lengths and segment ids (each list preceded by its length, absent terms as markers).
+    pub(crate) fn words(&self) -> impl Iterator<Item = u64> + '_ {
+        let opt = |x: Option<i64>| [u64::from(x.is_some()), x.unwrap_or(0) as u64];
+        let (wo, wl, wr) = self.window.unwrap_or((0, 0, 0));
+        let ints = |xs: Option<&'a [i32]>| {
+            let xs = xs.unwrap_or(&[]);
+            std::iter::once(xs.len() as u64).chain(xs.iter().map(|&x| x as u64))
+        };
+        opt(self.causal)
+            .into_iter()
+            .chain([
+                u64::from(self.window.is_some()),
+                wo as u64,
+                wl as u64,
+                wr as u64,
+            ])
+            .chain(ints(self.query_lengths))
+            .chain(ints(self.kv_lengths))
+            .chain(ints(self.segments.map(|s| s.query)))
+            .chain(ints(self.segments.map(|s| s.key)))
+    }
+
     /// Validates the structured terms of `mask` for `batch` batch elements (flattened).
     pub(crate) fn new(
         mask: &Mask<'a>,

@@ -12,8 +12,11 @@
 //! its block of logit gradients. The sums over a group's query heads and over the bias's
 //! broadcast axes run afterwards in index order, so the bits never depend on the threads.
 
+mod residuals;
 mod tiled;
 mod weights;
+
+pub use residuals::{Residuals, attention_fwd};
 
 use super::broadcast::Broadcast;
 use super::jax::{JaxOptions, jax_call};
@@ -69,6 +72,51 @@ pub fn attention_backward<E: Element, B: Element, O: Element, H: Dim, G: Dim, Dk
         grads,
         ctx.threads(),
         tiled,
+        None,
+    )
+}
+
+/// The backward of [`attention_fwd`] (`jax.custom_vjp`'s `bwd`): the gradients of query, key,
+/// value and bias from the forward's `output` and `residuals` and the output's `cotangent`
+/// (both `[batch..., q_len, heads, v_depth]` of the output dtype `O`). Same arguments as the
+/// forward. The tiled path reads each row's saved logsumexp instead of recomputing it, and
+/// `D_i = dO_i · O_i` from `output`: one sweep over the keys instead of two. Residuals of
+/// another call (other sizes, options, dropout generator, inputs or output) are
+/// [`AttnError::InvalidArgument`] with `argument: "residuals"`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd<E: Element, B: Element, O: Element, H: Dim, G: Dim, Dk: Dim, Dv: Dim>(
+    geom: &Geometry<'_, H, G, Dk, Dv>,
+    query: &[E],
+    key: &[E],
+    value: &[E],
+    bias: Option<&Broadcast<'_, B>>,
+    mask: &Mask<'_>,
+    opts: &Options,
+    ctx: &mut Context<'_>,
+    output: &[O],
+    residuals: &Residuals,
+    cotangent: &[O],
+    grads: Grads<'_, E, B>,
+) -> Result<(), AttnError> {
+    let call = Call::new(geom, query, key, Some(value), bias, mask, opts, ctx)?;
+    call.check_dtype::<O>("output", call.plan.output)?;
+    call.check_len("output", output.len(), &call.output_shape())?;
+    call.check_dtype::<O>("cotangent", call.plan.output)?;
+    call.check_len("cotangent", cotangent.len(), &call.output_shape())?;
+    residuals.check(&call, output)?;
+    let tiled = ctx.sow.is_none() && tiled::supports(&call);
+    let saved = match residuals.logsumexp() {
+        Some(lse) if tiled => Some(Saved { lse, output }),
+        _ => None,
+    };
+    backward(
+        &call,
+        bias,
+        Cot::Output(cotangent),
+        grads,
+        ctx.threads(),
+        tiled,
+        saved,
     )
 }
 
@@ -105,6 +153,7 @@ pub fn attention_weights_backward<
         grads,
         ctx.threads(),
         false,
+        None,
     )
 }
 
@@ -134,7 +183,25 @@ pub fn jax_attention_backward<E: Element, B: Element, H: Dim, G: Dim, Dk: Dim, D
         grads,
         ctx.threads(),
         tiled,
+        None,
     )
+}
+
+/// What the forward saved, for the tiled path: each row's logsumexp `[batch, q, heads]` and
+/// the output (of the cotangent's dtype).
+#[derive(Clone, Copy)]
+struct Saved<'s, X> {
+    lse: &'s [f64],
+    output: &'s [X],
+}
+
+/// The per-row statistics the tiled backward reads instead of recomputing them, indexed
+/// `(b · q_len + i) · heads + h`.
+pub(super) struct RowStats<'s, T> {
+    /// `max + ln(sum)` of the row's masked logits.
+    lse: &'s [f64],
+    /// `D_i = dO_i · O_i` (= `rowsum(P ⊙ dP)`).
+    d: Vec<T>,
 }
 
 /// The cotangent of a call: of the output `[batch.., q, heads, dv]` or of the weights
@@ -223,12 +290,13 @@ fn backward<E: Element, B: Element, X: Element>(
     grads: Grads<'_, E, B>,
     threads: Threads<'_>,
     tiled: bool,
+    saved: Option<Saved<'_, X>>,
 ) -> Result<(), AttnError> {
     check_grads(call, bias, &grads)?;
     if call.plan.accumulate_f64() {
-        backward_in::<E, B, X, f64>(call, bias, cot, grads, threads, tiled)
+        backward_in::<E, B, X, f64>(call, bias, cot, grads, threads, tiled, saved)
     } else {
-        backward_in::<E, B, X, f32>(call, bias, cot, grads, threads, tiled)
+        backward_in::<E, B, X, f32>(call, bias, cot, grads, threads, tiled, saved)
     }
 }
 
@@ -239,6 +307,7 @@ fn backward_in<E: Element, B: Element, X: Element, T: Real>(
     grads: Grads<'_, E, B>,
     threads: Threads<'_>,
     tiled: bool,
+    saved: Option<Saved<'_, X>>,
 ) -> Result<(), AttnError> {
     let Grads {
         query: gq,
@@ -255,6 +324,10 @@ fn backward_in<E: Element, B: Element, X: Element, T: Real>(
     let (q, kv) = (call.q_len, call.kv_len);
     if q == 0 || kv == 0 || call.batch == 0 || call.heads == 0 {
         // Empty sums: every gradient is 0.
+        return Ok(());
+    }
+    if matches!(cot, Cot::Output(_)) && call.v_depth == 0 {
+        // An output of depth 0 depends on nothing.
         return Ok(());
     }
     let scale = T::from_f64(call.query_scale);
@@ -282,8 +355,15 @@ fn backward_in<E: Element, B: Element, X: Element, T: Real>(
         of_weights: matches!(cot, Cot::Weights(_)),
     };
     let want_dlogits = gb.is_some();
+    let stats = match saved {
+        Some(s) => Some(RowStats {
+            lse: s.lse,
+            d: row_dots(&ops.d, s.output, call.v_depth)?,
+        }),
+        None => None,
+    };
     let parts = if tiled {
-        tiled::run::<E, B, T>(call, &ops, want_dlogits, threads)?
+        tiled::run::<E, B, T>(call, &ops, stats.as_ref(), want_dlogits, threads)?
     } else {
         weights::run::<E, B, T>(call, &ops, want_dlogits, threads)?
     };
@@ -321,6 +401,24 @@ fn backward_in<E: Element, B: Element, X: Element, T: Real>(
         }
     }
     Ok(())
+}
+
+/// `D` of every output row: the dot product of the cotangent's row and the output's row, in
+/// the arithmetic type (rows of `depth` elements, in order).
+fn row_dots<X: Element, T: Real>(d: &[T], output: &[X], depth: usize) -> Result<Vec<T>, AttnError> {
+    let mut out = try_filled("row statistics", d.len() / depth, T::ZERO)?;
+    for ((o, dr), xr) in out
+        .iter_mut()
+        .zip(d.chunks_exact(depth))
+        .zip(output.chunks_exact(depth))
+    {
+        let mut acc = T::ZERO;
+        for (&a, &x) in dr.iter().zip(xr) {
+            acc = acc + a * T::from_elem(x);
+        }
+        *o = acc;
+    }
+    Ok(out)
 }
 
 /// The sum of `src` (row-major, of shape `src_shape`) over the axes along which `dst_shape`

@@ -16,7 +16,7 @@ use super::super::gemm::{MatMut, MatRef, gemm, head_blocks_mut};
 use super::super::real::Real;
 use super::super::rowpass::{MaskRow, RowPass};
 use super::weights::{chunks, view_bug};
-use super::{Partials, Widened};
+use super::{Partials, RowStats, Widened};
 use crate::context::Threads;
 use crate::element::Element;
 use crate::error::{AttnError, try_filled};
@@ -48,6 +48,7 @@ struct Task<'o, T> {
 pub(super) fn run<E: Element, B: Element, T: Real>(
     call: &Call<'_, E, B>,
     ops: &Widened<T>,
+    stats: Option<&RowStats<'_, T>>,
     want_dlogits: bool,
     threads: Threads<'_>,
 ) -> Result<Partials<T>, AttnError> {
@@ -87,7 +88,7 @@ pub(super) fn run<E: Element, B: Element, T: Real>(
         })
         .collect();
     let pass = RowPass::<T>::new(&call.plan).with_big_neg(call.big_neg);
-    threads.try_for_each(tasks, |task| head_backward(call, ops, &pass, task))?;
+    threads.try_for_each(tasks, |task| head_backward(call, ops, stats, &pass, task))?;
     Ok(parts)
 }
 
@@ -189,6 +190,7 @@ fn key_blocks<E, B>(call: &Call<'_, E, B>, b: usize, rows: std::ops::Range<usize
 fn head_backward<E: Element, B: Element, T: Real>(
     call: &Call<'_, E, B>,
     ops: &Widened<T>,
+    stats: Option<&RowStats<'_, T>>,
     pass: &RowPass<T>,
     task: Task<'_, T>,
 ) -> Result<(), AttnError> {
@@ -229,95 +231,108 @@ fn head_backward<E: Element, B: Element, T: Real>(
     let mut tmp = try_filled("block product", BK.max(BQ) * dk.max(dv), T::ZERO)?;
     let (mut lse, mut sum, mut d) = (vec![T::ZERO; BQ], vec![T::ZERO; BQ], vec![T::ZERO; BQ]);
     let mut seen = [false; BQ];
+    let saved = stats.is_some();
     let d_row = |i: usize| ((b * q + i) * heads + h) * dv;
     for i0 in (0..q).step_by(BQ) {
         let rows = BQ.min(q - i0);
         let blocks = key_blocks(call, b, i0..i0 + rows);
-        // Sweep 1: logsumexp and output rows (online), then D = dO · O.
-        let neg_inf = T::from_f64(f64::NEG_INFINITY);
-        lse[..rows].fill(neg_inf);
-        sum[..rows].fill(T::ZERO);
-        seen[..rows].fill(false);
-        out[..rows * dv].fill(T::ZERO);
-        for &j0 in &blocks {
-            let cols = BK.min(kv - j0);
-            logits_block(
-                call,
-                ops,
-                pass,
-                (b, h, bh),
-                (i0, rows),
-                (j0, cols),
-                &mut blk,
-            )?;
+        if let Some(st) = stats {
+            // Saved by the forward: the weights are `exp(x - lse)`, `D` read from its output;
+            // which rows see a key is found in the sweep below.
             for r in 0..rows {
-                let row = &mut blk.s[r * cols..(r + 1) * cols];
-                let kept = &blk.kept[r * cols..(r + 1) * cols];
-                let mut m = lse[r];
-                for (&x, &k) in row.iter().zip(kept) {
-                    if k && x > m {
-                        m = x;
+                let n = (b * q + i0 + r) * heads + h;
+                lse[r] = T::from_f64(st.lse[n]);
+                sum[r] = T::ONE;
+                d[r] = st.d[n];
+            }
+            seen[..rows].fill(false);
+        } else {
+            // Sweep 1: logsumexp and output rows (online), then D = dO · O.
+            let neg_inf = T::from_f64(f64::NEG_INFINITY);
+            lse[..rows].fill(neg_inf);
+            sum[..rows].fill(T::ZERO);
+            seen[..rows].fill(false);
+            out[..rows * dv].fill(T::ZERO);
+            for &j0 in &blocks {
+                let cols = BK.min(kv - j0);
+                logits_block(
+                    call,
+                    ops,
+                    pass,
+                    (b, h, bh),
+                    (i0, rows),
+                    (j0, cols),
+                    &mut blk,
+                )?;
+                for r in 0..rows {
+                    let row = &mut blk.s[r * cols..(r + 1) * cols];
+                    let kept = &blk.kept[r * cols..(r + 1) * cols];
+                    let mut m = lse[r];
+                    for (&x, &k) in row.iter().zip(kept) {
+                        if k && x > m {
+                            m = x;
+                        }
+                    }
+                    if !kept.iter().any(|&k| k) {
+                        row.fill(T::ZERO);
+                        continue;
+                    }
+                    let rescale = if seen[r] { (lse[r] - m).exp() } else { T::ZERO };
+                    seen[r] = true;
+                    lse[r] = m;
+                    sum[r] = sum[r] * rescale;
+                    for o in &mut out[r * dv..(r + 1) * dv] {
+                        *o = *o * rescale;
+                    }
+                    for (c, x) in row.iter_mut().enumerate() {
+                        let p = if kept[c] { (*x - m).exp() } else { T::ZERO };
+                        sum[r] = sum[r] + p;
+                        *x = match call.dropout {
+                            Some(_) => p * blk.keep[r * cols + c],
+                            None => p,
+                        };
                     }
                 }
-                if !kept.iter().any(|&k| k) {
-                    row.fill(T::ZERO);
+                // out += P_d · V
+                let pm = MatRef::row_major(&blk.s, rows, cols).ok_or_else(view_bug)?;
+                let vm = MatRef::new(
+                    &ops.v,
+                    ((b * kv + j0) * kvh + g) * dv,
+                    cols,
+                    dv,
+                    kvh * dv,
+                    1,
+                )
+                .ok_or_else(view_bug)?;
+                let t = &mut tmp[..rows * dv];
+                gemm(
+                    T::ONE,
+                    pm,
+                    vm,
+                    &mut MatMut::row_major(t, rows, dv).ok_or_else(view_bug)?,
+                );
+                for (o, &x) in out[..rows * dv].iter_mut().zip(t.iter()) {
+                    *o = *o + x;
+                }
+            }
+            for r in 0..rows {
+                if !seen[r] {
                     continue;
                 }
-                let rescale = if seen[r] { (lse[r] - m).exp() } else { T::ZERO };
-                seen[r] = true;
-                lse[r] = m;
-                sum[r] = sum[r] * rescale;
-                for o in &mut out[r * dv..(r + 1) * dv] {
-                    *o = *o * rescale;
+                let inv = sum[r].recip();
+                let d_out = &ops.d[d_row(i0 + r)..][..dv];
+                let mut acc = T::ZERO;
+                for (&o, &x) in out[r * dv..(r + 1) * dv].iter().zip(d_out) {
+                    acc = acc + o * inv * x;
                 }
-                for (c, x) in row.iter_mut().enumerate() {
-                    let p = if kept[c] { (*x - m).exp() } else { T::ZERO };
-                    sum[r] = sum[r] + p;
-                    *x = match call.dropout {
-                        Some(_) => p * blk.keep[r * cols + c],
-                        None => p,
-                    };
-                }
+                d[r] = acc;
+                // From here on `sum` holds 1 / sum: the weights are `exp(x - max) / sum`.
+                sum[r] = inv;
             }
-            // out += P_d · V
-            let pm = MatRef::row_major(&blk.s, rows, cols).ok_or_else(view_bug)?;
-            let vm = MatRef::new(
-                &ops.v,
-                ((b * kv + j0) * kvh + g) * dv,
-                cols,
-                dv,
-                kvh * dv,
-                1,
-            )
-            .ok_or_else(view_bug)?;
-            let t = &mut tmp[..rows * dv];
-            gemm(
-                T::ONE,
-                pm,
-                vm,
-                &mut MatMut::row_major(t, rows, dv).ok_or_else(view_bug)?,
-            );
-            for (o, &x) in out[..rows * dv].iter_mut().zip(t.iter()) {
-                *o = *o + x;
+            // Rows that see no key: uniform over all keys, gradient to the value only.
+            for r in (0..rows).filter(|&r| !seen[r]) {
+                uniform_row(call, pass, (b, bh, g), i0 + r, ops, dv_acc)?;
             }
-        }
-        for r in 0..rows {
-            if !seen[r] {
-                continue;
-            }
-            let inv = sum[r].recip();
-            let d_out = &ops.d[d_row(i0 + r)..][..dv];
-            let mut acc = T::ZERO;
-            for (&o, &x) in out[r * dv..(r + 1) * dv].iter().zip(d_out) {
-                acc = acc + o * inv * x;
-            }
-            d[r] = acc;
-            // From here on `sum` holds 1 / sum: the weights are `exp(x - max) / sum`.
-            sum[r] = inv;
-        }
-        // Rows that see no key: uniform over all keys, gradient to the value only.
-        for r in (0..rows).filter(|&r| !seen[r]) {
-            uniform_row(call, pass, (b, bh, g), i0 + r, ops, dv_acc)?;
         }
         // Sweep 2: the gradients.
         dq_rows[..rows * dk].fill(T::ZERO);
@@ -335,6 +350,9 @@ fn head_backward<E: Element, B: Element, T: Real>(
             for r in 0..rows {
                 let row = &mut blk.s[r * cols..(r + 1) * cols];
                 let kept = &blk.kept[r * cols..(r + 1) * cols];
+                if saved {
+                    seen[r] |= kept.iter().any(|&k| k);
+                }
                 for (x, &k) in row.iter_mut().zip(kept) {
                     *x = if k && seen[r] {
                         (*x - lse[r]).exp() * sum[r]
@@ -435,6 +453,11 @@ fn head_backward<E: Element, B: Element, T: Real>(
                     let dst = &mut dl[(i0 + r) * kv + j0..][..cols];
                     dst.copy_from_slice(&blk.dp[r * cols..(r + 1) * cols]);
                 }
+            }
+        }
+        if saved {
+            for r in (0..rows).filter(|&r| !seen[r]) {
+                uniform_row(call, pass, (b, bh, g), i0 + r, ops, dv_acc)?;
             }
         }
         for r in 0..rows {

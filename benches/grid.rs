@@ -598,9 +598,8 @@ impl LayerCase {
 }
 
 /// Forward and backward of the output path (issue 16) in one place: the output of
-/// `attn::dot_product_attention` and the gradients of `attn::dot_product_attention_vjp` for
+/// `attn::dot_product_attention_fwd` and the gradients of `attn::dot_product_attention_bwd` for
 /// `cotangent` (f32 `[batch, len, heads, depth]` arrays; causal top-left when `causal`).
-/// One function so that it can switch to a forward-with-residuals API.
 pub fn forward_backward(
     query: &attn::Array,
     key: &attn::Array,
@@ -617,8 +616,10 @@ pub fn forward_backward(
             a
         }
     };
-    let output = attn::dot_product_attention(query, key, value, args())?;
-    let grads = attn::dot_product_attention_vjp(query, key, value, cotangent, args())?;
+    // A training step: the forward keeps its residuals, the backward reads them.
+    let (output, saved) = attn::dot_product_attention_fwd(query, key, value, args())?;
+    let grads =
+        attn::dot_product_attention_bwd(query, key, value, &output, &saved, cotangent, args())?;
     Ok((output, grads))
 }
 

@@ -232,18 +232,18 @@ pub(super) fn backward<E: Element, B: Element, R: Element>(
     };
     let (hq, hk) = (geom.heads.size(), geom.kv_heads.size());
     let query = fit_back(
-        &gq,
+        gq,
         &layout(geom.q_len, hq, geom.qk_depth.size()),
         inputs.query,
     )?;
     let key = fit_back(
-        &gk,
+        gk,
         &layout(geom.kv_len, hk, geom.qk_depth.size()),
         inputs.key,
     )?;
     let value = match inputs.value {
         Some(v) => Some(fit_back(
-            &gv,
+            gv,
             &layout(geom.kv_len, hk, geom.v_depth.size()),
             v,
         )?),
@@ -265,18 +265,22 @@ pub(super) fn backward<E: Element, B: Element, R: Element>(
 }
 
 /// A gradient computed in the call's layout `shape`, summed back to the input's shape (when a
-/// bias or mask enlarged the layout) and cast to the input's dtype.
-fn fit_back<E: Element>(g: &[E], shape: &[usize], input: &Array) -> Result<Array, AttnError> {
+/// bias or mask enlarged the layout) and cast to the input's dtype (moved as it is when both
+/// already agree).
+fn fit_back<E: Element>(g: Vec<E>, shape: &[usize], input: &Array) -> Result<Array, AttnError> {
+    let dtype = if input.dtype().is_float() {
+        input.dtype()
+    } else {
+        DType::F32
+    };
+    if shape == input.shape() && dtype == E::DTYPE {
+        return Array::new(g, shape.to_vec());
+    }
     let f: Vec<f64> = g.iter().map(|x| x.to_f64()).collect();
     let f = if shape == input.shape() {
         f
     } else {
         kernel::sum_to_shape(&f, shape, input.shape())?
-    };
-    let dtype = if input.dtype().is_float() {
-        input.dtype()
-    } else {
-        DType::F32
     };
     Array::from_f64(dtype, &f, input.shape().to_vec())
 }

@@ -9,11 +9,15 @@ use core::marker::PhantomData;
 
 /// An element type `matrixmultiply` has a kernel for.
 pub(crate) trait GemmScalar: Copy + Send + Sync + 'static {
-    /// `c ← alpha·a·b` (`beta = 0`): see [`gemm`].
+    /// `1`, the `beta` of [`gemm_add`].
+    const UNIT: Self;
+
+    /// `c ← alpha·a·b + beta·c`: see [`gemm`] and [`gemm_add`].
     ///
     /// # Safety
     /// `a`, `b` and `c` must be valid for the strided `m×k`, `k×n` and `m×n` matrices they
-    /// describe (reads for `a`, `b`; writes for `c`), and `c` must not alias `a` or `b` or itself.
+    /// describe (reads for `a`, `b`; writes for `c`, and reads of `c` unless `beta = 0`), and
+    /// `c` must not alias `a` or `b` or itself.
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm_raw(
         m: usize,
@@ -26,6 +30,7 @@ pub(crate) trait GemmScalar: Copy + Send + Sync + 'static {
         b: *const Self,
         rsb: isize,
         csb: isize,
+        beta: Self,
         c: *mut Self,
         rsc: isize,
         csc: isize,
@@ -33,6 +38,8 @@ pub(crate) trait GemmScalar: Copy + Send + Sync + 'static {
 }
 
 impl GemmScalar for f32 {
+    const UNIT: f32 = 1.0;
+
     unsafe fn gemm_raw(
         m: usize,
         k: usize,
@@ -44,21 +51,22 @@ impl GemmScalar for f32 {
         b: *const f32,
         rsb: isize,
         csb: isize,
+        beta: f32,
         c: *mut f32,
         rsc: isize,
         csc: isize,
     ) {
-        // SAFETY: forwarded from this function's contract. `beta = 0` means matrixmultiply
-        // never reads `c`, so `c` may be uninitialized garbage.
+        // SAFETY: forwarded from this function's contract. With `beta = 0` matrixmultiply
+        // never reads `c`.
         unsafe {
-            matrixmultiply::sgemm(
-                m, k, n, alpha, a, rsa, csa, b, rsb, csb, /* beta = */ 0.0, c, rsc, csc,
-            )
+            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
         }
     }
 }
 
 impl GemmScalar for f64 {
+    const UNIT: f64 = 1.0;
+
     unsafe fn gemm_raw(
         m: usize,
         k: usize,
@@ -70,15 +78,14 @@ impl GemmScalar for f64 {
         b: *const f64,
         rsb: isize,
         csb: isize,
+        beta: f64,
         c: *mut f64,
         rsc: isize,
         csc: isize,
     ) {
         // SAFETY: forwarded from this function's contract (see the f32 impl).
         unsafe {
-            matrixmultiply::dgemm(
-                m, k, n, alpha, a, rsa, csa, b, rsb, csb, /* beta = */ 0.0, c, rsc, csc,
-            )
+            matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
         }
     }
 }
@@ -205,6 +212,45 @@ impl<'a, T> MatMut<'a, T> {
         self.cols
     }
 
+    /// Rows `first..first + count` as a matrix of their own (a reborrow). Panics if they are
+    /// not all rows of `self`.
+    pub(crate) fn sub_rows(&mut self, first: usize, count: usize) -> MatMut<'_, T> {
+        assert!(
+            first.checked_add(count).is_some_and(|end| end <= self.rows),
+            "MatMut::sub_rows out of range"
+        );
+        MatMut {
+            // SAFETY: `first <= rows`; for `first < rows` the offset is that of an element of
+            // the view (inside the borrowed slice); for `first == rows` (then `count == 0`)
+            // the pointer is never dereferenced, and `wrapping_add` keeps it valid to hold.
+            ptr: self.ptr.wrapping_add(first * self.rs),
+            rows: count,
+            cols: self.cols,
+            rs: self.rs,
+            cs: self.cs,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Adds `values` to row `i` (`values.len()` must equal `cols`, `i < rows`).
+    pub(crate) fn add_to_row(&mut self, i: usize, values: &[T])
+    where
+        T: Copy + core::ops::Add<Output = T>,
+    {
+        assert!(
+            i < self.rows && values.len() == self.cols,
+            "MatMut::add_to_row out of range"
+        );
+        for (j, &v) in values.iter().enumerate() {
+            // SAFETY: `i < rows` and `j < cols` (asserted above), and the constructor checked
+            // that every such element lies inside the borrowed slice and is initialized.
+            unsafe {
+                let p = self.ptr.add(i * self.rs + j * self.cs);
+                p.write(*p + v);
+            }
+        }
+    }
+
     /// Writes row `i` from `values` (`values.len()` must equal `cols`, `i < rows`).
     pub(crate) fn write_row(&mut self, i: usize, values: impl ExactSizeIterator<Item = T>) {
         assert!(
@@ -270,10 +316,30 @@ pub(crate) fn head_blocks_mut<T>(
 
 /// `c ← alpha·a·b` (`c` is overwritten, never read). Panics if the shapes disagree (an
 /// internal invariant: callers build the views from validated geometry).
-pub(crate) fn gemm<T: GemmScalar>(
+pub(crate) fn gemm<T: GemmScalar + Default>(
     alpha: T,
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
+    c: &mut MatMut<'_, T>,
+) {
+    gemm_beta(alpha, a, b, T::default(), c)
+}
+
+/// `c ← c + alpha·a·b`. Panics if the shapes disagree.
+pub(crate) fn gemm_add<T: GemmScalar>(
+    alpha: T,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    c: &mut MatMut<'_, T>,
+) {
+    gemm_beta(alpha, a, b, T::UNIT, c)
+}
+
+fn gemm_beta<T: GemmScalar>(
+    alpha: T,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    beta: T,
     c: &mut MatMut<'_, T>,
 ) {
     assert!(
@@ -294,8 +360,8 @@ pub(crate) fn gemm<T: GemmScalar>(
     // SAFETY: `a`, `b` and `c` were checked at construction to lie within their slices for
     // their full extents (rows×cols with strides rs, cs); `a.offset`/`b.offset` are within the
     // slices; `c` uniquely borrows its elements, so it aliases neither `a` nor `b` (shared
-    // borrows) nor itself (distinct elements, checked by the constructors); `beta = 0` so `c`
-    // is only written.
+    // borrows) nor itself (distinct elements, checked by the constructors); `c`'s elements
+    // are initialized (they come from a `&mut [T]`), so reading them for `beta != 0` is sound.
     unsafe {
         T::gemm_raw(
             a.rows,
@@ -308,6 +374,7 @@ pub(crate) fn gemm<T: GemmScalar>(
             b.data.as_ptr().add(b.offset),
             s(b.rs),
             s(b.cs),
+            beta,
             c.ptr,
             s(c.rs),
             s(c.cs),

@@ -18,6 +18,8 @@ mod weights;
 
 pub use residuals::{Residuals, attention_fwd};
 
+use std::borrow::Cow;
+
 use super::broadcast::Broadcast;
 use super::jax::{JaxOptions, jax_call};
 use super::real::Real;
@@ -222,17 +224,32 @@ pub(super) struct Partials<T> {
     dv: Vec<T>,
     /// `[batch, heads, q, kv]`: the gradient of the biased logits (only with a bias gradient).
     dlogits: Option<Vec<T>>,
+    /// Whether `dk` and `dv` are in the gradients' own layout `[batch, kv, kv_heads, depth]`
+    /// already (no grouped heads to sum).
+    dkv_final: bool,
 }
 
 /// The operands of the backward in the arithmetic type: the query scaled and rounded as the
 /// forward's logits see it, the key, the value and the cotangent.
-pub(super) struct Widened<T> {
+pub(super) struct Widened<'a, T: Clone> {
     qs: Vec<T>,
-    k: Vec<T>,
-    v: Vec<T>,
+    /// Borrowed when the input is of the arithmetic type already.
+    k: Cow<'a, [T]>,
+    v: Cow<'a, [T]>,
     /// The cotangent (of the output, or of the weights with [`Widened::of_weights`]).
     d: Vec<T>,
     of_weights: bool,
+}
+
+/// `src` in the arithmetic type: borrowed when it is of that type, else widened.
+fn widen_or_borrow<'a, X: Element, T: Real>(
+    tensor: &'static str,
+    src: &'a [X],
+) -> Result<Cow<'a, [T]>, AttnError> {
+    match T::same_slice(src) {
+        Some(same) => Ok(Cow::Borrowed(same)),
+        None => widen::<X, T>(tensor, src, |x| x).map(Cow::Owned),
+    }
 }
 
 fn widen<X: Element, T: Real>(
@@ -349,8 +366,8 @@ fn backward_in<E: Element, B: Element, X: Element, T: Real>(
     }
     let ops = Widened {
         qs: widen::<E, T>("widened query", call.query, |x| (x * scale).round_to(round))?,
-        k: widen::<E, T>("widened key", call.key, |x| x)?,
-        v: widen::<E, T>("widened value", call.value.unwrap_or(&[]), |x| x)?,
+        k: widen_or_borrow::<E, T>("widened key", call.key)?,
+        v: widen_or_borrow::<E, T>("widened value", call.value.unwrap_or(&[]))?,
         d,
         of_weights: matches!(cot, Cot::Weights(_)),
     };
@@ -390,9 +407,18 @@ fn backward_in<E: Element, B: Element, X: Element, T: Real>(
             }
         }
     };
-    sum_group(gk, &parts.dk, call.qk_depth);
-    if call.value.is_some() {
-        sum_group(gv, &parts.dv, call.v_depth);
+    if parts.dkv_final {
+        for (o, x) in gk.iter_mut().zip(&parts.dk) {
+            *o = x.to_elem::<E>();
+        }
+        for (o, x) in gv.iter_mut().zip(&parts.dv) {
+            *o = x.to_elem::<E>();
+        }
+    } else {
+        sum_group(gk, &parts.dk, call.qk_depth);
+        if call.value.is_some() {
+            sum_group(gv, &parts.dv, call.v_depth);
+        }
     }
     if let (Some(g), Some(b), Some(dl)) = (gb, bias, parts.dlogits) {
         let sums = sum_to_shape(&dl, &call.weights_shape(), b.shape())?;

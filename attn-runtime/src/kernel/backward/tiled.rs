@@ -12,7 +12,8 @@
 //! Sums run in loop order, fixed by the shape: the bits never depend on the threads.
 
 use super::super::Call;
-use super::super::gemm::{MatMut, MatRef, gemm, head_blocks_mut};
+use super::super::exp::{Unfused, exp_f32};
+use super::super::gemm::{MatMut, MatRef, gemm, gemm_add, head_blocks_mut};
 use super::super::real::Real;
 use super::super::rowpass::{MaskRow, RowPass};
 use super::weights::{chunks, view_bug};
@@ -22,9 +23,9 @@ use crate::element::Element;
 use crate::error::{AttnError, try_filled};
 
 /// Queries per block.
-const BQ: usize = 64;
+const BQ: usize = 128;
 /// Keys per block.
-const BK: usize = 64;
+const BK: usize = 128;
 
 /// Whether the tiled backward computes this call: output cotangents of calls whose softmax
 /// runs in the arithmetic type's range (float64 with `force_fp32_for_softmax` and Flax's
@@ -39,21 +40,27 @@ pub(super) fn supports<E, B>(call: &Call<'_, E, B>) -> bool {
 struct Task<'o, T> {
     bh: usize,
     dq: MatMut<'o, T>,
-    dk: &'o mut [T],
-    dv: &'o mut [T],
+    /// `kv × qk_depth`: this head's share of the key gradient.
+    dk: MatMut<'o, T>,
+    /// `kv × v_depth`
+    dv: MatMut<'o, T>,
     dlogits: Option<&'o mut [T]>,
 }
 
 /// The partial gradients by the tiled backward.
 pub(super) fn run<E: Element, B: Element, T: Real>(
     call: &Call<'_, E, B>,
-    ops: &Widened<T>,
+    ops: &Widened<'_, T>,
     stats: Option<&RowStats<'_, T>>,
     want_dlogits: bool,
     threads: Threads<'_>,
 ) -> Result<Partials<T>, AttnError> {
     let (nb, heads, q, kv) = (call.batch, call.heads, call.q_len, call.kv_len);
     let (dk, dv) = (call.qk_depth, call.v_depth);
+    // Without grouped heads a head's key/value gradient is final: the tasks write it in the
+    // gradients' own layout `[batch, kv, heads, depth]`; else per query head `[batch, heads,
+    // kv, depth]`, summed over each group afterwards.
+    let final_layout = call.kv_heads == heads;
     let mut parts = Partials {
         dq: try_filled("grad query", nb * q * heads * dk, T::ZERO)?,
         dk: try_filled("grad key (per head)", nb * heads * kv * dk, T::ZERO)?,
@@ -63,12 +70,26 @@ pub(super) fn run<E: Element, B: Element, T: Real>(
         } else {
             None
         },
+        dkv_final: final_layout,
     };
     let n = nb * heads;
     let dq_blocks =
         head_blocks_mut(&mut parts.dq, nb, q, heads, dk, q.max(1)).ok_or_else(view_bug)?;
-    let dk_chunks = chunks(&mut parts.dk, n, kv * dk);
-    let dv_chunks = chunks(&mut parts.dv, n, kv * dv);
+    let (dk_chunks, dv_chunks) = if final_layout {
+        (
+            head_blocks_mut(&mut parts.dk, nb, kv, heads, dk, kv.max(1)),
+            head_blocks_mut(&mut parts.dv, nb, kv, heads, dv, kv.max(1)),
+        )
+    } else {
+        (
+            head_blocks_mut(&mut parts.dk, n, kv, 1, dk, kv.max(1)),
+            head_blocks_mut(&mut parts.dv, n, kv, 1, dv, kv.max(1)),
+        )
+    };
+    let (dk_chunks, dv_chunks) = (
+        dk_chunks.ok_or_else(view_bug)?,
+        dv_chunks.ok_or_else(view_bug)?,
+    );
     let dl_chunks: Vec<Option<&mut [T]>> = match parts.dlogits.as_deref_mut() {
         Some(d) => chunks(d, n, q * kv).into_iter().map(Some).collect(),
         None => (0..n).map(|_| None).collect(),
@@ -109,7 +130,7 @@ struct Block<T> {
 #[allow(clippy::too_many_arguments)]
 fn logits_block<E: Element, B: Element, T: Real>(
     call: &Call<'_, E, B>,
-    ops: &Widened<T>,
+    ops: &Widened<'_, T>,
     pass: &RowPass<T>,
     (b, h, bh): (usize, usize, usize),
     (i0, rows): (usize, usize),
@@ -144,6 +165,10 @@ fn logits_block<E: Element, B: Element, T: Real>(
         &mut MatMut::row_major(s, rows, cols).ok_or_else(view_bug)?,
     );
     T::round_slice(s, call.query_round);
+    // Without a bias or dense mask, in a softmax of the arithmetic type, a logit is kept as it
+    // is or masked by a range of keys: the row's kept keys are a range, no value changes.
+    let ranges =
+        call.bias.is_none() && call.mask.is_none() && softmax_is_arithmetic::<T, E, B>(call);
     for r in 0..rows {
         let i = i0 + r;
         let mask = MaskRow {
@@ -151,6 +176,14 @@ fn logits_block<E: Element, B: Element, T: Real>(
             segment: call.vis.segments(b, i),
             explicit: call.mask.as_ref().map(|m| m.row(b, h, i)),
         };
+        let kept = &mut blk.kept[r * cols..(r + 1) * cols];
+        if ranges && mask.segment.is_none() {
+            let lo = mask.visible.start.clamp(j0, j0 + cols) - j0;
+            let hi = mask.visible.end.clamp(j0, j0 + cols) - j0;
+            kept.fill(false);
+            kept[lo..hi.max(lo)].fill(true);
+            continue;
+        }
         let bias = call.bias.as_ref().map(|m| m.row(b, h, i));
         for c in 0..cols {
             let j = j0 + c;
@@ -174,6 +207,34 @@ fn logits_block<E: Element, B: Element, T: Real>(
     Ok(())
 }
 
+/// Whether rounding to the softmax dtype leaves a value of the arithmetic type `T` unchanged.
+fn softmax_is_arithmetic<T: Real, E, B>(call: &Call<'_, E, B>) -> bool {
+    let f32_arith = T::as_f32(&[]).is_some();
+    match call.plan.softmax {
+        crate::element::DType::F32 => f32_arith,
+        crate::element::DType::F64 => !f32_arith,
+        _ => false,
+    }
+}
+
+/// `exp(x - lse) · scale` for the kept entries of a row, 0 for the others (the vectorized
+/// [`exp_f32`] for `f32`).
+fn weights_row<T: Real>(row: &mut [T], kept: &[bool], lse: T, scale: T) {
+    if let Some(row) = T::as_f32_mut(row) {
+        let (lse, scale) = (lse.to_elem::<f32>(), scale.to_elem::<f32>());
+        for (x, &k) in row.iter_mut().zip(kept) {
+            *x = if k { *x - lse } else { f32::NEG_INFINITY };
+        }
+        for x in row.iter_mut() {
+            *x = exp_f32::<Unfused>(*x) * scale;
+        }
+        return;
+    }
+    for (x, &k) in row.iter_mut().zip(kept) {
+        *x = if k { (*x - lse).exp() * scale } else { T::ZERO };
+    }
+}
+
 /// The key blocks (start, length) the rows `i0..i0 + rows` of batch element `b` may see.
 fn key_blocks<E, B>(call: &Call<'_, E, B>, b: usize, rows: std::ops::Range<usize>) -> Vec<usize> {
     let range = if call.vis.is_trivial() {
@@ -189,7 +250,7 @@ fn key_blocks<E, B>(call: &Call<'_, E, B>, b: usize, rows: std::ops::Range<usize
 
 fn head_backward<E: Element, B: Element, T: Real>(
     call: &Call<'_, E, B>,
-    ops: &Widened<T>,
+    ops: &Widened<'_, T>,
     stats: Option<&RowStats<'_, T>>,
     pass: &RowPass<T>,
     task: Task<'_, T>,
@@ -204,8 +265,8 @@ fn head_backward<E: Element, B: Element, T: Real>(
     let Task {
         bh,
         mut dq,
-        dk: dk_acc,
-        dv: dv_acc,
+        dk: mut dk_acc,
+        dv: mut dv_acc,
         mut dlogits,
     } = task;
     let (b, h) = (bh / heads, bh % heads);
@@ -331,7 +392,7 @@ fn head_backward<E: Element, B: Element, T: Real>(
             }
             // Rows that see no key: uniform over all keys, gradient to the value only.
             for r in (0..rows).filter(|&r| !seen[r]) {
-                uniform_row(call, pass, (b, bh, g), i0 + r, ops, dv_acc)?;
+                uniform_row(call, pass, (b, bh, g), i0 + r, ops, &mut dv_acc)?;
             }
         }
         // Sweep 2: the gradients.
@@ -353,12 +414,10 @@ fn head_backward<E: Element, B: Element, T: Real>(
                 if saved {
                     seen[r] |= kept.iter().any(|&k| k);
                 }
-                for (x, &k) in row.iter_mut().zip(kept) {
-                    *x = if k && seen[r] {
-                        (*x - lse[r]).exp() * sum[r]
-                    } else {
-                        T::ZERO
-                    };
+                if seen[r] {
+                    weights_row(row, kept, lse[r], sum[r]);
+                } else {
+                    row.fill(T::ZERO);
                 }
             }
             // dP_d = dO · Vᵀ
@@ -389,21 +448,24 @@ fn head_backward<E: Element, B: Element, T: Real>(
                 for (x, &k) in blk.dp.iter_mut().zip(keep) {
                     *x = *x * k;
                 }
-                let dva = &mut dv_acc[j0 * dv..];
-                add_pt_d(&pd[..rows * cols], rows, cols, dom, &mut tmp, dva, dv)?;
+                let dva = &mut dv_acc.sub_rows(j0, cols);
+                add_pt_d(&pd[..rows * cols], rows, cols, dom, dva)?;
             } else {
-                let dva = &mut dv_acc[j0 * dv..];
-                add_pt_d(&blk.s[..rows * cols], rows, cols, dom, &mut tmp, dva, dv)?;
+                let dva = &mut dv_acc.sub_rows(j0, cols);
+                add_pt_d(&blk.s[..rows * cols], rows, cols, dom, dva)?;
             }
             // dS = P ⊙ (dP − D), 0 where masked.
             for r in 0..rows {
-                for c in 0..cols {
-                    let n = r * cols + c;
-                    blk.dp[n] = if blk.kept[n] && seen[r] {
-                        blk.s[n] * (blk.dp[n] - d[r])
-                    } else {
-                        T::ZERO
-                    };
+                let span = r * cols..(r + 1) * cols;
+                let ds = &mut blk.dp[span.clone()];
+                if !seen[r] {
+                    ds.fill(T::ZERO);
+                    continue;
+                }
+                let dr = d[r];
+                for ((x, &p), &k) in ds.iter_mut().zip(&blk.s[span.clone()]).zip(&blk.kept[span]) {
+                    let v = p * (*x - dr);
+                    *x = if k { v } else { T::ZERO };
                 }
             }
             let ds = MatRef::row_major(&blk.dp, rows, cols).ok_or_else(view_bug)?;
@@ -417,16 +479,12 @@ fn head_backward<E: Element, B: Element, T: Real>(
                 1,
             )
             .ok_or_else(view_bug)?;
-            let t = &mut tmp[..rows * dk];
-            gemm(
+            gemm_add(
                 scale,
                 ds,
                 km,
-                &mut MatMut::row_major(t, rows, dk).ok_or_else(view_bug)?,
+                &mut MatMut::row_major(&mut dq_rows[..rows * dk], rows, dk).ok_or_else(view_bug)?,
             );
-            for (o, &x) in dq_rows[..rows * dk].iter_mut().zip(t.iter()) {
-                *o = *o + x;
-            }
             // dK += dSᵀ · Q_s
             let dst = MatRef::new(&blk.dp, 0, cols, rows, 1, cols).ok_or_else(view_bug)?;
             let qm = MatRef::new(
@@ -438,16 +496,7 @@ fn head_backward<E: Element, B: Element, T: Real>(
                 1,
             )
             .ok_or_else(view_bug)?;
-            let t = &mut tmp[..cols * dk];
-            gemm(
-                T::ONE,
-                dst,
-                qm,
-                &mut MatMut::row_major(t, cols, dk).ok_or_else(view_bug)?,
-            );
-            for (o, &x) in dk_acc[j0 * dk..(j0 + cols) * dk].iter_mut().zip(t.iter()) {
-                *o = *o + x;
-            }
+            gemm_add(T::ONE, dst, qm, &mut dk_acc.sub_rows(j0, cols));
             if let Some(dl) = dlogits.as_deref_mut() {
                 for r in 0..rows {
                     let dst = &mut dl[(i0 + r) * kv + j0..][..cols];
@@ -457,7 +506,7 @@ fn head_backward<E: Element, B: Element, T: Real>(
         }
         if saved {
             for r in (0..rows).filter(|&r| !seen[r]) {
-                uniform_row(call, pass, (b, bh, g), i0 + r, ops, dv_acc)?;
+                uniform_row(call, pass, (b, bh, g), i0 + r, ops, &mut dv_acc)?;
             }
         }
         for r in 0..rows {
@@ -467,27 +516,16 @@ fn head_backward<E: Element, B: Element, T: Real>(
     Ok(())
 }
 
-/// `dV[j0..j0 + cols] += Pᵀ · dO` for one block.
+/// `dV[j0..j0 + cols] += Pᵀ · dO` for one block (`dv_rows`: those `cols` rows of `dV`).
 fn add_pt_d<T: Real>(
     p: &[T],
     rows: usize,
     cols: usize,
     dom: MatRef<'_, T>,
-    tmp: &mut [T],
-    dv_acc: &mut [T],
-    dv: usize,
+    dv_rows: &mut MatMut<'_, T>,
 ) -> Result<(), AttnError> {
     let pt = MatRef::new(p, 0, cols, rows, 1, cols).ok_or_else(view_bug)?;
-    let t = &mut tmp[..cols * dv];
-    gemm(
-        T::ONE,
-        pt,
-        dom,
-        &mut MatMut::row_major(t, cols, dv).ok_or_else(view_bug)?,
-    );
-    for (o, &x) in dv_acc[..cols * dv].iter_mut().zip(t.iter()) {
-        *o = *o + x;
-    }
+    gemm_add(T::ONE, pt, dom, dv_rows);
     Ok(())
 }
 
@@ -498,8 +536,8 @@ fn uniform_row<E: Element, B: Element, T: Real>(
     pass: &RowPass<T>,
     (b, bh, _g): (usize, usize, usize),
     i: usize,
-    ops: &Widened<T>,
-    dv_acc: &mut [T],
+    ops: &Widened<'_, T>,
+    dv_acc: &mut MatMut<'_, T>,
 ) -> Result<(), AttnError> {
     let (heads, q, kv, dv) = (call.heads, call.q_len, call.kv_len, call.v_depth);
     let h = bh % heads;
@@ -516,14 +554,16 @@ fn uniform_row<E: Element, B: Element, T: Real>(
         }
         None => None,
     };
+    let mut row = try_filled("value gradient row", dv, T::ZERO)?;
     for j in 0..kv {
         let w = match &keep {
             Some(k) => p * k[j],
             None => p,
         };
-        for (o, &x) in dv_acc[j * dv..(j + 1) * dv].iter_mut().zip(d_out) {
-            *o = *o + w * x;
+        for (o, &x) in row.iter_mut().zip(d_out) {
+            *o = w * x;
         }
+        dv_acc.add_to_row(j, &row);
     }
     Ok(())
 }

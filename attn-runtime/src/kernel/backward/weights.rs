@@ -50,13 +50,14 @@ struct Task<'o, T> {
 /// The partial gradients of every (batch, head), computed in parallel.
 pub(super) fn run<E: Element, B: Element, T: Real>(
     call: &Call<'_, E, B>,
-    ops: &Widened<T>,
+    ops: &Widened<'_, T>,
     want_dlogits: bool,
     threads: Threads<'_>,
 ) -> Result<Partials<T>, AttnError> {
     let (nb, heads, q, kv) = (call.batch, call.heads, call.q_len, call.kv_len);
     let (dk, dv) = (call.qk_depth, call.v_depth);
     let mut parts = Partials {
+        dkv_final: false,
         dq: try_filled("grad query", nb * q * heads * dk, T::ZERO)?,
         dk: try_filled("grad key (per head)", nb * heads * kv * dk, T::ZERO)?,
         dv: try_filled(
@@ -107,7 +108,7 @@ pub(super) fn run<E: Element, B: Element, T: Real>(
 /// `p`.
 pub(super) fn head_weights<E: Element, B: Element, T: Real>(
     call: &Call<'_, E, B>,
-    ops: &Widened<T>,
+    ops: &Widened<'_, T>,
     pass: &RowPass<T>,
     bh: usize,
     p: &mut [T],
@@ -205,7 +206,7 @@ pub(super) fn softmax_backward<E, B, T: Real>(
 
 fn head_backward<E: Element, B: Element, T: Real>(
     call: &Call<'_, E, B>,
-    ops: &Widened<T>,
+    ops: &Widened<'_, T>,
     pass: &RowPass<T>,
     task: Task<'_, T>,
 ) -> Result<(), AttnError> {

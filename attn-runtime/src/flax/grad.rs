@@ -52,13 +52,13 @@ pub fn dot_product_attention_vjp(
 /// errors as the forward.
 ///
 /// ```
-/// # use attn::{Array, FlaxArgs, dot_product_attention_bwd, dot_product_attention_fwd};
+/// # use attn_runtime::{Array, FlaxArgs, dot_product_attention_bwd, dot_product_attention_fwd};
 /// let x = Array::new(vec![0.5f32; 2 * 4 * 8], vec![2, 4, 8]).unwrap(); // [q, heads, depth]
 /// let (out, saved) = dot_product_attention_fwd(&x, &x, &x, FlaxArgs::new())?;
 /// let cotangent = Array::new(vec![1.0f32; 2 * 4 * 8], vec![2, 4, 8]).unwrap(); // dLoss/dOut
 /// let grads = dot_product_attention_bwd(&x, &x, &x, &out, &saved, &cotangent, FlaxArgs::new())?;
 /// assert_eq!(grads.query.shape(), x.shape());
-/// # Ok::<(), attn::AttnError>(())
+/// # Ok::<(), attn_runtime::AttnError>(())
 /// ```
 pub fn dot_product_attention_fwd(
     query: &Array,

@@ -379,8 +379,16 @@ fn backward_in<E: Element, B: Element, X: Element, T: Real>(
         }),
         None => None,
     };
+    // Without grouped heads, in the arithmetic type, the tiled path accumulates the key and
+    // value gradients in the caller's slices (already zeroed, in their own layout).
+    let in_place = tiled && call.kv_heads == call.heads;
+    let direct = match (in_place, T::same_slice_mut(&mut *gk)) {
+        (true, Some(k)) => T::same_slice_mut(&mut *gv).map(|v| (k, v)),
+        _ => None,
+    };
+    let written = direct.is_some();
     let parts = if tiled {
-        tiled::run::<E, B, T>(call, &ops, stats.as_ref(), want_dlogits, threads)?
+        tiled::run::<E, B, T>(call, &ops, stats.as_ref(), direct, want_dlogits, threads)?
     } else {
         weights::run::<E, B, T>(call, &ops, want_dlogits, threads)?
     };
@@ -407,7 +415,9 @@ fn backward_in<E: Element, B: Element, X: Element, T: Real>(
             }
         }
     };
-    if parts.dkv_final {
+    if written {
+        // Written in place.
+    } else if parts.dkv_final {
         for (o, x) in gk.iter_mut().zip(&parts.dk) {
             *o = x.to_elem::<E>();
         }

@@ -52,6 +52,7 @@ pub(super) fn run<E: Element, B: Element, T: Real>(
     call: &Call<'_, E, B>,
     ops: &Widened<'_, T>,
     stats: Option<&RowStats<'_, T>>,
+    direct: Option<(&mut [T], &mut [T])>,
     want_dlogits: bool,
     threads: Threads<'_>,
 ) -> Result<Partials<T>, AttnError> {
@@ -61,10 +62,15 @@ pub(super) fn run<E: Element, B: Element, T: Real>(
     // gradients' own layout `[batch, kv, heads, depth]`; else per query head `[batch, heads,
     // kv, depth]`, summed over each group afterwards.
     let final_layout = call.kv_heads == heads;
+    // (`direct`: the caller's key and value gradients, `[batch, kv, heads, depth]`.)
+    let (k_len, v_len) = match direct {
+        Some(_) => (0, 0),
+        None => (nb * heads * kv * dk, nb * heads * kv * dv),
+    };
     let mut parts = Partials {
         dq: try_filled("grad query", nb * q * heads * dk, T::ZERO)?,
-        dk: try_filled("grad key (per head)", nb * heads * kv * dk, T::ZERO)?,
-        dv: try_filled("grad value (per head)", nb * heads * kv * dv, T::ZERO)?,
+        dk: try_filled("grad key (per head)", k_len, T::ZERO)?,
+        dv: try_filled("grad value (per head)", v_len, T::ZERO)?,
         dlogits: if want_dlogits {
             Some(try_filled("grad logits", nb * heads * q * kv, T::ZERO)?)
         } else {
@@ -75,15 +81,19 @@ pub(super) fn run<E: Element, B: Element, T: Real>(
     let n = nb * heads;
     let dq_blocks =
         head_blocks_mut(&mut parts.dq, nb, q, heads, dk, q.max(1)).ok_or_else(view_bug)?;
-    let (dk_chunks, dv_chunks) = if final_layout {
+    let (dk_buf, dv_buf, per_head) = match direct {
+        Some((k, v)) => (k, v, false),
+        None => (&mut parts.dk[..], &mut parts.dv[..], !final_layout),
+    };
+    let (dk_chunks, dv_chunks) = if per_head {
         (
-            head_blocks_mut(&mut parts.dk, nb, kv, heads, dk, kv.max(1)),
-            head_blocks_mut(&mut parts.dv, nb, kv, heads, dv, kv.max(1)),
+            head_blocks_mut(dk_buf, n, kv, 1, dk, kv.max(1)),
+            head_blocks_mut(dv_buf, n, kv, 1, dv, kv.max(1)),
         )
     } else {
         (
-            head_blocks_mut(&mut parts.dk, n, kv, 1, dk, kv.max(1)),
-            head_blocks_mut(&mut parts.dv, n, kv, 1, dv, kv.max(1)),
+            head_blocks_mut(dk_buf, nb, kv, heads, dk, kv.max(1)),
+            head_blocks_mut(dv_buf, nb, kv, heads, dv, kv.max(1)),
         )
     };
     let (dk_chunks, dv_chunks) = (

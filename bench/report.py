@@ -150,7 +150,7 @@ def render_layer(results, cases, bw):
 
 def render_fwd_bwd(results, cases):
     out = ["### Forward + backward, f32 (issue 16)\n"]
-    out.append("attn: `attn::dot_product_attention` then `attn::dot_product_attention_vjp` "
+    out.append("attn: `attn::dot_product_attention_fwd` then `attn::dot_product_attention_bwd` "
                "(`benches/grid.rs::forward_backward`); torch: SDPA through autograd, `.backward(cotangent)` "
                "(`is_causal`); jax: `jax.jit` of `jax.vjp` of Flax's `dot_product_attention` (forward and VJP "
                "in one jitted function; causal as `make_causal_mask`). Times in ms.\n")

@@ -19,6 +19,14 @@ pub(crate) trait Dot: Copy + Default + Add<Output = Self> + Mul<Output = Self> {
     fn dot4(a: [&[Self]; 4], b: [&[Self]; 4]) -> [Self; 4] {
         [0, 1, 2, 3].map(|t| Self::dot(a[t], b[t]))
     }
+
+    /// `y[k] += x · b[k]` over the shorter slice (a multiply, then an add).
+    #[inline(always)]
+    fn axpy(y: &mut [Self], x: Self, b: &[Self]) {
+        for (o, &v) in y.iter_mut().zip(b) {
+            *o = *o + x * v;
+        }
+    }
 }
 
 impl Dot for f64 {}
@@ -35,6 +43,16 @@ impl Dot for f32 {
     fn dot4(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
         super::simd::dot4_avx512(a, b)
             .unwrap_or_else(|| [0, 1, 2, 3].map(|t| Self::dot(a[t], b[t])))
+    }
+
+    /// The AVX-512 code where the CPU has it (the same bits).
+    #[inline(always)]
+    fn axpy(y: &mut [f32], x: f32, b: &[f32]) {
+        if !super::simd::axpy_avx512(y, x, b) {
+            for (o, &v) in y.iter_mut().zip(b) {
+                *o += x * v;
+            }
+        }
     }
 }
 

@@ -364,6 +364,40 @@ pub(crate) fn dot_avx512(a: &[f32], b: &[f32]) -> Option<f32> {
     }
 }
 
+/// `y[k] += x · b[k]` over the shorter slice with the AVX-512 registers (a multiply, then an
+/// add: the bits of the portable loop); `false` where [`Isa::detect`] found no AVX-512.
+#[inline]
+pub(crate) fn axpy_avx512(y: &mut [f32], x: f32, b: &[f32]) -> bool {
+    if !Isa::detect().has_avx512() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked above: `has_avx512` implies
+        // all three, see `Isa::detect`).
+        unsafe { axpy_16_lanes(y, x, b) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (y, x, b);
+        false
+    }
+}
+
+/// [`axpy_avx512`]'s body: the portable loop, vectorized by the compiler for 512-bit registers
+/// (no fused multiply-add: the compiler never contracts `a * b + c` on its own).
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn axpy_16_lanes(y: &mut [f32], x: f32, b: &[f32]) {
+    for (o, &v) in y.iter_mut().zip(b) {
+        *o += x * v;
+    }
+}
+
 /// Four dot products `Σ a_n[k]·b_n[k]` at once (all slices of one length), each in exactly the
 /// order of [`dot_avx512`] (so with the same bits): four independent chains of additions keep
 /// the adder busy where one chain waits on each addition (a decoding step's logits of the

@@ -1,5 +1,5 @@
-//! The only module with `unsafe` code: strided matrix views over slices and the calls into
-//! `matrixmultiply::{sgemm, dgemm}`.
+//! Strided matrix views over slices and their products: `matrixmultiply::{sgemm, dgemm}`, or
+//! for products with very few rows or a very short inner dimension, [`thin`].
 //!
 //! Every view is checked when it is built: all of its elements lie inside the slice it borrows
 //! (the largest offset is `offset + (rows-1)·rs + (cols-1)·cs`, strides are non-negative). So
@@ -7,8 +7,10 @@
 
 use core::marker::PhantomData;
 
+mod thin;
+
 /// An element type `matrixmultiply` has a kernel for.
-pub(crate) trait GemmScalar: Copy + Send + Sync + 'static {
+pub(crate) trait GemmScalar: super::dot::Dot + Send + Sync + 'static {
     /// `1`, the `beta` of [`gemm_add`].
     const UNIT: Self;
 
@@ -151,6 +153,27 @@ impl<'a, T> MatRef<'a, T> {
     pub(crate) fn row_major(data: &'a [T], rows: usize, cols: usize) -> Option<Self> {
         Self::new(data, 0, rows, cols, cols, 1)
     }
+
+    /// Element `(i, j)`. Panics if it is outside the matrix.
+    fn at(&self, i: usize, j: usize) -> T
+    where
+        T: Copy,
+    {
+        assert!(i < self.rows && j < self.cols, "MatRef::at out of range");
+        self.data[self.offset + i * self.rs + j * self.cs]
+    }
+
+    /// Row `i` as a slice when rows are contiguous (`cs = 1`).
+    fn row(&self, i: usize) -> Option<&'a [T]> {
+        (self.cs == 1 && i < self.rows)
+            .then(|| &self.data[self.offset + i * self.rs..][..self.cols])
+    }
+
+    /// Column `j` as a slice when columns are contiguous (`rs = 1`).
+    fn col(&self, j: usize) -> Option<&'a [T]> {
+        (self.rs == 1 && j < self.cols)
+            .then(|| &self.data[self.offset + j * self.cs..][..self.rows])
+    }
 }
 
 /// A mutable strided matrix: a unique borrow of the elements it describes (which need not be
@@ -230,6 +253,18 @@ impl<'a, T> MatMut<'a, T> {
             cs: self.cs,
             _borrow: PhantomData,
         }
+    }
+
+    /// Row `i` as a slice when rows are contiguous (`cs = 1`).
+    fn row_mut(&mut self, i: usize) -> Option<&mut [T]> {
+        if self.cs != 1 || i >= self.rows {
+            return None;
+        }
+        // SAFETY: with `cs = 1` the row's `cols` elements are consecutive; `i < rows`, and the
+        // constructor checked that every element of the view lies inside the borrowed slice
+        // (so the range is in bounds and initialized) and that rows do not overlap (`rs >=
+        // cols`). `&mut self` keeps every other access to the view out while the slice lives.
+        Some(unsafe { core::slice::from_raw_parts_mut(self.ptr.add(i * self.rs), self.cols) })
     }
 
     /// Adds `values` to row `i` (`values.len()` must equal `cols`, `i < rows`).
@@ -316,13 +351,13 @@ pub(crate) fn head_blocks_mut<T>(
 
 /// `c ← alpha·a·b` (`c` is overwritten, never read). Panics if the shapes disagree (an
 /// internal invariant: callers build the views from validated geometry).
-pub(crate) fn gemm<T: GemmScalar + Default>(
+pub(crate) fn gemm<T: GemmScalar>(
     alpha: T,
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
     c: &mut MatMut<'_, T>,
 ) {
-    gemm_beta(alpha, a, b, T::default(), c)
+    gemm_beta(alpha, a, b, false, c)
 }
 
 /// `c ← c + alpha·a·b`. Panics if the shapes disagree.
@@ -332,16 +367,18 @@ pub(crate) fn gemm_add<T: GemmScalar>(
     b: MatRef<'_, T>,
     c: &mut MatMut<'_, T>,
 ) {
-    gemm_beta(alpha, a, b, T::UNIT, c)
+    gemm_beta(alpha, a, b, true, c)
 }
 
+/// `c ← alpha·a·b + beta·c` with `beta` 1 when `accumulate`, else 0 (`c` not read).
 fn gemm_beta<T: GemmScalar>(
     alpha: T,
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
-    beta: T,
+    accumulate: bool,
     c: &mut MatMut<'_, T>,
 ) {
+    let beta = if accumulate { T::UNIT } else { T::default() };
     assert!(
         a.rows == c.rows && a.cols == b.rows && b.cols == c.cols,
         "gemm: shape mismatch ({}x{}) · ({}x{}) -> ({}x{})",
@@ -353,6 +390,9 @@ fn gemm_beta<T: GemmScalar>(
         c.cols
     );
     if c.rows == 0 || c.cols == 0 {
+        return;
+    }
+    if thin::product(alpha, a, b, accumulate, c) {
         return;
     }
     // Strides fit in isize: checked by the constructors.
@@ -441,6 +481,87 @@ mod tests {
             let want = naive(&qa, &kt, rows, depth, kv);
             for (x, y) in out.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-12);
+            }
+        }
+    }
+
+    /// Every layout the row-by-row products take (and those they leave to matrixmultiply), in
+    /// f32 and f64, overwriting and accumulating, against the naive product.
+    #[test]
+    fn thin_and_full_products_match_naive() {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (1, 128, 33),
+            (3, 17, 16),
+            (4, 5, 7),
+            (5, 2, 9),
+            (6, 1, 40),
+            (9, 13, 5),
+        ] {
+            let a: Vec<f64> = (0..m * k).map(|x| (x as f64 * 0.37).sin()).collect();
+            let b: Vec<f64> = (0..k * n).map(|x| (x as f64 * 0.11).cos()).collect();
+            let bt: Vec<f64> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+            let c0: Vec<f64> = (0..m * n).map(|x| (x as f64 * 0.7).sin()).collect();
+            let want = naive(&a, &b, m, k, n);
+            for transposed in [false, true] {
+                for accumulate in [false, true] {
+                    let check = |got: &[f64], tol: f64| {
+                        for (x, (y, z)) in got.iter().zip(want.iter().zip(&c0)) {
+                            let y = if accumulate { y * 0.5 + z } else { y * 0.5 };
+                            assert!(
+                                (x - y).abs() < tol,
+                                "{m}x{k}x{n} transposed={transposed} accumulate={accumulate}"
+                            );
+                        }
+                    };
+                    let mut out = if accumulate {
+                        c0.clone()
+                    } else {
+                        vec![f64::NAN; m * n]
+                    };
+                    let (am, bref) = (
+                        MatRef::row_major(&a, m, k).unwrap(),
+                        if transposed {
+                            MatRef::new(&bt, 0, k, n, 1, k).unwrap()
+                        } else {
+                            MatRef::row_major(&b, k, n).unwrap()
+                        },
+                    );
+                    let c = &mut MatMut::row_major(&mut out, m, n).unwrap();
+                    if accumulate {
+                        gemm_add(0.5, am, bref, c);
+                    } else {
+                        gemm(0.5, am, bref, c);
+                    }
+                    check(&out, 1e-12);
+                    let (a32, b32, bt32, c32): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) = (
+                        a.iter().map(|&x| x as f32).collect(),
+                        b.iter().map(|&x| x as f32).collect(),
+                        bt.iter().map(|&x| x as f32).collect(),
+                        c0.iter().map(|&x| x as f32).collect(),
+                    );
+                    let mut out32 = if accumulate {
+                        c32
+                    } else {
+                        vec![f32::NAN; m * n]
+                    };
+                    let (am, bref) = (
+                        MatRef::row_major(&a32, m, k).unwrap(),
+                        if transposed {
+                            MatRef::new(&bt32, 0, k, n, 1, k).unwrap()
+                        } else {
+                            MatRef::row_major(&b32, k, n).unwrap()
+                        },
+                    );
+                    let c = &mut MatMut::row_major(&mut out32, m, n).unwrap();
+                    if accumulate {
+                        gemm_add(0.5, am, bref, c);
+                    } else {
+                        gemm(0.5, am, bref, c);
+                    }
+                    let out: Vec<f64> = out32.iter().map(|&x| f64::from(x)).collect();
+                    check(&out, 1e-4);
+                }
             }
         }
     }

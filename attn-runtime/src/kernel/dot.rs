@@ -23,9 +23,7 @@ pub(crate) trait Dot: Copy + Default + Add<Output = Self> + Mul<Output = Self> {
     /// `y[k] += x · b[k]` over the shorter slice (a multiply, then an add).
     #[inline(always)]
     fn axpy(y: &mut [Self], x: Self, b: &[Self]) {
-        for (o, &v) in y.iter_mut().zip(b) {
-            *o = *o + x * v;
-        }
+        axpy_portable(y, x, b);
     }
 }
 
@@ -49,9 +47,7 @@ impl Dot for f32 {
     #[inline(always)]
     fn axpy(y: &mut [f32], x: f32, b: &[f32]) {
         if !super::simd::axpy_avx512(y, x, b) {
-            for (o, &v) in y.iter_mut().zip(b) {
-                *o += x * v;
-            }
+            axpy_portable(y, x, b);
         }
     }
 }
@@ -60,6 +56,14 @@ impl Dot for f32 {
 #[inline(always)]
 pub(crate) fn dot<C: Dot>(a: &[C], b: &[C]) -> C {
     C::dot(a, b)
+}
+
+/// [`Dot::axpy`] in portable code.
+#[inline(always)]
+fn axpy_portable<C: Copy + Add<Output = C> + Mul<Output = C>>(y: &mut [C], x: C, b: &[C]) {
+    for (o, &v) in y.iter_mut().zip(b) {
+        *o = *o + x * v;
+    }
 }
 
 /// [`dot`] in portable code.

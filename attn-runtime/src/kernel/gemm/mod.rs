@@ -163,16 +163,22 @@ impl<'a, T> MatRef<'a, T> {
         self.data[self.offset + i * self.rs + j * self.cs]
     }
 
-    /// Row `i` as a slice when rows are contiguous (`cs = 1`).
-    fn row(&self, i: usize) -> Option<&'a [T]> {
-        (self.cs == 1 && i < self.rows)
-            .then(|| &self.data[self.offset + i * self.rs..][..self.cols])
+    /// Row `i` as a slice. Panics unless rows are contiguous (`cs = 1`) and `i < rows`.
+    fn row(&self, i: usize) -> &'a [T] {
+        assert!(
+            self.cs == 1 && i < self.rows,
+            "MatRef::row of a strided row"
+        );
+        &self.data[self.offset + i * self.rs..][..self.cols]
     }
 
-    /// Column `j` as a slice when columns are contiguous (`rs = 1`).
-    fn col(&self, j: usize) -> Option<&'a [T]> {
-        (self.rs == 1 && j < self.cols)
-            .then(|| &self.data[self.offset + j * self.cs..][..self.rows])
+    /// Column `j` as a slice. Panics unless columns are contiguous (`rs = 1`) and `j < cols`.
+    fn col(&self, j: usize) -> &'a [T] {
+        assert!(
+            self.rs == 1 && j < self.cols,
+            "MatRef::col of a strided column"
+        );
+        &self.data[self.offset + j * self.cs..][..self.rows]
     }
 }
 
@@ -255,16 +261,17 @@ impl<'a, T> MatMut<'a, T> {
         }
     }
 
-    /// Row `i` as a slice when rows are contiguous (`cs = 1`).
-    fn row_mut(&mut self, i: usize) -> Option<&mut [T]> {
-        if self.cs != 1 || i >= self.rows {
-            return None;
-        }
+    /// Row `i` as a slice. Panics unless rows are contiguous (`cs = 1`) and `i < rows`.
+    fn row_mut(&mut self, i: usize) -> &mut [T] {
+        assert!(
+            self.cs == 1 && i < self.rows,
+            "MatMut::row_mut of a strided row"
+        );
         // SAFETY: with `cs = 1` the row's `cols` elements are consecutive; `i < rows`, and the
         // constructor checked that every element of the view lies inside the borrowed slice
         // (so the range is in bounds and initialized) and that rows do not overlap (`rs >=
         // cols`). `&mut self` keeps every other access to the view out while the slice lives.
-        Some(unsafe { core::slice::from_raw_parts_mut(self.ptr.add(i * self.rs), self.cols) })
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.add(i * self.rs), self.cols) }
     }
 
     /// Adds `values` to row `i` (`values.len()` must equal `cols`, `i < rows`).
@@ -485,6 +492,37 @@ mod tests {
         }
     }
 
+    /// `0.5·a·b` (`+ c0` when `accumulate`) through [`gemm`] / [`gemm_add`] in `T`, with `b`
+    /// row-major or as the transpose `bt` read with strides `(1, k)`.
+    fn product<T: GemmScalar + From<f32> + Into<f64>>(
+        (a, b, bt, c0): (&[f32], &[f32], &[f32], &[f32]),
+        (m, k, n): (usize, usize, usize),
+        transposed: bool,
+        accumulate: bool,
+    ) -> Vec<f64> {
+        let t = |v: &[f32]| v.iter().map(|&x| T::from(x)).collect::<Vec<T>>();
+        let (a, b, bt) = (t(a), t(b), t(bt));
+        let mut out = if accumulate {
+            t(c0)
+        } else {
+            vec![T::from(f32::NAN); m * n]
+        };
+        let am = MatRef::row_major(&a, m, k).unwrap();
+        let bm = if transposed {
+            MatRef::new(&bt, 0, k, n, 1, k).unwrap()
+        } else {
+            MatRef::row_major(&b, k, n).unwrap()
+        };
+        let c = &mut MatMut::row_major(&mut out, m, n).unwrap();
+        let half = T::from(0.5);
+        if accumulate {
+            gemm_add(half, am, bm, c);
+        } else {
+            gemm(half, am, bm, c);
+        }
+        out.into_iter().map(Into::into).collect()
+    }
+
     /// Every layout the row-by-row products take (and those they leave to matrixmultiply), in
     /// f32 and f64, overwriting and accumulating, against the naive product.
     #[test]
@@ -498,69 +536,26 @@ mod tests {
             (6, 1, 40),
             (9, 13, 5),
         ] {
-            let a: Vec<f64> = (0..m * k).map(|x| (x as f64 * 0.37).sin()).collect();
-            let b: Vec<f64> = (0..k * n).map(|x| (x as f64 * 0.11).cos()).collect();
-            let bt: Vec<f64> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
-            let c0: Vec<f64> = (0..m * n).map(|x| (x as f64 * 0.7).sin()).collect();
-            let want = naive(&a, &b, m, k, n);
+            let a: Vec<f32> = (0..m * k).map(|x| (x as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|x| (x as f32 * 0.11).cos()).collect();
+            let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+            let c0: Vec<f32> = (0..m * n).map(|x| (x as f32 * 0.7).sin()).collect();
+            let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+            let want = naive(&wide(&a), &wide(&b), m, k, n);
             for transposed in [false, true] {
                 for accumulate in [false, true] {
-                    let check = |got: &[f64], tol: f64| {
-                        for (x, (y, z)) in got.iter().zip(want.iter().zip(&c0)) {
-                            let y = if accumulate { y * 0.5 + z } else { y * 0.5 };
+                    let ops = (&a[..], &b[..], &bt[..], &c0[..]);
+                    let got64 = product::<f64>(ops, (m, k, n), transposed, accumulate);
+                    let got32 = product::<f32>(ops, (m, k, n), transposed, accumulate);
+                    for (got, tol) in [(got64, 1e-12), (got32, 1e-4)] {
+                        for (x, (y, &z)) in got.iter().zip(want.iter().zip(&c0)) {
+                            let y = y * 0.5 + if accumulate { f64::from(z) } else { 0.0 };
                             assert!(
                                 (x - y).abs() < tol,
                                 "{m}x{k}x{n} transposed={transposed} accumulate={accumulate}"
                             );
                         }
-                    };
-                    let mut out = if accumulate {
-                        c0.clone()
-                    } else {
-                        vec![f64::NAN; m * n]
-                    };
-                    let (am, bref) = (
-                        MatRef::row_major(&a, m, k).unwrap(),
-                        if transposed {
-                            MatRef::new(&bt, 0, k, n, 1, k).unwrap()
-                        } else {
-                            MatRef::row_major(&b, k, n).unwrap()
-                        },
-                    );
-                    let c = &mut MatMut::row_major(&mut out, m, n).unwrap();
-                    if accumulate {
-                        gemm_add(0.5, am, bref, c);
-                    } else {
-                        gemm(0.5, am, bref, c);
                     }
-                    check(&out, 1e-12);
-                    let (a32, b32, bt32, c32): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) = (
-                        a.iter().map(|&x| x as f32).collect(),
-                        b.iter().map(|&x| x as f32).collect(),
-                        bt.iter().map(|&x| x as f32).collect(),
-                        c0.iter().map(|&x| x as f32).collect(),
-                    );
-                    let mut out32 = if accumulate {
-                        c32
-                    } else {
-                        vec![f32::NAN; m * n]
-                    };
-                    let (am, bref) = (
-                        MatRef::row_major(&a32, m, k).unwrap(),
-                        if transposed {
-                            MatRef::new(&bt32, 0, k, n, 1, k).unwrap()
-                        } else {
-                            MatRef::row_major(&b32, k, n).unwrap()
-                        },
-                    );
-                    let c = &mut MatMut::row_major(&mut out32, m, n).unwrap();
-                    if accumulate {
-                        gemm_add(0.5, am, bref, c);
-                    } else {
-                        gemm(0.5, am, bref, c);
-                    }
-                    let out: Vec<f64> = out32.iter().map(|&x| f64::from(x)).collect();
-                    check(&out, 1e-4);
                 }
             }
         }

@@ -16,7 +16,8 @@ const ROWS: usize = 4;
 const DEPTH: usize = 2;
 
 /// `c ← alpha·a·b` (or `c ← c + alpha·a·b` when `accumulate`) if the shapes and layouts suit a
-/// row-by-row product; `false` (and `c` untouched) if not. The shapes agree (checked by the
+/// row-by-row product (each row of `c` contiguous, and the rows or the columns of `b`);
+/// `false` (and `c` untouched) if not. The shapes agree (checked by the
 /// caller) and are not empty.
 pub(super) fn product<T: Dot>(
     alpha: T,
@@ -32,17 +33,12 @@ pub(super) fn product<T: Dot>(
     if b.cs == 1 && (m <= ROWS || depth <= DEPTH) {
         // Row i of c: Σₖ (alpha·a[i,k]) · b[k,:], k in order.
         for i in 0..m {
-            let Some(row) = c.row_mut(i) else {
-                return false;
-            };
+            let row = c.row_mut(i);
             if !accumulate {
                 row.fill(T::default());
             }
             for k in 0..depth {
-                let Some(bk) = b.row(k) else {
-                    return false;
-                };
-                T::axpy(row, alpha * a.at(i, k), bk);
+                T::axpy(row, alpha * a.at(i, k), b.row(k));
             }
         }
         return true;
@@ -50,19 +46,16 @@ pub(super) fn product<T: Dot>(
     if b.rs == 1 && a.cs == 1 && m <= ROWS {
         // c[i,j] = alpha · (a[i,:] · b[:,j]), four columns at a time.
         for i in 0..m {
-            let (Some(ai), Some(row)) = (a.row(i), c.row_mut(i)) else {
-                return false;
-            };
+            let (ai, row) = (a.row(i), c.row_mut(i));
             let mut j = 0;
             while j < n {
                 let cols = (n - j).min(4);
                 let mut dots = [T::default(); 4];
                 if cols == 4 {
-                    let col = |t: usize| b.col(j + t).unwrap_or(&[]);
-                    dots = T::dot4([ai; 4], [col(0), col(1), col(2), col(3)]);
+                    dots = T::dot4([ai; 4], [0, 1, 2, 3].map(|t| b.col(j + t)));
                 } else {
                     for (t, d) in dots.iter_mut().enumerate().take(cols) {
-                        *d = T::dot(ai, b.col(j + t).unwrap_or(&[]));
+                        *d = T::dot(ai, b.col(j + t));
                     }
                 }
                 for (o, &d) in row[j..j + cols].iter_mut().zip(&dots) {

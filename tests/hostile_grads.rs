@@ -367,3 +367,125 @@ fn kernel_backward_checks_its_slices() {
         },
     );
 }
+
+attn::attention! {
+    /// Run-time dims only, so mistakes in them reach the run-time checks.
+    struct Trainable {
+        query: [B, T, H, D], key: [B, S, H, D], value: [B, S, H, Dv], mask: kv_lengths,
+        dropout_rate: 0.2,
+    }
+}
+
+#[test]
+fn generated_layer_backward_rejects_inputs_of_another_call() {
+    use attn::{Context, TensorView};
+    let (b, t, s, h, d) = (2, 3, 5, 2, 4);
+    let data = |n: usize, seed: f32| -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
+    };
+    let (qd, kd, vd) = (
+        data(b * t * h * d, 0.0),
+        data(b * s * h * d, 1.0),
+        data(b * s * h * d, 2.0),
+    );
+    let q = TensorView::new(&qd, (b, t, h, d)).unwrap();
+    let k = TensorView::new(&kd, (b, s, h, d)).unwrap();
+    let v = TensorView::new(&vd, (b, s, h, d)).unwrap();
+    let lengths = [5i32, 2];
+    let len = TensorView::new(&lengths, (b,)).unwrap();
+    let train = || Context::with_dropout(7);
+    let (out, saved) = Trainable
+        .forward_with_residuals(q, k, v, len, &mut train())
+        .unwrap();
+    let cd = data(b * t * h * d, 3.0);
+    let c = TensorView::new(&cd, (b, t, h, d)).unwrap();
+    // The right call works.
+    Trainable
+        .backward(q, k, v, len, out.view(), &saved, c, &mut train())
+        .unwrap();
+
+    // A cotangent whose run-time dims are swapped (same number of elements).
+    let swapped = TensorView::new(&cd, (t, b, h, d)).unwrap();
+    expect_error(
+        "cotangent with swapped dims",
+        AttnError::DimMismatch {
+            dim: "B",
+            first: "query",
+            first_size: b,
+            second: "d_output",
+            second_size: t,
+        },
+        || {
+            Trainable
+                .backward(q, k, v, len, out.view(), &saved, swapped, &mut train())
+                .map(drop)
+        },
+    );
+    // An output of another length.
+    let short = TensorView::new(&out.as_slice()[..h * d * 4], (b, 2, h, d)).unwrap();
+    expect_error(
+        "output of another length",
+        AttnError::DimMismatch {
+            dim: "T",
+            first: "query",
+            first_size: t,
+            second: "output",
+            second_size: 2,
+        },
+        || {
+            Trainable
+                .backward(q, k, v, len, short, &saved, c, &mut train())
+                .map(drop)
+        },
+    );
+    // Another dropout seed, other lengths, another query: residuals of another call.
+    expect_error("another dropout seed", residuals_error(), || {
+        let mut other = Context::with_dropout(8);
+        Trainable
+            .backward(q, k, v, len, out.view(), &saved, c, &mut other)
+            .map(drop)
+    });
+    let other_lengths = [4i32, 2];
+    let other_len = TensorView::new(&other_lengths, (b,)).unwrap();
+    expect_error("other lengths", residuals_error(), || {
+        Trainable
+            .backward(q, k, v, other_len, out.view(), &saved, c, &mut train())
+            .map(drop)
+    });
+    let other_qd = data(b * t * h * d, 9.0);
+    let other_q = TensorView::new(&other_qd, (b, t, h, d)).unwrap();
+    expect_error("another query", residuals_error(), || {
+        Trainable
+            .backward(other_q, k, v, len, out.view(), &saved, c, &mut train())
+            .map(drop)
+    });
+    // Bad lengths are rejected by the backward as by the forward.
+    let bad_lengths = [6i32, -1];
+    let bad = TensorView::new(&bad_lengths, (b,)).unwrap();
+    let forward_error = Trainable
+        .forward(q, k, v, bad, &mut train())
+        .expect_err("lengths past the keys");
+    expect_error("lengths past the keys", forward_error, || {
+        Trainable
+            .backward(q, k, v, bad, out.view(), &saved, c, &mut train())
+            .map(drop)
+    });
+    // weights_backward: a cotangent of the weights with swapped run-time dims.
+    let wd = data(b * h * t * s, 4.0);
+    let d_weights = TensorView::new(&wd, (b, h, s, t)).unwrap();
+    expect_error(
+        "weights cotangent with swapped dims",
+        AttnError::DimMismatch {
+            dim: "T",
+            first: "query",
+            first_size: t,
+            second: "d_weights",
+            second_size: s,
+        },
+        || {
+            Trainable
+                .weights_backward(q, k, len, d_weights, &mut train())
+                .map(drop)
+        },
+    );
+}

@@ -39,4 +39,4 @@ pub use flax::{
 };
 pub use kernel::{Broadcast, Geometry, Mask, Options, Precision, Residuals};
 pub use sow::{Intermediates, Sow};
-pub use tensor::{Tensor, TensorView, TensorViewMut};
+pub use tensor::{Gradients, Tensor, TensorView, TensorViewMut};

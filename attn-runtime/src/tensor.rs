@@ -173,3 +173,22 @@ mod tests {
         assert_eq!(z.as_slice(), &[0.0; 4]);
     }
 }
+
+/// The gradients that the `backward` and `weights_backward` methods of an `attention!` layer
+/// return: one [`Tensor`] per differentiable input, each of its input's shape type and the
+/// layer's element type, so the method's signature spells the shape of every gradient.
+/// `V` is `()` for `weights_backward` (the weights do not depend on a value), `Bias` is `()`
+/// for a layer without a bias.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gradients<Q, K, V = (), Bias = ()> {
+    /// The gradient of `query`.
+    pub query: Q,
+    /// The gradient of `key` (with grouped-query attention, summed over each group's query
+    /// heads).
+    pub key: K,
+    /// The gradient of `value`.
+    pub value: V,
+    /// The gradient of `bias`, in the bias's declared shape (summed over the axes along which
+    /// it broadcasts).
+    pub bias: Bias,
+}

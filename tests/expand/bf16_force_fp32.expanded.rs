@@ -10,7 +10,7 @@
 /// - `key: [S, H, D]` (line 14)
 /// - `value: [S, H, D]` (line 15)
 ///
-/// Options: [`Bf16Softmax::OPTIONS`]. Methods: [`Bf16Softmax::weights`], [`Bf16Softmax::forward`].
+/// Options: [`Bf16Softmax::OPTIONS`]. Methods: [`Bf16Softmax::weights`], [`Bf16Softmax::forward`], [`Bf16Softmax::forward_with_residuals`], [`Bf16Softmax::backward`], [`Bf16Softmax::weights_backward`].
 #[derive(Clone, Copy, Debug, Default)]
 struct Bf16Softmax;
 /// Names of the static dims of [`Bf16Softmax`](super::Bf16Softmax); compile errors about a tensor of the wrong static shape name the dim through these types.
@@ -168,6 +168,285 @@ impl Bf16Softmax {
         )?;
         ::core::result::Result::Ok(output)
     }
+    /// [`Self::forward`] for training: the output, and the [`Residuals`](::attn::Residuals) that [`Self::backward`] needs (each row's logsumexp and a fingerprint of the call), as `jax.custom_vjp`'s `fwd`.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 4, D = 32]` of `bf16` (line 13)
+    /// - `key`: `[S, H, D]` of `bf16` (line 14)
+    /// - `value`: `[S, H, D]` of `bf16` (line 15)
+    /// - `ctx`: `deterministic` and the dropout RNG (this layer does not `sow`, so a sink in `ctx` receives nothing)
+    ///
+    /// Returns the output `[T, H, D]` of `bf16` and the residuals.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`, `S`), or if the runtime rejects an input.
+    pub fn forward_with_residuals<T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (S, H, D)>,
+        value: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (S, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        (
+            ::attn::__private::Tensor<::attn::__private::bf16, (T, H, D)>,
+            ::attn::__private::Residuals,
+        ),
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            bf16_softmax_dims::H,
+            ::attn::__private::Const<4>,
+        >,
+        D: ::attn::__private::Declared<
+            bf16_softmax_dims::D,
+            ::attn::__private::Const<32>,
+        >,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.0),
+            ("value", value_shape.0),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: value_shape.2,
+        };
+        let mut output = ::attn::__private::Tensor::zeros((
+            query_shape.0,
+            query_shape.1,
+            value_shape.2,
+        ))?;
+        let residuals = ::attn::__private::kernel::attention_fwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<
+                &::attn::__private::Broadcast<'_, ::attn::__private::bf16>,
+            >,
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_mut_slice(),
+        )?;
+        ::core::result::Result::Ok((output, residuals))
+    }
+    /// The gradients of [`Self::forward`] (its vector–Jacobian product, `jax.custom_vjp`'s `bwd`): from the `output` and `residuals` of [`Self::forward_with_residuals`] and the output's cotangent `d_output` (the loss's gradient with respect to the output), the gradients of every input. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 4, D = 32]` of `bf16` (line 13)
+    /// - `key`: `[S, H, D]` of `bf16` (line 14)
+    /// - `value`: `[S, H, D]` of `bf16` (line 15)
+    /// - `output`: `[T, H, D]` of `bf16`, the output of [`Self::forward_with_residuals`]
+    /// - `residuals`: what [`Self::forward_with_residuals`] returned with `output`
+    /// - `d_output`: `[T, H, D]` of `bf16`, the cotangent of the output
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// Returns the gradients of `query`, `key`, `value` in [`Gradients`](::attn::Gradients), each of its input's shape and of `bf16`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`, `S`), or if the runtime rejects an input.
+    ///
+    /// `residuals` of another call (other inputs, output, options or dropout RNG) are `AttnError::InvalidArgument` naming `residuals`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (S, H, D)>,
+        value: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (S, H, D)>,
+        output: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (T, H, D)>,
+        residuals: &::attn::__private::Residuals,
+        d_output: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (T, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<::attn::__private::bf16, (T, H, D)>,
+            ::attn::__private::Tensor<::attn::__private::bf16, (S, H, D)>,
+            ::attn::__private::Tensor<::attn::__private::bf16, (S, H, D)>,
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            bf16_softmax_dims::H,
+            ::attn::__private::Const<4>,
+        >,
+        D: ::attn::__private::Declared<
+            bf16_softmax_dims::D,
+            ::attn::__private::Const<32>,
+        >,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let output_shape = output.shape();
+        let d_output_shape = d_output.shape();
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("output", output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("d_output", d_output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.0),
+            ("value", value_shape.0),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: value_shape.2,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut value_grad = ::attn::__private::Tensor::zeros(value_shape)?;
+        ::attn::__private::kernel::attention_bwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<
+                &::attn::__private::Broadcast<'_, ::attn::__private::bf16>,
+            >,
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_slice(),
+            residuals,
+            d_output.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: value_grad.as_mut_slice(),
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: value_grad,
+            bias: (),
+        })
+    }
+    /// The gradients of [`Self::weights`] (its vector–Jacobian product): from the weights' cotangent `d_weights`, the gradients of `query`, `key` and a bias. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 4, D = 32]` of `bf16` (line 13)
+    /// - `key`: `[S, H, D]` of `bf16` (line 14)
+    /// - `d_weights`: `[H, T, S]` of `bf16`, the cotangent of the weights
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// Returns the gradients of `query`, `key` in [`Gradients`](::attn::Gradients), each of its input's shape and of `bf16`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`, `S`), or if the runtime rejects an input.
+    pub fn weights_backward<T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (S, H, D)>,
+        d_weights: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (H, T, S)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<::attn::__private::bf16, (T, H, D)>,
+            ::attn::__private::Tensor<::attn::__private::bf16, (S, H, D)>,
+            (),
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            bf16_softmax_dims::H,
+            ::attn::__private::Const<4>,
+        >,
+        D: ::attn::__private::Declared<
+            bf16_softmax_dims::D,
+            ::attn::__private::Const<32>,
+        >,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let d_weights_shape = d_weights.shape();
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("d_weights", d_weights_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.0),
+            ("d_weights", d_weights_shape.2),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: ::attn::__private::Const::<0>,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        ::attn::__private::kernel::attention_weights_backward(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            ::core::option::Option::None::<
+                &::attn::__private::Broadcast<'_, ::attn::__private::bf16>,
+            >,
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            d_weights.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: &mut [],
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: (),
+            bias: (),
+        })
+    }
 }
 /// bf16 attention with the softmax forced to float32: weights and output are `f32`.
 ///
@@ -177,7 +456,7 @@ impl Bf16Softmax {
 /// - `key: [S, H, D]` (line 22)
 /// - `value: [S, H, D]` (line 23)
 ///
-/// Options: [`Fp32Softmax::OPTIONS`]. Methods: [`Fp32Softmax::weights`], [`Fp32Softmax::forward`].
+/// Options: [`Fp32Softmax::OPTIONS`]. Methods: [`Fp32Softmax::weights`], [`Fp32Softmax::forward`], [`Fp32Softmax::forward_with_residuals`], [`Fp32Softmax::backward`], [`Fp32Softmax::weights_backward`].
 #[derive(Clone, Copy, Debug, Default)]
 struct Fp32Softmax;
 /// Names of the static dims of [`Fp32Softmax`](super::Fp32Softmax); compile errors about a tensor of the wrong static shape name the dim through these types.
@@ -335,6 +614,282 @@ impl Fp32Softmax {
         )?;
         ::core::result::Result::Ok(output)
     }
+    /// [`Self::forward`] for training: the output, and the [`Residuals`](::attn::Residuals) that [`Self::backward`] needs (each row's logsumexp and a fingerprint of the call), as `jax.custom_vjp`'s `fwd`.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 4, D = 32]` of `bf16` (line 21)
+    /// - `key`: `[S, H, D]` of `bf16` (line 22)
+    /// - `value`: `[S, H, D]` of `bf16` (line 23)
+    /// - `ctx`: `deterministic` and the dropout RNG (this layer does not `sow`, so a sink in `ctx` receives nothing)
+    ///
+    /// Returns the output `[T, H, D]` of `f32` and the residuals.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`, `S`), or if the runtime rejects an input.
+    pub fn forward_with_residuals<T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (S, H, D)>,
+        value: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (S, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        (::attn::__private::Tensor<f32, (T, H, D)>, ::attn::__private::Residuals),
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            fp32_softmax_dims::H,
+            ::attn::__private::Const<4>,
+        >,
+        D: ::attn::__private::Declared<
+            fp32_softmax_dims::D,
+            ::attn::__private::Const<32>,
+        >,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.0),
+            ("value", value_shape.0),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: value_shape.2,
+        };
+        let mut output = ::attn::__private::Tensor::zeros((
+            query_shape.0,
+            query_shape.1,
+            value_shape.2,
+        ))?;
+        let residuals = ::attn::__private::kernel::attention_fwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<
+                &::attn::__private::Broadcast<'_, ::attn::__private::bf16>,
+            >,
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_mut_slice(),
+        )?;
+        ::core::result::Result::Ok((output, residuals))
+    }
+    /// The gradients of [`Self::forward`] (its vector–Jacobian product, `jax.custom_vjp`'s `bwd`): from the `output` and `residuals` of [`Self::forward_with_residuals`] and the output's cotangent `d_output` (the loss's gradient with respect to the output), the gradients of every input. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 4, D = 32]` of `bf16` (line 21)
+    /// - `key`: `[S, H, D]` of `bf16` (line 22)
+    /// - `value`: `[S, H, D]` of `bf16` (line 23)
+    /// - `output`: `[T, H, D]` of `f32`, the output of [`Self::forward_with_residuals`]
+    /// - `residuals`: what [`Self::forward_with_residuals`] returned with `output`
+    /// - `d_output`: `[T, H, D]` of `f32`, the cotangent of the output
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// Returns the gradients of `query`, `key`, `value` in [`Gradients`](::attn::Gradients), each of its input's shape and of `bf16`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`, `S`), or if the runtime rejects an input.
+    ///
+    /// `residuals` of another call (other inputs, output, options or dropout RNG) are `AttnError::InvalidArgument` naming `residuals`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (S, H, D)>,
+        value: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (S, H, D)>,
+        output: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        residuals: &::attn::__private::Residuals,
+        d_output: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<::attn::__private::bf16, (T, H, D)>,
+            ::attn::__private::Tensor<::attn::__private::bf16, (S, H, D)>,
+            ::attn::__private::Tensor<::attn::__private::bf16, (S, H, D)>,
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            fp32_softmax_dims::H,
+            ::attn::__private::Const<4>,
+        >,
+        D: ::attn::__private::Declared<
+            fp32_softmax_dims::D,
+            ::attn::__private::Const<32>,
+        >,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let output_shape = output.shape();
+        let d_output_shape = d_output.shape();
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("output", output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("d_output", d_output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.0),
+            ("value", value_shape.0),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: value_shape.2,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut value_grad = ::attn::__private::Tensor::zeros(value_shape)?;
+        ::attn::__private::kernel::attention_bwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<
+                &::attn::__private::Broadcast<'_, ::attn::__private::bf16>,
+            >,
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_slice(),
+            residuals,
+            d_output.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: value_grad.as_mut_slice(),
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: value_grad,
+            bias: (),
+        })
+    }
+    /// The gradients of [`Self::weights`] (its vector–Jacobian product): from the weights' cotangent `d_weights`, the gradients of `query`, `key` and a bias. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 4, D = 32]` of `bf16` (line 21)
+    /// - `key`: `[S, H, D]` of `bf16` (line 22)
+    /// - `d_weights`: `[H, T, S]` of `f32`, the cotangent of the weights
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// Returns the gradients of `query`, `key` in [`Gradients`](::attn::Gradients), each of its input's shape and of `bf16`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`, `S`), or if the runtime rejects an input.
+    pub fn weights_backward<T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, ::attn::__private::bf16, (S, H, D)>,
+        d_weights: ::attn::__private::TensorView<'_, f32, (H, T, S)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<::attn::__private::bf16, (T, H, D)>,
+            ::attn::__private::Tensor<::attn::__private::bf16, (S, H, D)>,
+            (),
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            fp32_softmax_dims::H,
+            ::attn::__private::Const<4>,
+        >,
+        D: ::attn::__private::Declared<
+            fp32_softmax_dims::D,
+            ::attn::__private::Const<32>,
+        >,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let d_weights_shape = d_weights.shape();
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("d_weights", d_weights_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.0),
+            ("d_weights", d_weights_shape.2),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: ::attn::__private::Const::<0>,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        ::attn::__private::kernel::attention_weights_backward(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            ::core::option::Option::None::<
+                &::attn::__private::Broadcast<'_, ::attn::__private::bf16>,
+            >,
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            d_weights.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: &mut [],
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: (),
+            bias: (),
+        })
+    }
 }
 /// The same layer in float64, as the reference.
 ///
@@ -344,7 +899,7 @@ impl Fp32Softmax {
 /// - `key: [S, H, D]` (line 31)
 /// - `value: [S, H, D]` (line 32)
 ///
-/// Options: [`Reference::OPTIONS`]. Methods: [`Reference::weights`], [`Reference::forward`].
+/// Options: [`Reference::OPTIONS`]. Methods: [`Reference::weights`], [`Reference::forward`], [`Reference::forward_with_residuals`], [`Reference::backward`], [`Reference::weights_backward`].
 #[derive(Clone, Copy, Debug, Default)]
 struct Reference;
 /// Names of the static dims of [`Reference`](super::Reference); compile errors about a tensor of the wrong static shape name the dim through these types.
@@ -485,5 +1040,257 @@ impl Reference {
             output.as_mut_slice(),
         )?;
         ::core::result::Result::Ok(output)
+    }
+    /// [`Self::forward`] for training: the output, and the [`Residuals`](::attn::Residuals) that [`Self::backward`] needs (each row's logsumexp and a fingerprint of the call), as `jax.custom_vjp`'s `fwd`.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 4, D = 32]` of `f64` (line 30)
+    /// - `key`: `[S, H, D]` of `f64` (line 31)
+    /// - `value`: `[S, H, D]` of `f64` (line 32)
+    /// - `ctx`: `deterministic` and the dropout RNG (this layer does not `sow`, so a sink in `ctx` receives nothing)
+    ///
+    /// Returns the output `[T, H, D]` of `f64` and the residuals.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`, `S`), or if the runtime rejects an input.
+    pub fn forward_with_residuals<T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f64, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f64, (S, H, D)>,
+        value: ::attn::__private::TensorView<'_, f64, (S, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        (::attn::__private::Tensor<f64, (T, H, D)>, ::attn::__private::Residuals),
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<reference_dims::H, ::attn::__private::Const<4>>,
+        D: ::attn::__private::Declared<reference_dims::D, ::attn::__private::Const<32>>,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.0),
+            ("value", value_shape.0),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: value_shape.2,
+        };
+        let mut output = ::attn::__private::Tensor::zeros((
+            query_shape.0,
+            query_shape.1,
+            value_shape.2,
+        ))?;
+        let residuals = ::attn::__private::kernel::attention_fwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f64>>,
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_mut_slice(),
+        )?;
+        ::core::result::Result::Ok((output, residuals))
+    }
+    /// The gradients of [`Self::forward`] (its vector–Jacobian product, `jax.custom_vjp`'s `bwd`): from the `output` and `residuals` of [`Self::forward_with_residuals`] and the output's cotangent `d_output` (the loss's gradient with respect to the output), the gradients of every input. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 4, D = 32]` of `f64` (line 30)
+    /// - `key`: `[S, H, D]` of `f64` (line 31)
+    /// - `value`: `[S, H, D]` of `f64` (line 32)
+    /// - `output`: `[T, H, D]` of `f64`, the output of [`Self::forward_with_residuals`]
+    /// - `residuals`: what [`Self::forward_with_residuals`] returned with `output`
+    /// - `d_output`: `[T, H, D]` of `f64`, the cotangent of the output
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// Returns the gradients of `query`, `key`, `value` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f64`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`, `S`), or if the runtime rejects an input.
+    ///
+    /// `residuals` of another call (other inputs, output, options or dropout RNG) are `AttnError::InvalidArgument` naming `residuals`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f64, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f64, (S, H, D)>,
+        value: ::attn::__private::TensorView<'_, f64, (S, H, D)>,
+        output: ::attn::__private::TensorView<'_, f64, (T, H, D)>,
+        residuals: &::attn::__private::Residuals,
+        d_output: ::attn::__private::TensorView<'_, f64, (T, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f64, (T, H, D)>,
+            ::attn::__private::Tensor<f64, (S, H, D)>,
+            ::attn::__private::Tensor<f64, (S, H, D)>,
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<reference_dims::H, ::attn::__private::Const<4>>,
+        D: ::attn::__private::Declared<reference_dims::D, ::attn::__private::Const<32>>,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let output_shape = output.shape();
+        let d_output_shape = d_output.shape();
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("output", output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("d_output", d_output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.0),
+            ("value", value_shape.0),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: value_shape.2,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut value_grad = ::attn::__private::Tensor::zeros(value_shape)?;
+        ::attn::__private::kernel::attention_bwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f64>>,
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_slice(),
+            residuals,
+            d_output.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: value_grad.as_mut_slice(),
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: value_grad,
+            bias: (),
+        })
+    }
+    /// The gradients of [`Self::weights`] (its vector–Jacobian product): from the weights' cotangent `d_weights`, the gradients of `query`, `key` and a bias. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 4, D = 32]` of `f64` (line 30)
+    /// - `key`: `[S, H, D]` of `f64` (line 31)
+    /// - `d_weights`: `[H, T, S]` of `f64`, the cotangent of the weights
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// Returns the gradients of `query`, `key` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f64`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`, `S`), or if the runtime rejects an input.
+    pub fn weights_backward<T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f64, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f64, (S, H, D)>,
+        d_weights: ::attn::__private::TensorView<'_, f64, (H, T, S)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f64, (T, H, D)>,
+            ::attn::__private::Tensor<f64, (S, H, D)>,
+            (),
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<reference_dims::H, ::attn::__private::Const<4>>,
+        D: ::attn::__private::Declared<reference_dims::D, ::attn::__private::Const<32>>,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let d_weights_shape = d_weights.shape();
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("d_weights", d_weights_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.0),
+            ("d_weights", d_weights_shape.2),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: ::attn::__private::Const::<0>,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        ::attn::__private::kernel::attention_weights_backward(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f64>>,
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            d_weights.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: &mut [],
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: (),
+            bias: (),
+        })
     }
 }

@@ -12,7 +12,7 @@
 /// - `value: [B, S, H, D]` (line 14)
 /// - `mask: [B, 1, 1, S]` (line 16)
 ///
-/// Options: [`CrossAttention::OPTIONS`]. Methods: [`CrossAttention::weights`], [`CrossAttention::forward`].
+/// Options: [`CrossAttention::OPTIONS`]. Methods: [`CrossAttention::weights`], [`CrossAttention::forward`], [`CrossAttention::forward_with_residuals`], [`CrossAttention::backward`], [`CrossAttention::weights_backward`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CrossAttention;
 /// Names of the static dims of [`CrossAttention`](super::CrossAttention); compile errors about a tensor of the wrong static shape name the dim through these types.
@@ -222,5 +222,376 @@ impl CrossAttention {
             output.as_mut_slice(),
         )?;
         ::core::result::Result::Ok(output)
+    }
+    /// [`Self::forward`] for training: the output, and the [`Residuals`](::attn::Residuals) that [`Self::backward`] needs (each row's logsumexp and a fingerprint of the call), as `jax.custom_vjp`'s `fwd`.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 4, D = 16]` of `f32` (line 12)
+    /// - `key`: `[B, S, H, D]` of `f32` (line 13)
+    /// - `value`: `[B, S, H, D]` of `f32` (line 14)
+    /// - `mask`: `[B, 1, 1, S]` of `bool` (`true` = attend) (line 16) — `true` for real encoder tokens, `false` for padding.
+    /// - `ctx`: `deterministic` and the dropout RNG (this layer does not `sow`, so a sink in `ctx` receives nothing)
+    ///
+    /// Returns the output `[B, T, H, D]` of `f32` and the residuals.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`, `S`), or if the runtime rejects an input.
+    pub fn forward_with_residuals<B, T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, S, H, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (B, S, H, D)>,
+        mask: ::attn::__private::TensorView<
+            '_,
+            bool,
+            (B, ::attn::__private::Const<1>, ::attn::__private::Const<1>, S),
+        >,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        (::attn::__private::Tensor<f32, (B, T, H, D)>, ::attn::__private::Residuals),
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            cross_attention_dims::H,
+            ::attn::__private::Const<4>,
+        >,
+        D: ::attn::__private::Declared<
+            cross_attention_dims::D,
+            ::attn::__private::Const<16>,
+        >,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let mask_shape = mask.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("mask", mask_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.1),
+            ("value", value_shape.1),
+        )?;
+        ::attn::__private::same_dim("S", ("key", key_shape.1), ("mask", mask_shape.3))?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: query_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: value_shape.3,
+        };
+        let mut output = ::attn::__private::Tensor::zeros((
+            query_shape.0,
+            query_shape.1,
+            query_shape.2,
+            value_shape.3,
+        ))?;
+        let residuals = ::attn::__private::kernel::attention_fwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::dense(
+                ::attn::__private::Broadcast::new(
+                    "mask",
+                    mask.as_slice(),
+                    &mask_shape.dims(),
+                )?,
+            ),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_mut_slice(),
+        )?;
+        ::core::result::Result::Ok((output, residuals))
+    }
+    /// The gradients of [`Self::forward`] (its vector–Jacobian product, `jax.custom_vjp`'s `bwd`): from the `output` and `residuals` of [`Self::forward_with_residuals`] and the output's cotangent `d_output` (the loss's gradient with respect to the output), the gradients of every input. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 4, D = 16]` of `f32` (line 12)
+    /// - `key`: `[B, S, H, D]` of `f32` (line 13)
+    /// - `value`: `[B, S, H, D]` of `f32` (line 14)
+    /// - `mask`: `[B, 1, 1, S]` of `bool` (`true` = attend) (line 16) — `true` for real encoder tokens, `false` for padding.
+    /// - `output`: `[B, T, H, D]` of `f32`, the output of [`Self::forward_with_residuals`]
+    /// - `residuals`: what [`Self::forward_with_residuals`] returned with `output`
+    /// - `d_output`: `[B, T, H, D]` of `f32`, the cotangent of the output
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// Returns the gradients of `query`, `key`, `value` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`, `S`), or if the runtime rejects an input.
+    ///
+    /// `residuals` of another call (other inputs, output, options or dropout RNG) are `AttnError::InvalidArgument` naming `residuals`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B, T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, S, H, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (B, S, H, D)>,
+        mask: ::attn::__private::TensorView<
+            '_,
+            bool,
+            (B, ::attn::__private::Const<1>, ::attn::__private::Const<1>, S),
+        >,
+        output: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        residuals: &::attn::__private::Residuals,
+        d_output: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (B, S, H, D)>,
+            ::attn::__private::Tensor<f32, (B, S, H, D)>,
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            cross_attention_dims::H,
+            ::attn::__private::Const<4>,
+        >,
+        D: ::attn::__private::Declared<
+            cross_attention_dims::D,
+            ::attn::__private::Const<16>,
+        >,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let mask_shape = mask.shape();
+        let output_shape = output.shape();
+        let d_output_shape = d_output.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("mask", mask_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("output", output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("d_output", d_output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("output", output_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_output", d_output_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.1),
+            ("value", value_shape.1),
+        )?;
+        ::attn::__private::same_dim("S", ("key", key_shape.1), ("mask", mask_shape.3))?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: query_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: value_shape.3,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut value_grad = ::attn::__private::Tensor::zeros(value_shape)?;
+        ::attn::__private::kernel::attention_bwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::dense(
+                ::attn::__private::Broadcast::new(
+                    "mask",
+                    mask.as_slice(),
+                    &mask_shape.dims(),
+                )?,
+            ),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_slice(),
+            residuals,
+            d_output.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: value_grad.as_mut_slice(),
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: value_grad,
+            bias: (),
+        })
+    }
+    /// The gradients of [`Self::weights`] (its vector–Jacobian product): from the weights' cotangent `d_weights`, the gradients of `query`, `key` and a bias. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 4, D = 16]` of `f32` (line 12)
+    /// - `key`: `[B, S, H, D]` of `f32` (line 13)
+    /// - `mask`: `[B, 1, 1, S]` of `bool` (`true` = attend) (line 16) — `true` for real encoder tokens, `false` for padding.
+    /// - `d_weights`: `[B, H, T, S]` of `f32`, the cotangent of the weights
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// Returns the gradients of `query`, `key` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`, `S`), or if the runtime rejects an input.
+    pub fn weights_backward<B, T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, S, H, D)>,
+        mask: ::attn::__private::TensorView<
+            '_,
+            bool,
+            (B, ::attn::__private::Const<1>, ::attn::__private::Const<1>, S),
+        >,
+        d_weights: ::attn::__private::TensorView<'_, f32, (B, H, T, S)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (B, S, H, D)>,
+            (),
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            cross_attention_dims::H,
+            ::attn::__private::Const<4>,
+        >,
+        D: ::attn::__private::Declared<
+            cross_attention_dims::D,
+            ::attn::__private::Const<16>,
+        >,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let mask_shape = mask.shape();
+        let d_weights_shape = d_weights.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("mask", mask_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("d_weights", d_weights_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_weights", d_weights_shape.2),
+        )?;
+        ::attn::__private::same_dim("S", ("key", key_shape.1), ("mask", mask_shape.3))?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.1),
+            ("d_weights", d_weights_shape.3),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: query_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: ::attn::__private::Const::<0>,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        ::attn::__private::kernel::attention_weights_backward(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::dense(
+                ::attn::__private::Broadcast::new(
+                    "mask",
+                    mask.as_slice(),
+                    &mask_shape.dims(),
+                )?,
+            ),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            d_weights.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: &mut [],
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: (),
+            bias: (),
+        })
     }
 }

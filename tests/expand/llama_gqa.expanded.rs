@@ -12,7 +12,7 @@
 /// - `value: [B, T, K, D]` (line 25)
 /// - `mask: causal + window(3, 0)` (line 26)
 ///
-/// Options: [`LlamaGqa::OPTIONS`]. Methods: [`LlamaGqa::weights`], [`LlamaGqa::forward`].
+/// Options: [`LlamaGqa::OPTIONS`]. Methods: [`LlamaGqa::weights`], [`LlamaGqa::forward`], [`LlamaGqa::forward_with_residuals`], [`LlamaGqa::backward`], [`LlamaGqa::weights_backward`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LlamaGqa;
 /// Names of the static dims of [`LlamaGqa`](super::LlamaGqa); compile errors about a tensor of the wrong static shape name the dim through these types.
@@ -207,6 +207,350 @@ impl LlamaGqa {
         )?;
         ::core::result::Result::Ok(output)
     }
+    /// [`Self::forward`] for training: the output, and the [`Residuals`](::attn::Residuals) that [`Self::backward`] needs (each row's logsumexp and a fingerprint of the call), as `jax.custom_vjp`'s `fwd`.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 32, D = 128]` of `f32` (line 23)
+    /// - `key`: `[B, T, K = 8, D]` of `f32` (line 24)
+    /// - `value`: `[B, T, K, D]` of `f32` (line 25)
+    /// - `ctx`: `deterministic` and the dropout RNG (this layer does not `sow`, so a sink in `ctx` receives nothing)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Sliding window: query `i` attends to keys `i - 3 <= j <= i`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / K)`.
+    ///
+    /// Returns the output `[B, T, H, D]` of `f32` and the residuals.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`), or if the runtime rejects an input.
+    pub fn forward_with_residuals<B, T, H, D, K>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, T, K, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (B, T, K, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        (::attn::__private::Tensor<f32, (B, T, H, D)>, ::attn::__private::Residuals),
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<llama_gqa_dims::H, ::attn::__private::Const<32>>,
+        D: ::attn::__private::Declared<llama_gqa_dims::D, ::attn::__private::Const<128>>,
+        K: ::attn::__private::Declared<llama_gqa_dims::K, ::attn::__private::Const<8>>,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("value", value_shape.1),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: value_shape.3,
+        };
+        let mut output = ::attn::__private::Tensor::zeros((
+            query_shape.0,
+            query_shape.1,
+            query_shape.2,
+            value_shape.3,
+        ))?;
+        let residuals = ::attn::__private::kernel::attention_fwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::causal()
+                .with_window(::attn::__private::kernel::Window {
+                    left: 3,
+                    right: 0,
+                    align: ::attn::__private::kernel::Align::TopLeft,
+                }),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_mut_slice(),
+        )?;
+        ::core::result::Result::Ok((output, residuals))
+    }
+    /// The gradients of [`Self::forward`] (its vector–Jacobian product, `jax.custom_vjp`'s `bwd`): from the `output` and `residuals` of [`Self::forward_with_residuals`] and the output's cotangent `d_output` (the loss's gradient with respect to the output), the gradients of every input. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 32, D = 128]` of `f32` (line 23)
+    /// - `key`: `[B, T, K = 8, D]` of `f32` (line 24)
+    /// - `value`: `[B, T, K, D]` of `f32` (line 25)
+    /// - `output`: `[B, T, H, D]` of `f32`, the output of [`Self::forward_with_residuals`]
+    /// - `residuals`: what [`Self::forward_with_residuals`] returned with `output`
+    /// - `d_output`: `[B, T, H, D]` of `f32`, the cotangent of the output
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Sliding window: query `i` attends to keys `i - 3 <= j <= i`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / K)`.
+    ///
+    /// Returns the gradients of `query`, `key`, `value` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`), or if the runtime rejects an input.
+    ///
+    /// `residuals` of another call (other inputs, output, options or dropout RNG) are `AttnError::InvalidArgument` naming `residuals`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B, T, H, D, K>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, T, K, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (B, T, K, D)>,
+        output: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        residuals: &::attn::__private::Residuals,
+        d_output: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (B, T, K, D)>,
+            ::attn::__private::Tensor<f32, (B, T, K, D)>,
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<llama_gqa_dims::H, ::attn::__private::Const<32>>,
+        D: ::attn::__private::Declared<llama_gqa_dims::D, ::attn::__private::Const<128>>,
+        K: ::attn::__private::Declared<llama_gqa_dims::K, ::attn::__private::Const<8>>,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let output_shape = output.shape();
+        let d_output_shape = d_output.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("output", output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("d_output", d_output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("value", value_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("output", output_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_output", d_output_shape.1),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: value_shape.3,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut value_grad = ::attn::__private::Tensor::zeros(value_shape)?;
+        ::attn::__private::kernel::attention_bwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::causal()
+                .with_window(::attn::__private::kernel::Window {
+                    left: 3,
+                    right: 0,
+                    align: ::attn::__private::kernel::Align::TopLeft,
+                }),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_slice(),
+            residuals,
+            d_output.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: value_grad.as_mut_slice(),
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: value_grad,
+            bias: (),
+        })
+    }
+    /// The gradients of [`Self::weights`] (its vector–Jacobian product): from the weights' cotangent `d_weights`, the gradients of `query`, `key` and a bias. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 32, D = 128]` of `f32` (line 23)
+    /// - `key`: `[B, T, K = 8, D]` of `f32` (line 24)
+    /// - `d_weights`: `[B, H, T, T]` of `f32`, the cotangent of the weights
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Sliding window: query `i` attends to keys `i - 3 <= j <= i`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / K)`.
+    ///
+    /// Returns the gradients of `query`, `key` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`), or if the runtime rejects an input.
+    pub fn weights_backward<B, T, H, D, K>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, T, K, D)>,
+        d_weights: ::attn::__private::TensorView<'_, f32, (B, H, T, T)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (B, T, K, D)>,
+            (),
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<llama_gqa_dims::H, ::attn::__private::Const<32>>,
+        D: ::attn::__private::Declared<llama_gqa_dims::D, ::attn::__private::Const<128>>,
+        K: ::attn::__private::Declared<llama_gqa_dims::K, ::attn::__private::Const<8>>,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let d_weights_shape = d_weights.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("d_weights", d_weights_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_weights", d_weights_shape.2),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_weights", d_weights_shape.3),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: ::attn::__private::Const::<0>,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        ::attn::__private::kernel::attention_weights_backward(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::causal()
+                .with_window(::attn::__private::kernel::Window {
+                    left: 3,
+                    right: 0,
+                    align: ::attn::__private::kernel::Align::TopLeft,
+                }),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            d_weights.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: &mut [],
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: (),
+            bias: (),
+        })
+    }
 }
 /// The same layer decoding with a KV cache: `T` new tokens against `S` cached keys, the last
 /// query at the last key (the causal diagonal aligned bottom-right, as in chunked prefill).
@@ -218,7 +562,7 @@ impl LlamaGqa {
 /// - `value: [B, S, K, D]` (line 34)
 /// - `mask: causal(bottom_right) + window(3, 0)` (line 35)
 ///
-/// Options: [`LlamaDecode::OPTIONS`]. Methods: [`LlamaDecode::weights`], [`LlamaDecode::forward`].
+/// Options: [`LlamaDecode::OPTIONS`]. Methods: [`LlamaDecode::weights`], [`LlamaDecode::forward`], [`LlamaDecode::forward_with_residuals`], [`LlamaDecode::backward`], [`LlamaDecode::weights_backward`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LlamaDecode;
 /// Names of the static dims of [`LlamaDecode`](super::LlamaDecode); compile errors about a tensor of the wrong static shape name the dim through these types.
@@ -425,6 +769,368 @@ impl LlamaDecode {
         )?;
         ::core::result::Result::Ok(output)
     }
+    /// [`Self::forward`] for training: the output, and the [`Residuals`](::attn::Residuals) that [`Self::backward`] needs (each row's logsumexp and a fingerprint of the call), as `jax.custom_vjp`'s `fwd`.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 32, D = 128]` of `f32` (line 32)
+    /// - `key`: `[B, S, K = 8, D]` of `f32` (line 33)
+    /// - `value`: `[B, S, K, D]` of `f32` (line 34)
+    /// - `ctx`: `deterministic` and the dropout RNG (this layer does not `sow`, so a sink in `ctx` receives nothing)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i + kv_len - q_len`.
+    ///
+    /// Sliding window: query `i` attends to keys `i + kv_len - q_len - 3 <= j <= i + kv_len - q_len`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / K)`.
+    ///
+    /// Returns the output `[B, T, H, D]` of `f32` and the residuals.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`, `S`), or if the runtime rejects an input.
+    pub fn forward_with_residuals<B, T, H, D, S, K>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, S, K, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (B, S, K, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        (::attn::__private::Tensor<f32, (B, T, H, D)>, ::attn::__private::Residuals),
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            llama_decode_dims::H,
+            ::attn::__private::Const<32>,
+        >,
+        D: ::attn::__private::Declared<
+            llama_decode_dims::D,
+            ::attn::__private::Const<128>,
+        >,
+        S: ::attn::__private::Dim,
+        K: ::attn::__private::Declared<
+            llama_decode_dims::K,
+            ::attn::__private::Const<8>,
+        >,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.1),
+            ("value", value_shape.1),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: value_shape.3,
+        };
+        let mut output = ::attn::__private::Tensor::zeros((
+            query_shape.0,
+            query_shape.1,
+            query_shape.2,
+            value_shape.3,
+        ))?;
+        let residuals = ::attn::__private::kernel::attention_fwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::none()
+                .with_causal(::attn::__private::kernel::Align::BottomRight)
+                .with_window(::attn::__private::kernel::Window {
+                    left: 3,
+                    right: 0,
+                    align: ::attn::__private::kernel::Align::BottomRight,
+                }),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_mut_slice(),
+        )?;
+        ::core::result::Result::Ok((output, residuals))
+    }
+    /// The gradients of [`Self::forward`] (its vector–Jacobian product, `jax.custom_vjp`'s `bwd`): from the `output` and `residuals` of [`Self::forward_with_residuals`] and the output's cotangent `d_output` (the loss's gradient with respect to the output), the gradients of every input. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 32, D = 128]` of `f32` (line 32)
+    /// - `key`: `[B, S, K = 8, D]` of `f32` (line 33)
+    /// - `value`: `[B, S, K, D]` of `f32` (line 34)
+    /// - `output`: `[B, T, H, D]` of `f32`, the output of [`Self::forward_with_residuals`]
+    /// - `residuals`: what [`Self::forward_with_residuals`] returned with `output`
+    /// - `d_output`: `[B, T, H, D]` of `f32`, the cotangent of the output
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i + kv_len - q_len`.
+    ///
+    /// Sliding window: query `i` attends to keys `i + kv_len - q_len - 3 <= j <= i + kv_len - q_len`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / K)`.
+    ///
+    /// Returns the gradients of `query`, `key`, `value` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`, `S`), or if the runtime rejects an input.
+    ///
+    /// `residuals` of another call (other inputs, output, options or dropout RNG) are `AttnError::InvalidArgument` naming `residuals`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B, T, H, D, S, K>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, S, K, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (B, S, K, D)>,
+        output: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        residuals: &::attn::__private::Residuals,
+        d_output: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (B, S, K, D)>,
+            ::attn::__private::Tensor<f32, (B, S, K, D)>,
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            llama_decode_dims::H,
+            ::attn::__private::Const<32>,
+        >,
+        D: ::attn::__private::Declared<
+            llama_decode_dims::D,
+            ::attn::__private::Const<128>,
+        >,
+        S: ::attn::__private::Dim,
+        K: ::attn::__private::Declared<
+            llama_decode_dims::K,
+            ::attn::__private::Const<8>,
+        >,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let output_shape = output.shape();
+        let d_output_shape = d_output.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("output", output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("d_output", d_output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("output", output_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_output", d_output_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.1),
+            ("value", value_shape.1),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: value_shape.3,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut value_grad = ::attn::__private::Tensor::zeros(value_shape)?;
+        ::attn::__private::kernel::attention_bwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::none()
+                .with_causal(::attn::__private::kernel::Align::BottomRight)
+                .with_window(::attn::__private::kernel::Window {
+                    left: 3,
+                    right: 0,
+                    align: ::attn::__private::kernel::Align::BottomRight,
+                }),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_slice(),
+            residuals,
+            d_output.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: value_grad.as_mut_slice(),
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: value_grad,
+            bias: (),
+        })
+    }
+    /// The gradients of [`Self::weights`] (its vector–Jacobian product): from the weights' cotangent `d_weights`, the gradients of `query`, `key` and a bias. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 32, D = 128]` of `f32` (line 32)
+    /// - `key`: `[B, S, K = 8, D]` of `f32` (line 33)
+    /// - `d_weights`: `[B, H, T, S]` of `f32`, the cotangent of the weights
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i + kv_len - q_len`.
+    ///
+    /// Sliding window: query `i` attends to keys `i + kv_len - q_len - 3 <= j <= i + kv_len - q_len`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / K)`.
+    ///
+    /// Returns the gradients of `query`, `key` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`, `S`), or if the runtime rejects an input.
+    pub fn weights_backward<B, T, H, D, S, K>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, S, K, D)>,
+        d_weights: ::attn::__private::TensorView<'_, f32, (B, H, T, S)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (B, S, K, D)>,
+            (),
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            llama_decode_dims::H,
+            ::attn::__private::Const<32>,
+        >,
+        D: ::attn::__private::Declared<
+            llama_decode_dims::D,
+            ::attn::__private::Const<128>,
+        >,
+        S: ::attn::__private::Dim,
+        K: ::attn::__private::Declared<
+            llama_decode_dims::K,
+            ::attn::__private::Const<8>,
+        >,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let d_weights_shape = d_weights.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("d_weights", d_weights_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_weights", d_weights_shape.2),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.1),
+            ("d_weights", d_weights_shape.3),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: ::attn::__private::Const::<0>,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        ::attn::__private::kernel::attention_weights_backward(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::none()
+                .with_causal(::attn::__private::kernel::Align::BottomRight)
+                .with_window(::attn::__private::kernel::Window {
+                    left: 3,
+                    right: 0,
+                    align: ::attn::__private::kernel::Align::BottomRight,
+                }),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            d_weights.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: &mut [],
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: (),
+            bias: (),
+        })
+    }
 }
 /// Several sequences packed into one row: a token attends only within its own segment.
 ///
@@ -437,7 +1143,7 @@ impl LlamaDecode {
 /// - `kv_segment_ids: [B, T]` (line 43)
 /// - `mask: causal + segment_ids` (line 43)
 ///
-/// Options: [`PackedGqa::OPTIONS`]. Methods: [`PackedGqa::weights`], [`PackedGqa::forward`].
+/// Options: [`PackedGqa::OPTIONS`]. Methods: [`PackedGqa::weights`], [`PackedGqa::forward`], [`PackedGqa::forward_with_residuals`], [`PackedGqa::backward`], [`PackedGqa::weights_backward`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PackedGqa;
 /// Names of the static dims of [`PackedGqa`](super::PackedGqa); compile errors about a tensor of the wrong static shape name the dim through these types.
@@ -684,6 +1390,428 @@ impl PackedGqa {
         )?;
         ::core::result::Result::Ok(output)
     }
+    /// [`Self::forward`] for training: the output, and the [`Residuals`](::attn::Residuals) that [`Self::backward`] needs (each row's logsumexp and a fingerprint of the call), as `jax.custom_vjp`'s `fwd`.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 32, D = 128]` of `f32` (line 40)
+    /// - `key`: `[B, T, K = 8, D]` of `f32` (line 41)
+    /// - `value`: `[B, T, K, D]` of `f32` (line 42)
+    /// - `query_segment_ids`: `[B, T]` of `i32` (a query sees a key only within its own segment) (line 43)
+    /// - `kv_segment_ids`: `[B, T]` of `i32` (a query sees a key only within its own segment) (line 43)
+    /// - `ctx`: `deterministic` and the dropout RNG (this layer does not `sow`, so a sink in `ctx` receives nothing)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / K)`.
+    ///
+    /// Returns the output `[B, T, H, D]` of `f32` and the residuals.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`), or if the runtime rejects an input.
+    pub fn forward_with_residuals<B, T, H, D, K>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, T, K, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (B, T, K, D)>,
+        query_segment_ids: ::attn::__private::TensorView<'_, i32, (B, T)>,
+        kv_segment_ids: ::attn::__private::TensorView<'_, i32, (B, T)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        (::attn::__private::Tensor<f32, (B, T, H, D)>, ::attn::__private::Residuals),
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<packed_gqa_dims::H, ::attn::__private::Const<32>>,
+        D: ::attn::__private::Declared<
+            packed_gqa_dims::D,
+            ::attn::__private::Const<128>,
+        >,
+        K: ::attn::__private::Declared<packed_gqa_dims::K, ::attn::__private::Const<8>>,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let query_segment_ids_shape = query_segment_ids.shape();
+        let kv_segment_ids_shape = kv_segment_ids.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("query_segment_ids", query_segment_ids_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("kv_segment_ids", kv_segment_ids_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("value", value_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("query_segment_ids", query_segment_ids_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("kv_segment_ids", kv_segment_ids_shape.1),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: value_shape.3,
+        };
+        let mut output = ::attn::__private::Tensor::zeros((
+            query_shape.0,
+            query_shape.1,
+            query_shape.2,
+            value_shape.3,
+        ))?;
+        let residuals = ::attn::__private::kernel::attention_fwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::causal()
+                .with_segment_ids(::attn::__private::kernel::SegmentIds {
+                    query: query_segment_ids.as_slice(),
+                    key: kv_segment_ids.as_slice(),
+                }),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_mut_slice(),
+        )?;
+        ::core::result::Result::Ok((output, residuals))
+    }
+    /// The gradients of [`Self::forward`] (its vector–Jacobian product, `jax.custom_vjp`'s `bwd`): from the `output` and `residuals` of [`Self::forward_with_residuals`] and the output's cotangent `d_output` (the loss's gradient with respect to the output), the gradients of every input. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 32, D = 128]` of `f32` (line 40)
+    /// - `key`: `[B, T, K = 8, D]` of `f32` (line 41)
+    /// - `value`: `[B, T, K, D]` of `f32` (line 42)
+    /// - `query_segment_ids`: `[B, T]` of `i32` (a query sees a key only within its own segment) (line 43)
+    /// - `kv_segment_ids`: `[B, T]` of `i32` (a query sees a key only within its own segment) (line 43)
+    /// - `output`: `[B, T, H, D]` of `f32`, the output of [`Self::forward_with_residuals`]
+    /// - `residuals`: what [`Self::forward_with_residuals`] returned with `output`
+    /// - `d_output`: `[B, T, H, D]` of `f32`, the cotangent of the output
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / K)`.
+    ///
+    /// Returns the gradients of `query`, `key`, `value` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`), or if the runtime rejects an input.
+    ///
+    /// `residuals` of another call (other inputs, output, options or dropout RNG) are `AttnError::InvalidArgument` naming `residuals`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B, T, H, D, K>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, T, K, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (B, T, K, D)>,
+        query_segment_ids: ::attn::__private::TensorView<'_, i32, (B, T)>,
+        kv_segment_ids: ::attn::__private::TensorView<'_, i32, (B, T)>,
+        output: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        residuals: &::attn::__private::Residuals,
+        d_output: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (B, T, K, D)>,
+            ::attn::__private::Tensor<f32, (B, T, K, D)>,
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<packed_gqa_dims::H, ::attn::__private::Const<32>>,
+        D: ::attn::__private::Declared<
+            packed_gqa_dims::D,
+            ::attn::__private::Const<128>,
+        >,
+        K: ::attn::__private::Declared<packed_gqa_dims::K, ::attn::__private::Const<8>>,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let query_segment_ids_shape = query_segment_ids.shape();
+        let kv_segment_ids_shape = kv_segment_ids.shape();
+        let output_shape = output.shape();
+        let d_output_shape = d_output.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("query_segment_ids", query_segment_ids_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("kv_segment_ids", kv_segment_ids_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("output", output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("d_output", d_output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("value", value_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("query_segment_ids", query_segment_ids_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("kv_segment_ids", kv_segment_ids_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("output", output_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_output", d_output_shape.1),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: value_shape.3,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut value_grad = ::attn::__private::Tensor::zeros(value_shape)?;
+        ::attn::__private::kernel::attention_bwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::causal()
+                .with_segment_ids(::attn::__private::kernel::SegmentIds {
+                    query: query_segment_ids.as_slice(),
+                    key: kv_segment_ids.as_slice(),
+                }),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_slice(),
+            residuals,
+            d_output.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: value_grad.as_mut_slice(),
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: value_grad,
+            bias: (),
+        })
+    }
+    /// The gradients of [`Self::weights`] (its vector–Jacobian product): from the weights' cotangent `d_weights`, the gradients of `query`, `key` and a bias. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H = 32, D = 128]` of `f32` (line 40)
+    /// - `key`: `[B, T, K = 8, D]` of `f32` (line 41)
+    /// - `query_segment_ids`: `[B, T]` of `i32` (a query sees a key only within its own segment) (line 43)
+    /// - `kv_segment_ids`: `[B, T]` of `i32` (a query sees a key only within its own segment) (line 43)
+    /// - `d_weights`: `[B, H, T, T]` of `f32`, the cotangent of the weights
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / K)`.
+    ///
+    /// Returns the gradients of `query`, `key` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`), or if the runtime rejects an input.
+    pub fn weights_backward<B, T, H, D, K>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, T, K, D)>,
+        query_segment_ids: ::attn::__private::TensorView<'_, i32, (B, T)>,
+        kv_segment_ids: ::attn::__private::TensorView<'_, i32, (B, T)>,
+        d_weights: ::attn::__private::TensorView<'_, f32, (B, H, T, T)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (B, T, K, D)>,
+            (),
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<packed_gqa_dims::H, ::attn::__private::Const<32>>,
+        D: ::attn::__private::Declared<
+            packed_gqa_dims::D,
+            ::attn::__private::Const<128>,
+        >,
+        K: ::attn::__private::Declared<packed_gqa_dims::K, ::attn::__private::Const<8>>,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let query_segment_ids_shape = query_segment_ids.shape();
+        let kv_segment_ids_shape = kv_segment_ids.shape();
+        let d_weights_shape = d_weights.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("query_segment_ids", query_segment_ids_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("kv_segment_ids", kv_segment_ids_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("d_weights", d_weights_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("query_segment_ids", query_segment_ids_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("kv_segment_ids", kv_segment_ids_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_weights", d_weights_shape.2),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_weights", d_weights_shape.3),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: ::attn::__private::Const::<0>,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        ::attn::__private::kernel::attention_weights_backward(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::causal()
+                .with_segment_ids(::attn::__private::kernel::SegmentIds {
+                    query: query_segment_ids.as_slice(),
+                    key: kv_segment_ids.as_slice(),
+                }),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            d_weights.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: &mut [],
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: (),
+            bias: (),
+        })
+    }
 }
 /// A padded batch with heads chosen at run time: `G` must divide `H` (checked at entry),
 /// and each sequence's real length is passed as `query_lengths` and `kv_lengths` `[B]`.
@@ -697,7 +1825,7 @@ impl PackedGqa {
 /// - `kv_lengths: [B]` (line 52)
 /// - `mask: causal + query_lengths + kv_lengths` (line 52)
 ///
-/// Options: [`PaddedBatch::OPTIONS`]. Methods: [`PaddedBatch::weights`], [`PaddedBatch::forward`].
+/// Options: [`PaddedBatch::OPTIONS`]. Methods: [`PaddedBatch::weights`], [`PaddedBatch::forward`], [`PaddedBatch::forward_with_residuals`], [`PaddedBatch::backward`], [`PaddedBatch::weights_backward`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PaddedBatch;
 impl PaddedBatch {
@@ -926,5 +2054,445 @@ impl PaddedBatch {
             output.as_mut_slice(),
         )?;
         ::core::result::Result::Ok(output)
+    }
+    /// [`Self::forward`] for training: the output, and the [`Residuals`](::attn::Residuals) that [`Self::backward`] needs (each row's logsumexp and a fingerprint of the call), as `jax.custom_vjp`'s `fwd`.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H, D]` of `f32` (line 49)
+    /// - `key`: `[B, T, G, D]` of `f32` (line 50)
+    /// - `value`: `[B, T, G, D]` of `f32` (line 51)
+    /// - `query_lengths`: `[B]` of `i32`, each batch element's query length (rows past it see no key) (line 52)
+    /// - `kv_lengths`: `[B]` of `i32`, each batch element's key/value length (keys past it are invisible) (line 52)
+    /// - `ctx`: `deterministic` and the dropout RNG (this layer does not `sow`, so a sink in `ctx` receives nothing)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / G)`.
+    ///
+    /// Returns the output `[B, T, H, D]` of `f32` and the residuals.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`, `H`, `D`, `G`), or if the runtime rejects an input.
+    pub fn forward_with_residuals<B, T, H, D, G>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, T, G, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (B, T, G, D)>,
+        query_lengths: ::attn::__private::TensorView<'_, i32, (B,)>,
+        kv_lengths: ::attn::__private::TensorView<'_, i32, (B,)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        (::attn::__private::Tensor<f32, (B, T, H, D)>, ::attn::__private::Residuals),
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Dim,
+        D: ::attn::__private::Dim,
+        G: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let query_lengths_shape = query_lengths.shape();
+        let kv_lengths_shape = kv_lengths.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("query_lengths", query_lengths_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("kv_lengths", kv_lengths_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("value", value_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "D",
+            ("query", query_shape.3),
+            ("key", key_shape.3),
+        )?;
+        ::attn::__private::same_dim(
+            "D",
+            ("query", query_shape.3),
+            ("value", value_shape.3),
+        )?;
+        ::attn::__private::same_dim(
+            "G",
+            ("key", key_shape.2),
+            ("value", value_shape.2),
+        )?;
+        ::attn::__private::kv_heads_divide(("H", query_shape.2), ("G", key_shape.2))?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: value_shape.3,
+        };
+        let mut output = ::attn::__private::Tensor::zeros((
+            query_shape.0,
+            query_shape.1,
+            query_shape.2,
+            value_shape.3,
+        ))?;
+        let residuals = ::attn::__private::kernel::attention_fwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::causal()
+                .with_query_lengths(query_lengths.as_slice())
+                .with_kv_lengths(kv_lengths.as_slice()),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_mut_slice(),
+        )?;
+        ::core::result::Result::Ok((output, residuals))
+    }
+    /// The gradients of [`Self::forward`] (its vector–Jacobian product, `jax.custom_vjp`'s `bwd`): from the `output` and `residuals` of [`Self::forward_with_residuals`] and the output's cotangent `d_output` (the loss's gradient with respect to the output), the gradients of every input. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H, D]` of `f32` (line 49)
+    /// - `key`: `[B, T, G, D]` of `f32` (line 50)
+    /// - `value`: `[B, T, G, D]` of `f32` (line 51)
+    /// - `query_lengths`: `[B]` of `i32`, each batch element's query length (rows past it see no key) (line 52)
+    /// - `kv_lengths`: `[B]` of `i32`, each batch element's key/value length (keys past it are invisible) (line 52)
+    /// - `output`: `[B, T, H, D]` of `f32`, the output of [`Self::forward_with_residuals`]
+    /// - `residuals`: what [`Self::forward_with_residuals`] returned with `output`
+    /// - `d_output`: `[B, T, H, D]` of `f32`, the cotangent of the output
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / G)`.
+    ///
+    /// Returns the gradients of `query`, `key`, `value` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`, `H`, `D`, `G`), or if the runtime rejects an input.
+    ///
+    /// `residuals` of another call (other inputs, output, options or dropout RNG) are `AttnError::InvalidArgument` naming `residuals`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B, T, H, D, G>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, T, G, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (B, T, G, D)>,
+        query_lengths: ::attn::__private::TensorView<'_, i32, (B,)>,
+        kv_lengths: ::attn::__private::TensorView<'_, i32, (B,)>,
+        output: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        residuals: &::attn::__private::Residuals,
+        d_output: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (B, T, G, D)>,
+            ::attn::__private::Tensor<f32, (B, T, G, D)>,
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Dim,
+        D: ::attn::__private::Dim,
+        G: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let query_lengths_shape = query_lengths.shape();
+        let kv_lengths_shape = kv_lengths.shape();
+        let output_shape = output.shape();
+        let d_output_shape = d_output.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("query_lengths", query_lengths_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("kv_lengths", kv_lengths_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("output", output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("d_output", d_output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("value", value_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("output", output_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_output", d_output_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "H",
+            ("query", query_shape.2),
+            ("output", output_shape.2),
+        )?;
+        ::attn::__private::same_dim(
+            "H",
+            ("query", query_shape.2),
+            ("d_output", d_output_shape.2),
+        )?;
+        ::attn::__private::same_dim(
+            "D",
+            ("query", query_shape.3),
+            ("key", key_shape.3),
+        )?;
+        ::attn::__private::same_dim(
+            "D",
+            ("query", query_shape.3),
+            ("value", value_shape.3),
+        )?;
+        ::attn::__private::same_dim(
+            "D",
+            ("query", query_shape.3),
+            ("output", output_shape.3),
+        )?;
+        ::attn::__private::same_dim(
+            "D",
+            ("query", query_shape.3),
+            ("d_output", d_output_shape.3),
+        )?;
+        ::attn::__private::same_dim(
+            "G",
+            ("key", key_shape.2),
+            ("value", value_shape.2),
+        )?;
+        ::attn::__private::kv_heads_divide(("H", query_shape.2), ("G", key_shape.2))?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: value_shape.3,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut value_grad = ::attn::__private::Tensor::zeros(value_shape)?;
+        ::attn::__private::kernel::attention_bwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::causal()
+                .with_query_lengths(query_lengths.as_slice())
+                .with_kv_lengths(kv_lengths.as_slice()),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_slice(),
+            residuals,
+            d_output.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: value_grad.as_mut_slice(),
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: value_grad,
+            bias: (),
+        })
+    }
+    /// The gradients of [`Self::weights`] (its vector–Jacobian product): from the weights' cotangent `d_weights`, the gradients of `query`, `key` and a bias. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[B, T, H, D]` of `f32` (line 49)
+    /// - `key`: `[B, T, G, D]` of `f32` (line 50)
+    /// - `query_lengths`: `[B]` of `i32`, each batch element's query length (rows past it see no key) (line 52)
+    /// - `kv_lengths`: `[B]` of `i32`, each batch element's key/value length (keys past it are invisible) (line 52)
+    /// - `d_weights`: `[B, H, T, T]` of `f32`, the cotangent of the weights
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Grouped-query attention: query head `n` reads key/value head `n / (H / G)`.
+    ///
+    /// Returns the gradients of `query`, `key` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`B`, `T`, `H`, `D`, `G`), or if the runtime rejects an input.
+    pub fn weights_backward<B, T, H, D, G>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (B, T, G, D)>,
+        query_lengths: ::attn::__private::TensorView<'_, i32, (B,)>,
+        kv_lengths: ::attn::__private::TensorView<'_, i32, (B,)>,
+        d_weights: ::attn::__private::TensorView<'_, f32, (B, H, T, T)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (B, T, G, D)>,
+            (),
+            (),
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Dim,
+        D: ::attn::__private::Dim,
+        G: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let query_lengths_shape = query_lengths.shape();
+        let kv_lengths_shape = kv_lengths.shape();
+        let d_weights_shape = d_weights.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("query_lengths", query_lengths_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("kv_lengths", kv_lengths_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.0),
+            ("d_weights", d_weights_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_weights", d_weights_shape.2),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.1),
+            ("d_weights", d_weights_shape.3),
+        )?;
+        ::attn::__private::same_dim(
+            "H",
+            ("query", query_shape.2),
+            ("d_weights", d_weights_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "D",
+            ("query", query_shape.3),
+            ("key", key_shape.3),
+        )?;
+        ::attn::__private::kv_heads_divide(("H", query_shape.2), ("G", key_shape.2))?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size()],
+            q_len: query_shape.1.size(),
+            kv_len: key_shape.1.size(),
+            heads: query_shape.2,
+            kv_heads: key_shape.2,
+            qk_depth: query_shape.3,
+            v_depth: ::attn::__private::Const::<0>,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        ::attn::__private::kernel::attention_weights_backward(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            ::core::option::Option::None::<&::attn::__private::Broadcast<'_, f32>>,
+            &::attn::__private::Mask::causal()
+                .with_query_lengths(query_lengths.as_slice())
+                .with_kv_lengths(kv_lengths.as_slice()),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            d_weights.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: &mut [],
+                bias: ::core::option::Option::None,
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: (),
+            bias: (),
+        })
     }
 }

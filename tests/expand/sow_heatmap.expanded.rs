@@ -13,7 +13,7 @@
 /// - `bias: [T, T]` (line 15)
 /// - `mask: causal` (line 16)
 ///
-/// Options: [`Heatmap::OPTIONS`]. Methods: [`Heatmap::weights`], [`Heatmap::forward`].
+/// Options: [`Heatmap::OPTIONS`]. Methods: [`Heatmap::weights`], [`Heatmap::forward`], [`Heatmap::forward_with_residuals`], [`Heatmap::backward`], [`Heatmap::weights_backward`].
 #[derive(Clone, Copy, Debug, Default)]
 struct Heatmap;
 /// Names of the static dims of [`Heatmap`](super::Heatmap); compile errors about a tensor of the wrong static shape name the dim through these types.
@@ -204,5 +204,334 @@ impl Heatmap {
             output.as_mut_slice(),
         )?;
         ::core::result::Result::Ok(output)
+    }
+    /// [`Self::forward`] for training: the output, and the [`Residuals`](::attn::Residuals) that [`Self::backward`] needs (each row's logsumexp and a fingerprint of the call), as `jax.custom_vjp`'s `fwd`.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 1, D = 8]` of `f32` (line 12)
+    /// - `key`: `[T, H, D]` of `f32` (line 13)
+    /// - `value`: `[T, H, D]` of `f32` (line 14)
+    /// - `bias`: `[T, T]` of `f32` (line 15)
+    /// - `ctx`: `deterministic`, the dropout RNG, and the sow sink that receives the weights (`sow: attention_weights`)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Returns the output `[T, H, D]` of `f32` and the residuals.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`), or if the runtime rejects an input.
+    pub fn forward_with_residuals<T, H, D>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        bias: ::attn::__private::TensorView<'_, f32, (T, T)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        (::attn::__private::Tensor<f32, (T, H, D)>, ::attn::__private::Residuals),
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<heatmap_dims::H, ::attn::__private::Const<1>>,
+        D: ::attn::__private::Declared<heatmap_dims::D, ::attn::__private::Const<8>>,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let bias_shape = bias.shape();
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("bias", bias_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("bias", bias_shape.1),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: value_shape.2,
+        };
+        let mut output = ::attn::__private::Tensor::zeros((
+            query_shape.0,
+            query_shape.1,
+            value_shape.2,
+        ))?;
+        let residuals = ::attn::__private::kernel::attention_fwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::Some(
+                &::attn::__private::Broadcast::new(
+                    "bias",
+                    bias.as_slice(),
+                    &bias_shape.dims(),
+                )?,
+            ),
+            &::attn::__private::Mask::causal(),
+            &Self::OPTIONS,
+            ctx,
+            output.as_mut_slice(),
+        )?;
+        ::core::result::Result::Ok((output, residuals))
+    }
+    /// The gradients of [`Self::forward`] (its vector–Jacobian product, `jax.custom_vjp`'s `bwd`): from the `output` and `residuals` of [`Self::forward_with_residuals`] and the output's cotangent `d_output` (the loss's gradient with respect to the output), the gradients of every input. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 1, D = 8]` of `f32` (line 12)
+    /// - `key`: `[T, H, D]` of `f32` (line 13)
+    /// - `value`: `[T, H, D]` of `f32` (line 14)
+    /// - `bias`: `[T, T]` of `f32` (line 15)
+    /// - `output`: `[T, H, D]` of `f32`, the output of [`Self::forward_with_residuals`]
+    /// - `residuals`: what [`Self::forward_with_residuals`] returned with `output`
+    /// - `d_output`: `[T, H, D]` of `f32`, the cotangent of the output
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Returns the gradients of `query`, `key`, `value`, `bias` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`), or if the runtime rejects an input.
+    ///
+    /// `residuals` of another call (other inputs, output, options or dropout RNG) are `AttnError::InvalidArgument` naming `residuals`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<T, H, D>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        bias: ::attn::__private::TensorView<'_, f32, (T, T)>,
+        output: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        residuals: &::attn::__private::Residuals,
+        d_output: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (T, H, D)>,
+            ::attn::__private::Tensor<f32, (T, H, D)>,
+            ::attn::__private::Tensor<f32, (T, H, D)>,
+            ::attn::__private::Tensor<f32, (T, T)>,
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<heatmap_dims::H, ::attn::__private::Const<1>>,
+        D: ::attn::__private::Declared<heatmap_dims::D, ::attn::__private::Const<8>>,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let bias_shape = bias.shape();
+        let output_shape = output.shape();
+        let d_output_shape = d_output.shape();
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("bias", bias_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("bias", bias_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("output", output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("d_output", d_output_shape.0),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: value_shape.2,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut value_grad = ::attn::__private::Tensor::zeros(value_shape)?;
+        let mut bias_grad = ::attn::__private::Tensor::zeros(bias_shape)?;
+        ::attn::__private::kernel::attention_bwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::Some(
+                &::attn::__private::Broadcast::new(
+                    "bias",
+                    bias.as_slice(),
+                    &bias_shape.dims(),
+                )?,
+            ),
+            &::attn::__private::Mask::causal(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_slice(),
+            residuals,
+            d_output.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: value_grad.as_mut_slice(),
+                bias: ::core::option::Option::Some(bias_grad.as_mut_slice()),
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: value_grad,
+            bias: bias_grad,
+        })
+    }
+    /// The gradients of [`Self::weights`] (its vector–Jacobian product): from the weights' cotangent `d_weights`, the gradients of `query`, `key` and a bias. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[T, H = 1, D = 8]` of `f32` (line 12)
+    /// - `key`: `[T, H, D]` of `f32` (line 13)
+    /// - `bias`: `[T, T]` of `f32` (line 15)
+    /// - `d_weights`: `[H, T, T]` of `f32`, the cotangent of the weights
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// The mask is causal: query `i` attends to keys `j <= i`.
+    ///
+    /// Returns the gradients of `query`, `key`, `bias` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`T`), or if the runtime rejects an input.
+    pub fn weights_backward<T, H, D>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (T, H, D)>,
+        bias: ::attn::__private::TensorView<'_, f32, (T, T)>,
+        d_weights: ::attn::__private::TensorView<'_, f32, (H, T, T)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (T, H, D)>,
+            ::attn::__private::Tensor<f32, (T, H, D)>,
+            (),
+            ::attn::__private::Tensor<f32, (T, T)>,
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<heatmap_dims::H, ::attn::__private::Const<1>>,
+        D: ::attn::__private::Declared<heatmap_dims::D, ::attn::__private::Const<8>>,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let bias_shape = bias.shape();
+        let d_weights_shape = d_weights.shape();
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("bias", bias_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("bias", bias_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("d_weights", d_weights_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.0),
+            ("d_weights", d_weights_shape.2),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[],
+            q_len: query_shape.0.size(),
+            kv_len: key_shape.0.size(),
+            heads: query_shape.1,
+            kv_heads: query_shape.1,
+            qk_depth: query_shape.2,
+            v_depth: ::attn::__private::Const::<0>,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut bias_grad = ::attn::__private::Tensor::zeros(bias_shape)?;
+        ::attn::__private::kernel::attention_weights_backward(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            ::core::option::Option::Some(
+                &::attn::__private::Broadcast::new(
+                    "bias",
+                    bias.as_slice(),
+                    &bias_shape.dims(),
+                )?,
+            ),
+            &::attn::__private::Mask::causal(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            d_weights.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: &mut [],
+                bias: ::core::option::Option::Some(bias_grad.as_mut_slice()),
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: (),
+            bias: bias_grad,
+        })
     }
 }

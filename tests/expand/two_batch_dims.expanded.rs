@@ -11,7 +11,7 @@
 /// - `value: [Beam, B, S, H, Dv = 4]` (line 13)
 /// - `bias: [B, 1, T, S]` (line 14)
 ///
-/// Options: [`BeamAttention::OPTIONS`]. Methods: [`BeamAttention::weights`], [`BeamAttention::forward`].
+/// Options: [`BeamAttention::OPTIONS`]. Methods: [`BeamAttention::weights`], [`BeamAttention::forward`], [`BeamAttention::forward_with_residuals`], [`BeamAttention::backward`], [`BeamAttention::weights_backward`].
 #[derive(Clone, Copy, Debug, Default)]
 struct BeamAttention;
 /// Names of the static dims of [`BeamAttention`](super::BeamAttention); compile errors about a tensor of the wrong static shape name the dim through these types.
@@ -256,5 +256,448 @@ impl BeamAttention {
             output.as_mut_slice(),
         )?;
         ::core::result::Result::Ok(output)
+    }
+    /// [`Self::forward`] for training: the output, and the [`Residuals`](::attn::Residuals) that [`Self::backward`] needs (each row's logsumexp and a fingerprint of the call), as `jax.custom_vjp`'s `fwd`.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[Beam, B, T, H = 2, D = 8]` of `f32` (line 11)
+    /// - `key`: `[Beam, B, S, H, D]` of `f32` (line 12)
+    /// - `value`: `[Beam, B, S, H, Dv = 4]` of `f32` (line 13)
+    /// - `bias`: `[B, 1, T, S]` of `f32` (line 14)
+    /// - `ctx`: `deterministic` and the dropout RNG (this layer does not `sow`, so a sink in `ctx` receives nothing)
+    ///
+    /// Returns the output `[Beam, B, T, H, Dv]` of `f32` and the residuals.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`Beam`, `B`, `T`, `S`), or if the runtime rejects an input.
+    pub fn forward_with_residuals<Beam, B, T, H, D, S, Dv>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (Beam, B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (Beam, B, S, H, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (Beam, B, S, H, Dv)>,
+        bias: ::attn::__private::TensorView<
+            '_,
+            f32,
+            (B, ::attn::__private::Const<1>, T, S),
+        >,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        (
+            ::attn::__private::Tensor<f32, (Beam, B, T, H, Dv)>,
+            ::attn::__private::Residuals,
+        ),
+        ::attn::__private::AttnError,
+    >
+    where
+        Beam: ::attn::__private::Dim,
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            beam_attention_dims::H,
+            ::attn::__private::Const<2>,
+        >,
+        D: ::attn::__private::Declared<
+            beam_attention_dims::D,
+            ::attn::__private::Const<8>,
+        >,
+        S: ::attn::__private::Dim,
+        Dv: ::attn::__private::Declared<
+            beam_attention_dims::Dv,
+            ::attn::__private::Const<4>,
+        >,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let bias_shape = bias.shape();
+        ::attn::__private::same_dim(
+            "Beam",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "Beam",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.1),
+            ("value", value_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.1),
+            ("bias", bias_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.2),
+            ("bias", bias_shape.2),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.2),
+            ("value", value_shape.2),
+        )?;
+        ::attn::__private::same_dim("S", ("key", key_shape.2), ("bias", bias_shape.3))?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size(), query_shape.1.size()],
+            q_len: query_shape.2.size(),
+            kv_len: key_shape.2.size(),
+            heads: query_shape.3,
+            kv_heads: query_shape.3,
+            qk_depth: query_shape.4,
+            v_depth: value_shape.4,
+        };
+        let mut output = ::attn::__private::Tensor::zeros((
+            query_shape.0,
+            query_shape.1,
+            query_shape.2,
+            query_shape.3,
+            value_shape.4,
+        ))?;
+        let residuals = ::attn::__private::kernel::attention_fwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::Some(
+                &::attn::__private::Broadcast::new(
+                    "bias",
+                    bias.as_slice(),
+                    &bias_shape.dims(),
+                )?,
+            ),
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_mut_slice(),
+        )?;
+        ::core::result::Result::Ok((output, residuals))
+    }
+    /// The gradients of [`Self::forward`] (its vector–Jacobian product, `jax.custom_vjp`'s `bwd`): from the `output` and `residuals` of [`Self::forward_with_residuals`] and the output's cotangent `d_output` (the loss's gradient with respect to the output), the gradients of every input. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[Beam, B, T, H = 2, D = 8]` of `f32` (line 11)
+    /// - `key`: `[Beam, B, S, H, D]` of `f32` (line 12)
+    /// - `value`: `[Beam, B, S, H, Dv = 4]` of `f32` (line 13)
+    /// - `bias`: `[B, 1, T, S]` of `f32` (line 14)
+    /// - `output`: `[Beam, B, T, H, Dv]` of `f32`, the output of [`Self::forward_with_residuals`]
+    /// - `residuals`: what [`Self::forward_with_residuals`] returned with `output`
+    /// - `d_output`: `[Beam, B, T, H, Dv]` of `f32`, the cotangent of the output
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// Returns the gradients of `query`, `key`, `value`, `bias` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`Beam`, `B`, `T`, `S`), or if the runtime rejects an input.
+    ///
+    /// `residuals` of another call (other inputs, output, options or dropout RNG) are `AttnError::InvalidArgument` naming `residuals`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<Beam, B, T, H, D, S, Dv>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (Beam, B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (Beam, B, S, H, D)>,
+        value: ::attn::__private::TensorView<'_, f32, (Beam, B, S, H, Dv)>,
+        bias: ::attn::__private::TensorView<
+            '_,
+            f32,
+            (B, ::attn::__private::Const<1>, T, S),
+        >,
+        output: ::attn::__private::TensorView<'_, f32, (Beam, B, T, H, Dv)>,
+        residuals: &::attn::__private::Residuals,
+        d_output: ::attn::__private::TensorView<'_, f32, (Beam, B, T, H, Dv)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (Beam, B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (Beam, B, S, H, D)>,
+            ::attn::__private::Tensor<f32, (Beam, B, S, H, Dv)>,
+            ::attn::__private::Tensor<f32, (B, ::attn::__private::Const<1>, T, S)>,
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        Beam: ::attn::__private::Dim,
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            beam_attention_dims::H,
+            ::attn::__private::Const<2>,
+        >,
+        D: ::attn::__private::Declared<
+            beam_attention_dims::D,
+            ::attn::__private::Const<8>,
+        >,
+        S: ::attn::__private::Dim,
+        Dv: ::attn::__private::Declared<
+            beam_attention_dims::Dv,
+            ::attn::__private::Const<4>,
+        >,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let value_shape = value.shape();
+        let bias_shape = bias.shape();
+        let output_shape = output.shape();
+        let d_output_shape = d_output.shape();
+        ::attn::__private::same_dim(
+            "Beam",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "Beam",
+            ("query", query_shape.0),
+            ("value", value_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "Beam",
+            ("query", query_shape.0),
+            ("output", output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "Beam",
+            ("query", query_shape.0),
+            ("d_output", d_output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.1),
+            ("value", value_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.1),
+            ("bias", bias_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.1),
+            ("output", output_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.1),
+            ("d_output", d_output_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.2),
+            ("bias", bias_shape.2),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.2),
+            ("output", output_shape.2),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.2),
+            ("d_output", d_output_shape.2),
+        )?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.2),
+            ("value", value_shape.2),
+        )?;
+        ::attn::__private::same_dim("S", ("key", key_shape.2), ("bias", bias_shape.3))?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size(), query_shape.1.size()],
+            q_len: query_shape.2.size(),
+            kv_len: key_shape.2.size(),
+            heads: query_shape.3,
+            kv_heads: query_shape.3,
+            qk_depth: query_shape.4,
+            v_depth: value_shape.4,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut value_grad = ::attn::__private::Tensor::zeros(value_shape)?;
+        let mut bias_grad = ::attn::__private::Tensor::zeros(bias_shape)?;
+        ::attn::__private::kernel::attention_bwd(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            value.as_slice(),
+            ::core::option::Option::Some(
+                &::attn::__private::Broadcast::new(
+                    "bias",
+                    bias.as_slice(),
+                    &bias_shape.dims(),
+                )?,
+            ),
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            output.as_slice(),
+            residuals,
+            d_output.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: value_grad.as_mut_slice(),
+                bias: ::core::option::Option::Some(bias_grad.as_mut_slice()),
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: value_grad,
+            bias: bias_grad,
+        })
+    }
+    /// The gradients of [`Self::weights`] (its vector–Jacobian product): from the weights' cotangent `d_weights`, the gradients of `query`, `key` and a bias. Pass the forward's inputs and a `ctx` with its dropout RNG: the dropout mask is regenerated, never stored.
+    ///
+    /// Arguments (shapes as declared):
+    ///
+    /// - `query`: `[Beam, B, T, H = 2, D = 8]` of `f32` (line 11)
+    /// - `key`: `[Beam, B, S, H, D]` of `f32` (line 12)
+    /// - `bias`: `[B, 1, T, S]` of `f32` (line 14)
+    /// - `d_weights`: `[Beam, B, H, T, S]` of `f32`, the cotangent of the weights
+    /// - `ctx`: the forward's `deterministic` and dropout RNG (nothing is sown)
+    ///
+    /// Returns the gradients of `query`, `key`, `bias` in [`Gradients`](::attn::Gradients), each of its input's shape and of `f32`; the gradient of a bias is summed over the axes along which it broadcasts, the gradients of a grouped key and value over their group's query heads.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError` if the inputs disagree on a run-time dim (`Beam`, `B`, `T`, `S`), or if the runtime rejects an input.
+    pub fn weights_backward<Beam, B, T, H, D, S>(
+        &self,
+        query: ::attn::__private::TensorView<'_, f32, (Beam, B, T, H, D)>,
+        key: ::attn::__private::TensorView<'_, f32, (Beam, B, S, H, D)>,
+        bias: ::attn::__private::TensorView<
+            '_,
+            f32,
+            (B, ::attn::__private::Const<1>, T, S),
+        >,
+        d_weights: ::attn::__private::TensorView<'_, f32, (Beam, B, H, T, S)>,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::Gradients<
+            ::attn::__private::Tensor<f32, (Beam, B, T, H, D)>,
+            ::attn::__private::Tensor<f32, (Beam, B, S, H, D)>,
+            (),
+            ::attn::__private::Tensor<f32, (B, ::attn::__private::Const<1>, T, S)>,
+        >,
+        ::attn::__private::AttnError,
+    >
+    where
+        Beam: ::attn::__private::Dim,
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+        H: ::attn::__private::Declared<
+            beam_attention_dims::H,
+            ::attn::__private::Const<2>,
+        >,
+        D: ::attn::__private::Declared<
+            beam_attention_dims::D,
+            ::attn::__private::Const<8>,
+        >,
+        S: ::attn::__private::Dim,
+    {
+        use ::attn::__private::{Dim as _, Shape as _};
+        let query_shape = query.shape();
+        let key_shape = key.shape();
+        let bias_shape = bias.shape();
+        let d_weights_shape = d_weights.shape();
+        ::attn::__private::same_dim(
+            "Beam",
+            ("query", query_shape.0),
+            ("key", key_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "Beam",
+            ("query", query_shape.0),
+            ("d_weights", d_weights_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.1),
+            ("key", key_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.1),
+            ("bias", bias_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "B",
+            ("query", query_shape.1),
+            ("d_weights", d_weights_shape.1),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.2),
+            ("bias", bias_shape.2),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("query", query_shape.2),
+            ("d_weights", d_weights_shape.3),
+        )?;
+        ::attn::__private::same_dim("S", ("key", key_shape.2), ("bias", bias_shape.3))?;
+        ::attn::__private::same_dim(
+            "S",
+            ("key", key_shape.2),
+            ("d_weights", d_weights_shape.4),
+        )?;
+        let geometry = ::attn::__private::Geometry {
+            batch_shape: &[query_shape.0.size(), query_shape.1.size()],
+            q_len: query_shape.2.size(),
+            kv_len: key_shape.2.size(),
+            heads: query_shape.3,
+            kv_heads: query_shape.3,
+            qk_depth: query_shape.4,
+            v_depth: ::attn::__private::Const::<0>,
+        };
+        let mut query_grad = ::attn::__private::Tensor::zeros(query_shape)?;
+        let mut key_grad = ::attn::__private::Tensor::zeros(key_shape)?;
+        let mut bias_grad = ::attn::__private::Tensor::zeros(bias_shape)?;
+        ::attn::__private::kernel::attention_weights_backward(
+            &geometry,
+            query.as_slice(),
+            key.as_slice(),
+            ::core::option::Option::Some(
+                &::attn::__private::Broadcast::new(
+                    "bias",
+                    bias.as_slice(),
+                    &bias_shape.dims(),
+                )?,
+            ),
+            &::attn::__private::Mask::none(),
+            &Self::OPTIONS,
+            &mut ::attn::__private::without_sow(ctx),
+            d_weights.as_slice(),
+            ::attn::__private::kernel::Grads {
+                query: query_grad.as_mut_slice(),
+                key: key_grad.as_mut_slice(),
+                value: &mut [],
+                bias: ::core::option::Option::Some(bias_grad.as_mut_slice()),
+            },
+        )?;
+        ::core::result::Result::Ok(::attn::__private::Gradients {
+            query: query_grad,
+            key: key_grad,
+            value: (),
+            bias: bias_grad,
+        })
     }
 }

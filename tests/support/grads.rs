@@ -174,14 +174,16 @@ impl Case {
         self.grads.is_some()
     }
 
-    fn input(&self, name: &str) -> Result<Option<Array>, String> {
+    /// An input of the case, if stored.
+    pub fn input(&self, name: &str) -> Result<Option<Array>, String> {
         match self.inputs.get(name) {
             Some(Some(t)) => to_array(t).map(Some),
             _ => Ok(None),
         }
     }
 
-    fn required(&self, name: &str) -> Result<Array, String> {
+    /// An input of the case that must be stored.
+    pub fn required(&self, name: &str) -> Result<Array, String> {
         self.input(name)?
             .ok_or_else(|| format!("input {name:?} missing"))
     }
@@ -190,7 +192,8 @@ impl Case {
         self.params.get(key).filter(|v| !v.is_null())
     }
 
-    fn param_bool(&self, key: &str) -> Result<bool, String> {
+    /// A boolean parameter of the case.
+    pub fn param_bool(&self, key: &str) -> Result<bool, String> {
         self.param(key)
             .and_then(|v| v.as_bool())
             .ok_or_else(|| format!("param {key:?} missing"))
@@ -203,7 +206,8 @@ impl Case {
             .ok_or_else(|| format!("param {key:?} missing"))
     }
 
-    fn cotangent(&self) -> Result<Array, String> {
+    /// The stored cotangent of the output.
+    pub fn cotangent(&self) -> Result<Array, String> {
         match self.grads.as_ref().and_then(|g| g.get("cotangent")) {
             Some(Some(t)) => to_array(t),
             _ => Err("no cotangent".into()),
@@ -473,7 +477,6 @@ fn fwd_bwd<'a>(
 /// Runs the gradients of one parsed case; `None` when the case has no gradients or is not of
 /// `set`.
 pub fn run_case(case: &Case, set: Set, route: Route) -> Option<Outcome> {
-    case.grads.as_ref()?;
     let result = match (set, case.function.as_str()) {
         (Set::Flax, "dot_product_attention") => case.run_flax(route),
         (Set::JaxNn, "jax.nn.dot_product_attention") => case.run_jax_nn(route),
@@ -482,13 +485,23 @@ pub fn run_case(case: &Case, set: Set, route: Route) -> Option<Outcome> {
         }
         _ => return None,
     };
+    check_grads(case, &format!("{set:?} {route:?}"), result)
+}
+
+/// Compares gradients computed by `how` with the case's stored ones; `None` when the case
+/// stores no gradients.
+pub fn check_grads(
+    case: &Case,
+    how: &str,
+    result: Result<AttentionGrads, String>,
+) -> Option<Outcome> {
+    let grads = case.grads.as_ref()?;
     let mut outcome = Outcome {
         name: case.name.clone(),
-        how: format!("{set:?} {route:?}"),
+        how: how.to_owned(),
         checks: Vec::new(),
         error: None,
     };
-    let grads = case.grads.as_ref()?;
     match result {
         Err(e) => outcome.error = Some(e),
         Ok(g) => {

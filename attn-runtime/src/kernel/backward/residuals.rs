@@ -20,8 +20,8 @@ use crate::error::{AttnError, try_filled};
 /// materialized path and keeps none: the backward then recomputes the statistics), and a
 /// fingerprint of the call: its sizes, dtypes, options, mask structure (causal, window,
 /// lengths, segment ids), dropout generator, and a checksum of
-/// query, key, value and output (every element up to 2¹⁶ per tensor, else 2¹⁶ elements spread
-/// evenly over it). A backward given the residuals of another call returns
+/// query, key, value and output (every element up to 4,096 per tensor, else 4,096 elements
+/// spread evenly over it). A backward given the residuals of another call returns
 /// [`AttnError::InvalidArgument`] with `argument: "residuals"`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Residuals {

@@ -67,11 +67,12 @@ fn run_grads(file: &Path) -> Vec<Line> {
     lines
 }
 
-/// The forward runs of one case file.
+/// The forward runs of one case file (and, for an `mha/` case, its gradients).
 fn run_forward(file: &Path) -> Vec<Line> {
     if mha::is_mha_file(file) {
         return mha::run_file(file)
             .into_iter()
+            .chain(mha::run_grads(file))
             .map(|o| Line {
                 passed: o.passed(),
                 text: format!("{o}"),

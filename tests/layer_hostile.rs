@@ -625,3 +625,50 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn pullback_rejects_cotangents_and_contexts_of_another_call() {
+    use attn::layer::ArrayRef;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let layer = layer(0.3);
+    let x = tokens(2, 5, 8);
+    let train = || {
+        Context::default()
+            .set_deterministic(false)
+            .dropout_rng(DropoutRng::new(11))
+    };
+    let xr = ArrayRef::from_array("inputs_q", &x).unwrap();
+    let (y, pullback) = layer.vjp(xr, None, None, None, None, &mut train()).unwrap();
+    let dy = tokens(2, 5, 8);
+    // The right call works, and its input gradient has the input's shape.
+    let grads = pullback.backward(&dy, &mut train()).unwrap();
+    assert_eq!(grads.inputs_q.shape(), x.shape());
+    assert_eq!(y.shape(), dy.shape());
+    let fail = |what: &str, dy: &Array, mut ctx: Context<'_>| -> String {
+        let r = catch_unwind(AssertUnwindSafe(|| pullback.backward(dy, &mut ctx)))
+            .unwrap_or_else(|_| panic!("{what}: panicked"));
+        r.expect_err(what).to_string()
+    };
+    let e = fail("cotangent shape", &tokens(2, 4, 8), train());
+    assert!(
+        e.contains("cotangent") && e.contains("[2, 5, 8]") && e.contains("[2, 4, 8]"),
+        "{e}"
+    );
+    let e = fail("cotangent dtype", &dy.astype(DType::F64), train());
+    assert!(e.contains("cotangent") && e.contains("float64"), "{e}");
+    // Another dropout seed, or dropout switched off: not the forward's call.
+    let other = Context::default()
+        .set_deterministic(false)
+        .dropout_rng(DropoutRng::new(12));
+    let e = fail("another dropout seed", &dy, other);
+    assert!(e.contains("residuals"), "{e}");
+    let e = fail("deterministic backward", &dy, Context::deterministic());
+    assert!(e.contains("residuals"), "{e}");
+    // A bad input is rejected by vjp as by forward.
+    let bad = tokens(2, 5, 7);
+    let bad_ref = ArrayRef::from_array("inputs_q", &bad).unwrap();
+    let e = layer
+        .vjp(bad_ref, None, None, None, None, &mut train())
+        .expect_err("7 features where the layer takes 8");
+    assert!(e.to_string().contains("inputs_q"), "{e}");
+}

@@ -3,7 +3,8 @@
 //! `attn::layer::MultiHeadDotProductAttention`, loading the parameters from each case's
 //! checkpoint files (`.msgpack`, and `.safetensors` where present). Every expected tensor is
 //! compared (dtype, shape, `|actual - expected| <= atol + rtol·|expected|`); the loaded
-//! parameters must equal the JSON's bit for bit. `grads` are not checked here.
+//! parameters must equal the JSON's bit for bit. [`run_grads`] checks a case's `grads`
+//! through [`MultiHeadDotProductAttention::vjp`] and the pullback's `backward`.
 //!
 //! Decode cases run Flax's procedure (one token per call over a cache of `max_length`), and
 //! once more with all steps in one multi-token call (same outputs and caches expected).
@@ -54,6 +55,10 @@ pub struct Case {
     params: serde_json::Value,
     inputs: BTreeMap<String, Option<TensorJson>>,
     expected: BTreeMap<String, Option<TensorJson>>,
+    /// `cotangent`, then the gradient of every input and parameter (`null` for an input that
+    /// was not passed); absent or `null` for cases without gradients.
+    #[serde(default)]
+    grads: Option<BTreeMap<String, Option<TensorJson>>>,
     tolerance: BTreeMap<String, Tol>,
 }
 
@@ -669,4 +674,95 @@ fn compare(
         }
     }
     check
+}
+
+/// Runs the gradients of a case file (`None` when it stores none): the layer from its msgpack
+/// checkpoint, `vjp` on the case's inputs, then `backward` with the stored cotangent; every
+/// stored gradient (inputs and parameters) is compared under its `grad_<name>` tolerance.
+pub fn run_grads(path: &Path) -> Option<Outcome> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let case = match load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            return Some(Outcome {
+                name: path.display().to_string(),
+                checks: Vec::new(),
+                error: Some(e),
+            });
+        }
+    };
+    let stored = case.grads.as_ref()?;
+    let name = format!("{} [gradients]", case.name);
+    let run = || -> Result<Vec<Check>, String> {
+        let layer = load_layer(&case, dir, Source::Msgpack).ok_or("no msgpack checkpoint")??;
+        let q = case.input("inputs_q")?.ok_or("inputs_q missing")?;
+        let k = case.input("inputs_k")?;
+        let v = case.input("inputs_v")?;
+        let mask = case.input("mask")?;
+        let cotangent = stored
+            .get("cotangent")
+            .and_then(Option::as_ref)
+            .ok_or("no cotangent")
+            .and_then(|t| to_array(t).map_err(|_| "bad cotangent"))?;
+        fn view<'a>(
+            name: &'static str,
+            a: &'a Option<Array>,
+        ) -> Result<Option<attn::layer::ArrayRef<'a>>, attn::AttnError> {
+            a.as_ref()
+                .map(|a| attn::layer::ArrayRef::from_array(name, a))
+                .transpose()
+        }
+        let err = |e: attn::AttnError| e.to_string();
+        let q_ref = attn::layer::ArrayRef::from_array("inputs_q", &q).map_err(err)?;
+        let (k_ref, v_ref) = (
+            view("inputs_k", &k).map_err(err)?,
+            view("inputs_v", &v).map_err(err)?,
+        );
+        let mut ctx = call_ctx(&case);
+        let (_, pullback) = layer
+            .vjp(q_ref, k_ref, v_ref, mask.as_ref(), None, &mut ctx)
+            .map_err(err)?;
+        let grads = pullback.backward(&cotangent, &mut ctx).map_err(err)?;
+        let mut actual: BTreeMap<String, Option<Array>> = BTreeMap::new();
+        actual.insert("inputs_q".into(), Some(grads.inputs_q));
+        actual.insert("inputs_k".into(), grads.inputs_k);
+        actual.insert("inputs_v".into(), grads.inputs_v);
+        for (n, a) in grads.params.named() {
+            actual.insert(format!("params/{n}"), Some(a.clone()));
+        }
+        let mut checks = Vec::new();
+        for (name, expected) in stored.iter().filter(|(n, _)| *n != "cotangent") {
+            let tol = case.tolerance.get(&format!("grad_{name}")).copied();
+            let a = actual.remove(name).flatten();
+            checks.push(compare(
+                &format!("grad {name}"),
+                a.as_ref(),
+                expected.as_ref(),
+                tol,
+            ));
+        }
+        // A gradient we computed that the case does not store is a mismatch too.
+        for (name, a) in actual {
+            if a.is_some() {
+                checks.push(Check {
+                    tensor: format!("grad {name}"),
+                    worst: f64::INFINITY,
+                    problem: Some("computed, but the case stores no such gradient".into()),
+                });
+            }
+        }
+        Ok(checks)
+    };
+    Some(match run() {
+        Ok(checks) => Outcome {
+            name,
+            checks,
+            error: None,
+        },
+        Err(e) => Outcome {
+            name,
+            checks: Vec::new(),
+            error: Some(e),
+        },
+    })
 }

@@ -14,6 +14,7 @@ use crate::array::{Array, ArrayData};
 use crate::context::Context;
 use crate::element::DType;
 use crate::error::{AttnError, num_elements};
+use crate::flax::dot_product_attention;
 use crate::kernel::Align;
 
 /// A key/value cache for [`MultiHeadDotProductAttention::decode`]: `cached_key` and
@@ -285,9 +286,7 @@ impl MultiHeadDotProductAttention {
             }
             return concat_tokens(&outs, &batch, self.dims.out_features);
         }
-        let q = self.project_query(&inputs, &batch, n)?;
-        let k = self.project_key(&inputs, &batch, n)?;
-        let v = self.project_value(&inputs, &batch, n)?;
+        let super::Projected { q, k, v, .. } = self.projected(&inputs, None, None)?;
         let cap = cache.capacity;
         let cur = cache.index;
         // Write into new zero arrays when the cache is new; otherwise write in place and undo
@@ -318,7 +317,8 @@ impl MultiHeadDotProductAttention {
             // fully masked by the user mask (then it is uniform over all `capacity` slots,
             // as in Flax).
             let causal = Align::Offset(i64::try_from(cur).unwrap_or(i64::MAX));
-            let o = self.attend(&q, &ck, &cv, mask, Some(causal), ctx)?;
+            let args = self.attention_args(mask, Some(causal), ctx, true);
+            let o = dot_product_attention(&q, &ck, &cv, args)?;
             self.project_out(&o)
         };
         match run() {

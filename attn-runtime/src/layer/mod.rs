@@ -4,7 +4,8 @@
 //!
 //! Files: `params.rs` (config, sizes, parameter tree), `checkpoint.rs` (msgpack / safetensors
 //! readers), `projection.rs` (the GEMM projections and the QK LayerNorm), `cache.rs` (the KV
-//! cache and decoding), `view.rs` (borrowed inputs, `ndarray` interop).
+//! cache and decoding), `backward.rs` (the gradients: [`MultiHeadDotProductAttention::vjp`]),
+//! `view.rs` (borrowed inputs, `ndarray` interop).
 //!
 //! ```
 //! use attn_runtime::layer::{InFeatures, MhaConfig, MultiHeadDotProductAttention};
@@ -17,12 +18,14 @@
 //! # Ok::<(), attn_runtime::AttnError>(())
 //! ```
 
+mod backward;
 mod cache;
 mod checkpoint;
 mod params;
 mod projection;
 mod view;
 
+pub use backward::{MhaGrads, MhaPullback};
 pub use cache::KvCache;
 pub use checkpoint::{msgpack_subtree, safetensors_subtree};
 pub use params::{Dense, Dims, InFeatures, MhaConfig, MhaParams};
@@ -39,6 +42,16 @@ use crate::error::AttnError;
 use crate::flax::{FlaxArgs, dot_product_attention};
 use crate::kernel::Align;
 use projection::{dense, dense_dtype, floats_of, layer_norm};
+
+/// The attention's inputs of one call, projected.
+struct Projected {
+    /// The query and key before their LayerNorm (`normalize_qk` only).
+    q_pre: Option<Array>,
+    k_pre: Option<Array>,
+    q: Array,
+    k: Array,
+    v: Array,
+}
 
 /// Flax's `MultiHeadDotProductAttention` with its parameters.
 #[derive(Clone, Debug)]
@@ -180,6 +193,24 @@ impl MultiHeadDotProductAttention {
         causal: Option<Align>,
         ctx: &mut Context<'_>,
     ) -> Result<Array, AttnError> {
+        let p = self.projected(&inputs_q, inputs_k.as_ref(), inputs_v.as_ref())?;
+        let o = dot_product_attention(
+            &p.q,
+            &p.k,
+            &p.v,
+            self.attention_args(mask, causal, ctx, true),
+        )?;
+        self.project_out(&o)
+    }
+
+    /// Checks the inputs and projects them to the attention's query, key and value (after
+    /// the LayerNorms), keeping the query and key before their LayerNorm when there is one.
+    fn projected(
+        &self,
+        inputs_q: &ArrayRef<'_>,
+        inputs_k: Option<&ArrayRef<'_>>,
+        inputs_v: Option<&ArrayRef<'_>>,
+    ) -> Result<Projected, AttnError> {
         if inputs_k.is_none() && inputs_v.is_some() {
             return Err(AttnError::InvalidArgument {
                 argument: "inputs_v",
@@ -189,9 +220,9 @@ impl MultiHeadDotProductAttention {
             });
         }
         let f = self.dims.features;
-        let (batch, lq) = self.check_input("inputs_q", &inputs_q, f.q, None)?;
-        let k_in = inputs_k.as_ref().unwrap_or(&inputs_q);
-        let v_in = inputs_v.as_ref().unwrap_or(k_in);
+        let (batch, lq) = self.check_input("inputs_q", inputs_q, f.q, None)?;
+        let k_in = inputs_k.unwrap_or(inputs_q);
+        let v_in = inputs_v.unwrap_or(k_in);
         let (_, lk) = self.check_input("inputs_k", k_in, f.k, Some(&batch))?;
         let (_, lv) = self.check_input("inputs_v", v_in, f.v, Some(&batch))?;
         if lk != lv {
@@ -202,11 +233,25 @@ impl MultiHeadDotProductAttention {
                 found: lv,
             });
         }
-        let q = self.project_query(&inputs_q, &batch, lq)?;
-        let k = self.project_key(k_in, &batch, lk)?;
-        let v = self.project_value(v_in, &batch, lk)?;
-        let o = self.attend(&q, &k, &v, mask, causal, ctx)?;
-        self.project_out(&o)
+        let p = &self.params;
+        let (heads, kv_heads) = (self.dims.heads, self.dims.kv_heads);
+        let q_pre = self.project("query", inputs_q, &batch, lq, &p.query, heads)?;
+        let k_pre = self.project("key", k_in, &batch, lk, &p.key, kv_heads)?;
+        let v = self.project("value", v_in, &batch, lk, &p.value, kv_heads)?;
+        let d = self.dims.head_dim;
+        let norm = |x: Array, scale: &Option<Array>| match scale {
+            Some(scale) => Ok((layer_norm(&x, d, scale, self.config.dtype)?, Some(x))),
+            None => Ok::<_, AttnError>((x, None)),
+        };
+        let (q, q_pre) = norm(q_pre, &p.query_ln)?;
+        let (k, k_pre) = norm(k_pre, &p.key_ln)?;
+        Ok(Projected {
+            q_pre,
+            k_pre,
+            q,
+            k,
+            v,
+        })
     }
 
     /// Checks `[batch.., len, features]` (and the batch dims against `batch`).
@@ -247,8 +292,7 @@ impl MultiHeadDotProductAttention {
     }
 
     /// `DenseGeneral(features=(heads, D))` of `x [batch.., len, E]` -> `[batch.., len, heads,
-    /// D]`, then the LayerNorm when given.
-    #[allow(clippy::too_many_arguments)]
+    /// D]` (before any LayerNorm).
     fn project(
         &self,
         name: &'static str,
@@ -257,7 +301,6 @@ impl MultiHeadDotProductAttention {
         len: usize,
         p: &Dense,
         heads: usize,
-        ln: Option<&Array>,
     ) -> Result<Array, AttnError> {
         let e = *x.shape().last().unwrap_or(&0);
         let m = x.data().len().checked_div(e).unwrap_or(0);
@@ -275,56 +318,20 @@ impl MultiHeadDotProductAttention {
         )?;
         let mut shape = batch.to_vec();
         shape.extend_from_slice(&[len, heads, d]);
-        let y = Array::from_data(data, shape)?;
-        match ln {
-            Some(scale) => layer_norm(&y, d, scale, self.config.dtype),
-            None => Ok(y),
-        }
+        Array::from_data(data, shape)
     }
 
-    fn project_query(&self, x: &ArrayRef<'_>, b: &[usize], l: usize) -> Result<Array, AttnError> {
-        let p = &self.params;
-        self.project(
-            "query",
-            x,
-            b,
-            l,
-            &p.query,
-            self.dims.heads,
-            p.query_ln.as_ref(),
-        )
-    }
-
-    fn project_key(&self, x: &ArrayRef<'_>, b: &[usize], l: usize) -> Result<Array, AttnError> {
-        let p = &self.params;
-        self.project(
-            "key",
-            x,
-            b,
-            l,
-            &p.key,
-            self.dims.kv_heads,
-            p.key_ln.as_ref(),
-        )
-    }
-
-    fn project_value(&self, x: &ArrayRef<'_>, b: &[usize], l: usize) -> Result<Array, AttnError> {
-        let p = &self.params;
-        self.project("value", x, b, l, &p.value, self.dims.kv_heads, None)
-    }
-
-    /// Flax's `dot_product_attention` with the layer's options (no bias). GQA key/value
-    /// `[.., K, D]` go to the kernel as they are (query head `n` reads key/value head `n /
-    /// (H / K)`): no head is repeated or copied.
-    fn attend(
+    /// The arguments of Flax's `dot_product_attention` with the layer's options (no bias);
+    /// `sow`: hand `ctx`'s sink to it (the forward's weights), else none (the backward).
+    /// GQA key/value `[.., K, D]` go to the kernel as they are (query head `n` reads
+    /// key/value head `n / (H / K)`): no head is repeated or copied.
+    fn attention_args<'a>(
         &self,
-        q: &Array,
-        k: &Array,
-        v: &Array,
-        mask: Option<&Array>,
+        mask: Option<&'a Array>,
         causal: Option<Align>,
-        ctx: &mut Context<'_>,
-    ) -> Result<Array, AttnError> {
+        ctx: &'a mut Context<'_>,
+        sow: bool,
+    ) -> FlaxArgs<'a> {
         let c = &self.config;
         // Flax's merge_param: only consulted when dropout can happen.
         let deterministic = c.dropout_rate <= 0.0 || c.deterministic.unwrap_or(ctx.deterministic);
@@ -343,10 +350,10 @@ impl MultiHeadDotProductAttention {
             causal,
             ..FlaxArgs::default()
         };
-        if let Some(s) = &mut ctx.sow {
+        if sow && let Some(s) = &mut ctx.sow {
             args.module = Some(&mut **s);
         }
-        dot_product_attention(q, k, v, args)
+        args
     }
 
     /// `DenseGeneral(features=F, axis=(-2, -1))` of `o [batch.., len, heads, D]`.

@@ -66,3 +66,26 @@ pub fn typed<T: LayerElement, S: Shape>(
     })?;
     Tensor::from_vec(data, shape)
 }
+
+/// Borrows a typed input as the runtime layer's [`ArrayRef`] owning its shape, for a pullback
+/// that outlives the call (no copy of the elements).
+///
+/// # Errors
+///
+/// [`AttnError`] if the view's length disagrees with its shape (it never does).
+pub fn view_ref_owned<'a, T: LayerElement, S: Shape>(
+    view: TensorView<'a, T, S>,
+) -> Result<ArrayRef<'a>, AttnError> {
+    ArrayRef::from_slice(view.as_slice(), view.shape().dims())
+}
+
+/// A typed view as the runtime's [`Array`] (one copy): the cotangent of a pullback.
+///
+/// # Errors
+///
+/// [`AttnError`] if the view's length disagrees with its shape (it never does).
+pub fn array_of<T: LayerElement + attn_runtime::Scalar, S: Shape>(
+    view: TensorView<'_, T, S>,
+) -> Result<Array, AttnError> {
+    Array::new(view.as_slice().to_vec(), view.shape().dims())
+}

@@ -18,7 +18,9 @@ mod macro_support;
 pub mod __private {
     pub use attn_runtime::*;
 
-    pub use crate::layer_support::{dims_of, mask_array, typed, view_ref};
+    pub use crate::layer_support::{
+        array_of, dims_of, mask_array, typed, view_ref, view_ref_owned,
+    };
     pub use crate::macro_support::{Declared, kv_heads_divide, same_dim, without_sow};
     pub use half::{bf16, f16};
 }

@@ -373,3 +373,125 @@ fn new_draws_flax_initializers_with_the_declared_shapes() {
         Decoder::new(8).unwrap().query_kernel().unwrap().as_slice()
     );
 }
+
+/// Every stored gradient of `case`: the inputs' (`inputs_k`/`inputs_v` `None` where the layer
+/// has no such input) and the parameters' (`params`, by Flax's names).
+fn assert_grads(case: &mha::Case, inputs: [Option<Array>; 3], params: &attn::layer::MhaParams) {
+    let mut checks = Vec::new();
+    for (name, actual) in ["inputs_q", "inputs_k", "inputs_v"]
+        .into_iter()
+        .zip(&inputs)
+    {
+        checks.push(case.check_grad(name, actual.as_ref()));
+    }
+    for (name, actual) in params.named() {
+        checks.push(case.check_grad(&format!("params/{name}"), Some(actual)));
+    }
+    assert_eq!(checks.len(), 3 + params.named().len());
+    for check in checks {
+        assert!(check.passed(), "{}: {check:?}", case.name());
+    }
+}
+
+/// The cotangent of `case` as `f32` data (it has the output's shape).
+fn cotangent(case: &mha::Case) -> Vec<f32> {
+    let c = case.cotangent().unwrap().expect("a case with gradients");
+    c.as_slice::<f32>().expect("an f32 cotangent").to_vec()
+}
+
+#[test]
+fn generated_pullback_of_causal_self_attention_matches_flax_gradients() {
+    // Causal self-attention: `inputs_q` gets its query, key and value paths.
+    let (case, dir) = case("f32_mask_causal");
+    let layer = MaskCausal::from_msgpack(&checkpoint(&dir, &case), "params").unwrap();
+    let s = shape_of(&case, "inputs_q");
+    let x = data::<f32>(&case, "inputs_q");
+    let dy = cotangent(&case);
+    let mut ctx = Context::deterministic();
+    let x_view = TensorView::new(&x, (s[0], s[1], Const::<16>)).unwrap();
+    let (y, pullback) = layer.vjp(x_view, &mut ctx).unwrap();
+    let d_output = TensorView::new(&dy, y.shape()).unwrap();
+    let g = pullback.backward(d_output, &mut ctx).unwrap();
+    assert_eq!((g.inputs_k, g.inputs_v), ((), ()));
+    assert_grads(&case, [Some(to_array(g.inputs_q)), None, None], &g.params);
+}
+
+#[test]
+fn generated_pullback_of_masked_cross_attention_matches_flax_gradients() {
+    // Cross-attention with a mask tensor, `inputs_k` only: it gets the key and value paths.
+    let (case, dir) = case("f32_mask_padding_cross");
+    let layer = PaddingCross::from_msgpack(&checkpoint(&dir, &case), "params").unwrap();
+    let (sq, sk) = (shape_of(&case, "inputs_q"), shape_of(&case, "inputs_k"));
+    let (q, k) = (
+        data::<f32>(&case, "inputs_q"),
+        data::<f32>(&case, "inputs_k"),
+    );
+    let mask = case.input("mask").unwrap().unwrap().to_bool_vec();
+    let dy = cotangent(&case);
+    let mut sink = Intermediates::new();
+    let mut ctx = Context::deterministic().sow(&mut sink);
+    let (y, pullback) = layer
+        .vjp(
+            TensorView::new(&q, (sq[0], sq[1], Const::<16>)).unwrap(),
+            TensorView::new(&k, (sk[0], sk[1], Const::<16>)).unwrap(),
+            TensorView::new(&mask, (sq[0], Const::<1>, sq[1], sk[1])).unwrap(),
+            &mut ctx,
+        )
+        .unwrap();
+    assert_matches(&case, "output", &to_array(y));
+    let g = pullback
+        .backward(
+            TensorView::new(&dy, (sq[0], sq[1], Const::<16>)).unwrap(),
+            &mut ctx,
+        )
+        .unwrap();
+    assert_eq!(
+        sink.attention_weights().len(),
+        1,
+        "vjp sows once, backward never"
+    );
+    assert_grads(
+        &case,
+        [Some(to_array(g.inputs_q)), Some(to_array(g.inputs_k)), None],
+        &g.params,
+    );
+}
+
+#[test]
+fn generated_pullback_with_three_inputs_and_qk_norm_matches_flax_gradients() {
+    // Three inputs, no biases, QK LayerNorm.
+    let (case, dir) = case("f32_normalize_qk_nobias_cross");
+    let layer = NormalizeNoBias::from_msgpack(&checkpoint(&dir, &case), "params").unwrap();
+    let (sq, sk) = (shape_of(&case, "inputs_q"), shape_of(&case, "inputs_k"));
+    let (q, k, v) = (
+        data::<f32>(&case, "inputs_q"),
+        data::<f32>(&case, "inputs_k"),
+        data::<f32>(&case, "inputs_v"),
+    );
+    let dy = cotangent(&case);
+    let mut ctx = Context::deterministic();
+    let (_, pullback) = layer
+        .vjp(
+            TensorView::new(&q, (sq[0], sq[1], Const::<16>)).unwrap(),
+            TensorView::new(&k, (sk[0], sk[1], Const::<16>)).unwrap(),
+            TensorView::new(&v, (sk[0], sk[1], Const::<16>)).unwrap(),
+            &mut ctx,
+        )
+        .unwrap();
+    let d_output = TensorView::new(&dy, (sq[0], sq[1], Const::<16>)).unwrap();
+    // The cotangent's run-time dims must be the output's.
+    let swapped = TensorView::new(&dy, (sq[1], sq[0], Const::<16>)).unwrap();
+    assert_ne!(sq[0], sq[1], "the swap must change the shape");
+    let e = pullback.backward(swapped, &mut ctx).unwrap_err();
+    assert!(e.to_string().contains("d_output"), "{e}");
+    let g = pullback.backward(d_output, &mut ctx).unwrap();
+    assert_grads(
+        &case,
+        [
+            Some(to_array(g.inputs_q)),
+            Some(to_array(g.inputs_k)),
+            Some(to_array(g.inputs_v)),
+        ],
+        &g.params,
+    );
+}

@@ -63,6 +63,71 @@ impl ::core::default::Default for DecoderAttentionCache {
         Self::new()
     }
 }
+/// The pullback of [`DecoderAttention::vjp`]: what the backward of one call needs (the inputs, borrowed, the projections, the attention output and its residuals).
+pub struct DecoderAttentionPullback<'a, B, T> {
+    /// The runtime layer's pullback.
+    pullback: ::attn::__private::layer::MhaPullback<'a>,
+    /// The shape of `inputs_q`.
+    inputs_q: (B, T, ::attn::__private::Const<32>),
+    /// The shape of the output.
+    output: (B, T, ::attn::__private::Const<32>),
+}
+impl<
+    'a,
+    B: ::attn::__private::Dim,
+    T: ::attn::__private::Dim,
+> DecoderAttentionPullback<'a, B, T> {
+    /// The gradients of the call's inputs and of every parameter, given `d_output`, the loss's gradient with respect to the output.
+    ///
+    /// - `d_output`: `[B, T, 32]` of `f32`
+    /// - `ctx`: the forward's `deterministic` and dropout RNG
+    ///
+    /// Returns the gradients of `inputs_q` `[B, T, E = 32]` (of `f32`; in self-attention `inputs_q`'s is the sum of its query, key and value paths) and the parameters' as a parameter tree.
+    ///
+    /// # Errors
+    ///
+    /// `attn::AttnError::DimMismatch` if `d_output`'s run-time dims are not the output's; `InvalidArgument` naming `residuals` if `ctx`'s dropout RNG is not the forward's.
+    pub fn backward(
+        &self,
+        d_output: ::attn::__private::TensorView<
+            '_,
+            f32,
+            (B, T, ::attn::__private::Const<32>),
+        >,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        ::attn::__private::layer::LayerGradients<
+            ::attn::__private::Tensor<f32, (B, T, ::attn::__private::Const<32>)>,
+            (),
+            (),
+        >,
+        ::attn::__private::AttnError,
+    > {
+        let d_output_shape = d_output.shape();
+        ::attn::__private::same_dim(
+            "B",
+            ("output", self.output.0),
+            ("d_output", d_output_shape.0),
+        )?;
+        ::attn::__private::same_dim(
+            "T",
+            ("output", self.output.1),
+            ("d_output", d_output_shape.1),
+        )?;
+        let cotangent = ::attn::__private::array_of(d_output)?;
+        let grads = self.pullback.backward(&cotangent, ctx)?;
+        ::core::result::Result::Ok(::attn::__private::layer::LayerGradients {
+            inputs_q: ::attn::__private::typed(
+                "inputs_q",
+                grads.inputs_q,
+                self.inputs_q,
+            )?,
+            inputs_k: (),
+            inputs_v: (),
+            params: grads.params,
+        })
+    }
+}
 impl DecoderAttention {
     /// Flax's `num_heads`.
     pub const HEADS: usize = 2;
@@ -456,6 +521,58 @@ impl DecoderAttention {
             output,
             (inputs_q_shape.0, inputs_q_shape.1, ::attn::__private::Const::<32>),
         )
+    }
+    /// [`Self::forward`] for training: the output, and the pullback whose `backward` maps the output's cotangent to the gradients of the inputs and of every parameter (`jax.vjp` of `module.apply`).
+    ///
+    /// Same arguments as [`Self::forward`]; the inputs stay borrowed by the pullback. Pass its `backward` a `ctx` with this call's dropout RNG: dropout is regenerated, never stored. See [`DecoderAttentionPullback::backward`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::forward`].
+    pub fn vjp<'a, B, T>(
+        &'a self,
+        inputs_q: ::attn::__private::TensorView<
+            'a,
+            f32,
+            (B, T, ::attn::__private::Const<32>),
+        >,
+        ctx: &mut ::attn::__private::Context<'_>,
+    ) -> ::core::result::Result<
+        (
+            ::attn::__private::Tensor<f32, (B, T, ::attn::__private::Const<32>)>,
+            DecoderAttentionPullback<'a, B, T>,
+        ),
+        ::attn::__private::AttnError,
+    >
+    where
+        B: ::attn::__private::Dim,
+        T: ::attn::__private::Dim,
+    {
+        let inputs_q_shape = inputs_q.shape();
+        let (output, pullback) = self
+            .layer
+            .vjp(
+                ::attn::__private::view_ref_owned(inputs_q)?,
+                ::core::option::Option::None,
+                ::core::option::Option::None,
+                ::core::option::Option::None,
+                ::core::option::Option::Some(::attn::__private::kernel::Align::TopLeft),
+                &mut ::attn::__private::without_sow(ctx),
+            )?;
+        let output_shape = (
+            inputs_q_shape.0,
+            inputs_q_shape.1,
+            ::attn::__private::Const::<32>,
+        );
+        let output = ::attn::__private::typed("output", output, output_shape)?;
+        ::core::result::Result::Ok((
+            output,
+            DecoderAttentionPullback {
+                pullback,
+                inputs_q: inputs_q_shape,
+                output: output_shape,
+            },
+        ))
     }
     /// Writes a prompt chunk `[B, T, 32]` into the cache and returns its outputs `[B, T, 32]`: each token attends to the cached tokens and the chunk's earlier tokens (causal, bottom-right).
     ///

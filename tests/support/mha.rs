@@ -271,6 +271,28 @@ impl Case {
         )
     }
 
+    /// The stored cotangent of the output (`None` for a case without gradients).
+    pub fn cotangent(&self) -> Result<Option<Array>, String> {
+        match self.grads.as_ref().and_then(|g| g.get("cotangent")) {
+            Some(Some(t)) => to_array(t).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Compares `actual` with the stored gradient `name` (`inputs_q`, `params/query/kernel`,
+    /// ...) under the case's `grad_<name>` tolerance.
+    pub fn check_grad(&self, name: &str, actual: Option<&Array>) -> Check {
+        compare(
+            &format!("grad {name}"),
+            actual,
+            self.grads
+                .as_ref()
+                .and_then(|g| g.get(name))
+                .and_then(Option::as_ref),
+            self.tolerance.get(&format!("grad_{name}")).copied(),
+        )
+    }
+
     /// Whether the case runs Flax's `decode=True` steps.
     pub fn decodes(&self) -> bool {
         self.is_decode()

@@ -41,6 +41,21 @@ pub struct MhaGrads {
     pub params: MhaParams,
 }
 
+/// The gradients of an `attention!` projection layer's pullback: [`MhaGrads`] with each
+/// input's gradient a typed [`Tensor`](crate::Tensor) of the input's shape (`()` for an input
+/// the layer does not take), so the signature spells every gradient's shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerGradients<Q, K = (), V = ()> {
+    /// The gradient of `inputs_q` (with the key and value paths in self-attention).
+    pub inputs_q: Q,
+    /// The gradient of `inputs_k` (with the value path when the layer has no `inputs_v`).
+    pub inputs_k: K,
+    /// The gradient of `inputs_v`.
+    pub inputs_v: V,
+    /// The gradient of every parameter, as a parameter tree of the layer's shapes and dtypes.
+    pub params: MhaParams,
+}
+
 /// What [`MultiHeadDotProductAttention::vjp`] keeps for the backward: the inputs (borrowed),
 /// the projected query, key and value, the attention output and its [`Residuals`]. Like the
 /// function `jax.vjp` returns, it belongs to one call of one layer.
@@ -50,7 +65,8 @@ pub struct MhaPullback<'a> {
     inputs_q: ArrayRef<'a>,
     inputs_k: Option<ArrayRef<'a>>,
     inputs_v: Option<ArrayRef<'a>>,
-    mask: Option<&'a Array>,
+    /// The forward's mask (a copy: the pullback must outlive a mask built for the call).
+    mask: Option<Array>,
     causal: Option<Align>,
     /// The projections before the LayerNorm (`normalize_qk` only).
     q_pre: Option<Array>,
@@ -94,7 +110,7 @@ impl MultiHeadDotProductAttention {
         inputs_q: ArrayRef<'a>,
         inputs_k: Option<ArrayRef<'a>>,
         inputs_v: Option<ArrayRef<'a>>,
-        mask: Option<&'a Array>,
+        mask: Option<&Array>,
         causal: Option<Align>,
         ctx: &mut Context<'_>,
     ) -> Result<(Array, MhaPullback<'a>), AttnError> {
@@ -109,7 +125,7 @@ impl MultiHeadDotProductAttention {
             inputs_q,
             inputs_k,
             inputs_v,
-            mask,
+            mask: mask.cloned(),
             causal,
             q_pre: p.q_pre,
             k_pre: p.k_pre,
@@ -178,7 +194,7 @@ impl MhaPullback<'_> {
 
         // The attention core, from the forward's residuals.
         let grads = {
-            let args = layer.attention_args(self.mask, self.causal, ctx, false);
+            let args = layer.attention_args(self.mask.as_ref(), self.causal, ctx, false);
             dot_product_attention_bwd(
                 &self.q,
                 &self.k,

@@ -25,7 +25,7 @@ mod params;
 mod projection;
 mod view;
 
-pub use backward::{MhaGrads, MhaPullback};
+pub use backward::{LayerGradients, MhaGrads, MhaPullback};
 pub use cache::KvCache;
 pub use checkpoint::{msgpack_subtree, safetensors_subtree};
 pub use params::{Dense, Dims, InFeatures, MhaConfig, MhaParams};

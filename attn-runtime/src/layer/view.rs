@@ -114,6 +114,14 @@ impl<'a> ArrayRef<'a> {
         )
     }
 
+    /// Borrows row-major `data` with an owned `shape`; the lengths must agree.
+    pub fn from_slice<T: LayerElement>(
+        data: &'a [T],
+        shape: Vec<usize>,
+    ) -> Result<Self, AttnError> {
+        Self::from_parts("inputs", T::floats(Cow::Borrowed(data)), Cow::Owned(shape))
+    }
+
     /// Borrows an [`Array`]; `tensor` names it in errors (it must hold a float dtype).
     pub fn from_array(tensor: &'static str, array: &'a Array) -> Result<Self, AttnError> {
         let data = match array.data() {

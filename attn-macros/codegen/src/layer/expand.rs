@@ -1,7 +1,7 @@
 //! Turns a validated [`ProjectionLayer`] into Rust: the struct (which owns the runtime layer and
 //! so its parameters), an impl with the sizes as consts, typed views of the parameters, the
-//! constructors and loaders, `forward`, and with a `cache` the cache type and `prefill` /
-//! `decode`. Cannot fail.
+//! constructors and loaders, `forward`, `vjp` and its pullback type (`training.rs`), and with
+//! a `cache` the cache type and `prefill` / `decode`. Cannot fail.
 
 use proc_macro2::{Ident, Literal, TokenStream};
 use quote::{format_ident, quote};
@@ -24,15 +24,15 @@ fn doc(line: impl AsRef<str>) -> TokenStream {
     quote!(#[doc = #line])
 }
 
-fn docs<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> TokenStream {
+pub(super) fn docs<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> TokenStream {
     lines.into_iter().map(doc).collect()
 }
 
-fn usize_lit(n: usize) -> Literal {
+pub(super) fn usize_lit(n: usize) -> Literal {
     Literal::usize_unsuffixed(n)
 }
 
-fn elem(dtype: DType) -> TokenStream {
+pub(super) fn elem(dtype: DType) -> TokenStream {
     match dtype {
         DType::F32 => quote!(f32),
         DType::F64 => quote!(f64),
@@ -66,13 +66,13 @@ fn dim_type(layer: &ProjectionLayer, axis: &Axis) -> TokenStream {
     }
 }
 
-fn shape_type(layer: &ProjectionLayer, axes: &[Axis]) -> TokenStream {
+pub(super) fn shape_type(layer: &ProjectionLayer, axes: &[Axis]) -> TokenStream {
     let dims = axes.iter().map(|axis| dim_type(layer, axis));
     quote!((#(#dims,)*))
 }
 
 /// The run-time named dims among `axes`, in order, without repeats.
-fn generics<'a>(
+pub(super) fn generics<'a>(
     layer: &ProjectionLayer,
     inputs: impl IntoIterator<Item = &'a Input>,
 ) -> Vec<Ident> {
@@ -90,7 +90,7 @@ fn generics<'a>(
     names
 }
 
-fn shape_text(layer: &ProjectionLayer, axes: &[Axis]) -> String {
+pub(super) fn shape_text(layer: &ProjectionLayer, axes: &[Axis]) -> String {
     let dims: Vec<String> = axes
         .iter()
         .map(|axis| match axis {
@@ -335,6 +335,7 @@ fn expand_layer(layer: &ProjectionLayer) -> TokenStream {
         }
     };
     let forward = forward_fn(layer);
+    let vjp = super::training::vjp_fn(layer);
     let cache = layer
         .cache
         .map(|cache| cache_items(layer, cache, &cache_ident));
@@ -346,6 +347,7 @@ fn expand_layer(layer: &ProjectionLayer) -> TokenStream {
             .starts_with(|c: char| c.is_lowercase())
     });
     let allow = lowercase.then(|| quote!(#[allow(non_camel_case_types)]));
+    let pullback = super::training::pullback_items(layer, allow.as_ref());
     let kernel_doc =
         |what: &str, shape: [usize; 3]| doc(format!("The shape of `{what}`: `{shape:?}`."));
     let q_kernel_doc = kernel_doc(
@@ -373,6 +375,7 @@ fn expand_layer(layer: &ProjectionLayer) -> TokenStream {
             layer: ::attn::__private::layer::MultiHeadDotProductAttention,
         }
         #cache
+        #pullback
         #allow
         impl #ident {
             /// Flax's `num_heads`.
@@ -400,6 +403,7 @@ fn expand_layer(layer: &ProjectionLayer) -> TokenStream {
             #constructors
             #views
             #forward
+            #vjp
             #decode
         }
     }
@@ -462,7 +466,7 @@ fn config_fn(layer: &ProjectionLayer) -> TokenStream {
     }
 }
 
-fn align_tokens(align: Align) -> TokenStream {
+pub(super) fn align_tokens(align: Align) -> TokenStream {
     match align {
         Align::TopLeft => quote!(::attn::__private::kernel::Align::TopLeft),
         Align::BottomRight => quote!(::attn::__private::kernel::Align::BottomRight),
@@ -471,14 +475,14 @@ fn align_tokens(align: Align) -> TokenStream {
 }
 
 /// `inputs_q_shape.0` for axis 0.
-fn axis_value(input: &str, i: usize) -> TokenStream {
+pub(super) fn axis_value(input: &str, i: usize) -> TokenStream {
     let shape = format_ident!("{}_shape", input);
     let index = syn::Index::from(i);
     quote!(#shape.#index)
 }
 
 /// `same_dim` checks for every run-time name used more than once.
-fn same_dims(layer: &ProjectionLayer, inputs: &[&Input]) -> Vec<TokenStream> {
+pub(super) fn same_dims(layer: &ProjectionLayer, inputs: &[&Input]) -> Vec<TokenStream> {
     let mut first: Vec<(Ident, &'static str, usize)> = Vec::new();
     let mut checks = Vec::new();
     for input in inputs {
@@ -503,7 +507,7 @@ fn same_dims(layer: &ProjectionLayer, inputs: &[&Input]) -> Vec<TokenStream> {
     checks
 }
 
-fn ctx_tokens(layer: &ProjectionLayer) -> TokenStream {
+pub(super) fn ctx_tokens(layer: &ProjectionLayer) -> TokenStream {
     if layer.sow {
         quote!(ctx)
     } else {

@@ -5,6 +5,7 @@
 //! [`ProjectionLayer`] and [`expand()`] turns it into Rust.
 
 mod expand;
+mod training;
 
 pub use expand::expand;
 

@@ -489,3 +489,27 @@ fn generated_layer_backward_rejects_inputs_of_another_call() {
         },
     );
 }
+
+#[test]
+fn residuals_of_a_call_with_another_mask_or_bias_are_rejected() {
+    // Found by the random sweep: the fingerprint held the mask's structure but not a mask
+    // tensor's bits, nor the bias, so these backwards ran with the wrong mask or bias.
+    // [len, heads, depth]: 2 queries, 2 keys, one head; the mask is [q_len, kv_len].
+    let (q, k, v) = (f32s(&[2, 1, 1]), f32s(&[2, 1, 1]), f32s(&[2, 1, 1]));
+    let c = f32s(&[2, 1, 1]);
+    let mask = Array::new(vec![true, false, true, true], vec![2, 2]).unwrap();
+    let all = Array::new(vec![true; 4], vec![2, 2]).unwrap();
+    let (out, saved) = dot_product_attention_fwd(&q, &k, &v, FlaxArgs::new().mask(&mask)).unwrap();
+    dot_product_attention_bwd(&q, &k, &v, &out, &saved, &c, FlaxArgs::new().mask(&mask)).unwrap();
+    expect_error("a mask differing in one element", residuals_error(), || {
+        dot_product_attention_bwd(&q, &k, &v, &out, &saved, &c, FlaxArgs::new().mask(&all))
+            .map(drop)
+    });
+    let bias = Array::new(vec![0.5f32, -0.5], vec![2]).unwrap();
+    let other = Array::new(vec![0.5f32, -0.25], vec![2]).unwrap();
+    let (out, saved) = dot_product_attention_fwd(&q, &k, &v, FlaxArgs::new().bias(&bias)).unwrap();
+    expect_error("a bias differing in one value", residuals_error(), || {
+        dot_product_attention_bwd(&q, &k, &v, &out, &saved, &c, FlaxArgs::new().bias(&other))
+            .map(drop)
+    });
+}

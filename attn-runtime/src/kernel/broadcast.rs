@@ -85,6 +85,11 @@ pub(crate) struct Resolved<'a, T> {
 }
 
 impl<'a, T: Copy> Resolved<'a, T> {
+    /// The operand's elements, as given (for the residuals' fingerprint).
+    pub(crate) fn elements(&self) -> &'a [T] {
+        self.data
+    }
+
     /// Resolves `op` against `[batch_shape..., heads, q_len, kv_len]`.
     pub(crate) fn new(
         op: &Broadcast<'a, T>,

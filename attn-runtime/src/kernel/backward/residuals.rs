@@ -19,9 +19,9 @@ use crate::error::{AttnError, try_filled};
 /// Holds each row's logsumexp when the forward ran the tiled path (with a sow sink it ran the
 /// materialized path and keeps none: the backward then recomputes the statistics), and a
 /// fingerprint of the call: its sizes, dtypes, options, mask structure (causal, window,
-/// lengths, segment ids), dropout generator, and a checksum of
-/// query, key, value and output (every element up to 4,096 per tensor, else 4,096 elements
-/// spread evenly over it). A backward given the residuals of another call returns
+/// lengths, segment ids), dropout generator, every bit of a mask tensor, and a checksum of
+/// query, key, value, bias and output (every element up to 4,096 per tensor, else 4,096
+/// elements spread evenly over it). A backward given the residuals of another call returns
 /// [`AttnError::InvalidArgument`] with `argument: "residuals"`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Residuals {
@@ -162,5 +162,13 @@ fn fingerprint<E: Element, B: Element, O: Element>(call: &Call<'_, E, B>, output
     h.sample(call.key);
     h.sample(call.value.unwrap_or(&[]));
     h.sample(output);
+    // The bias like the inputs; the mask tensor bit by bit (64 to a word): two masks of one
+    // shape may differ in a single element, which a sample would miss.
+    h.sample(call.bias.as_ref().map_or(&[][..], |b| b.elements()));
+    let mask = call.mask.as_ref().map_or(&[][..], |m| m.elements());
+    h.word(mask.len() as u64);
+    for chunk in mask.chunks(64) {
+        h.word(chunk.iter().fold(0u64, |w, &bit| w << 1 | u64::from(bit)));
+    }
     h.0
 }

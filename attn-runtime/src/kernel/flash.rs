@@ -48,9 +48,9 @@ use super::Call;
 use super::broadcast::Resolved;
 use super::dot::{Dot, dot};
 use super::exp::{MulAdd, Unfused, exp_f32};
+use super::isa::{self, Body, Isa, Product, TileScalar};
 use super::mask_blocks::{BlockClass, MaskBlocks};
 use super::round::bf16_bits;
-use super::simd::{self, Body, Isa, Product};
 use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32, transpose_tile_u32};
 use super::visibility::Visibility;
 use crate::context::Threads;
@@ -70,7 +70,7 @@ const MIN_TASKS: usize = 4;
 
 /// The arithmetic of the tiled path (`f32` or `f64`).
 pub(crate) trait TileReal:
-    Copy
+    TileScalar
     + Default
     + Dot
     + Send
@@ -81,18 +81,12 @@ pub(crate) trait TileReal:
     + Mul<Output = Self>
     + 'static
 {
-    /// 0.
-    const ZERO: Self;
     /// 1.
     const ONE: Self;
     /// −∞.
     const NEG_INFINITY: Self;
-    /// `x` converted (rounded) to this type.
-    fn of<E: Element>(x: E) -> Self;
     /// `self` converted (rounded) to `O`.
     fn to<O: Element>(self) -> O;
-    /// `x` rounded to this type.
-    fn from_f64(x: f64) -> Self;
     /// The larger of the two; a NaN `other` is ignored (NaN still reaches the result through
     /// `exp(NaN - m)`). A comparison select, not `f32::max`: it compiles to one vector max
     /// instruction where `f32::max`, which also ignores a NaN `self`, takes three.
@@ -109,7 +103,7 @@ pub(crate) trait TileReal:
     fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
     /// `c (=|+=) a · b` (see [`Product`]).
     fn product(isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize);
-    /// `c (=|+=) a · b` over `bf16` pairs (see [`simd::product_bf16_pairs`]).
+    /// `c (=|+=) a · b` over `bf16` pairs (see [`isa::product_bf16_pairs`]).
     fn product_bf16_pairs(p: &Product<'_, u32>, c: &mut [Self], ldc: usize);
     /// `out[n · stride] += bias[b, h, i, j0 + n]` for `n < count`.
     fn add_bias(
@@ -127,20 +121,11 @@ pub(crate) trait TileReal:
 }
 
 impl TileReal for f32 {
-    const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f32::NEG_INFINITY;
     #[inline(always)]
-    fn of<E: Element>(x: E) -> Self {
-        x.to_f32()
-    }
-    #[inline(always)]
     fn to<O: Element>(self) -> O {
         O::from_f32(self)
-    }
-    #[inline(always)]
-    fn from_f64(x: f64) -> Self {
-        x as f32
     }
     #[inline(always)]
     fn max(self, other: Self) -> Self {
@@ -169,14 +154,14 @@ impl TileReal for f32 {
     #[inline(always)]
     fn product(isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize) {
         if isa.has_avx512() {
-            simd::product_avx512(p, c, ldc);
+            isa::product_avx512(p, c, ldc);
         } else {
-            product_portable(p, c, ldc);
+            isa::product_portable(p, c, ldc);
         }
     }
     #[inline(always)]
     fn product_bf16_pairs(p: &Product<'_, u32>, c: &mut [Self], ldc: usize) {
-        simd::product_bf16_pairs(p, c, ldc);
+        isa::product_bf16_pairs(p, c, ldc);
     }
     fn add_bias(
         bias: &dyn BiasRows,
@@ -189,7 +174,7 @@ impl TileReal for f32 {
         bias.add_f32(at, j0, count, out, stride);
     }
     fn dispatch<K: Body>(isa: Isa, input: K::Input) -> K::Output {
-        simd::with_features::<K>(isa, input)
+        isa::with_features::<K>(isa, input)
     }
     fn with_thread_scratch<R>(f: impl FnOnce(&ScratchCell<Self>) -> R) -> R {
         thread_local! {
@@ -202,20 +187,11 @@ impl TileReal for f32 {
 }
 
 impl TileReal for f64 {
-    const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INFINITY: Self = f64::NEG_INFINITY;
     #[inline(always)]
-    fn of<E: Element>(x: E) -> Self {
-        x.to_f64()
-    }
-    #[inline(always)]
     fn to<O: Element>(self) -> O {
         O::from_f64(self)
-    }
-    #[inline(always)]
-    fn from_f64(x: f64) -> Self {
-        x
     }
     #[inline(always)]
     fn max(self, other: Self) -> Self {
@@ -243,10 +219,10 @@ impl TileReal for f64 {
     }
     #[inline(always)]
     fn product(_isa: Isa, p: &Product<'_, Self>, c: &mut [Self], ldc: usize) {
-        product_portable(p, c, ldc);
+        isa::product_portable(p, c, ldc);
     }
     fn product_bf16_pairs(p: &Product<'_, u32>, c: &mut [Self], ldc: usize) {
-        product_bf16_pairs_portable(p, c, ldc);
+        isa::product_bf16_pairs_portable(p, c, ldc);
     }
     fn add_bias(
         bias: &dyn BiasRows,
@@ -269,83 +245,6 @@ impl TileReal for f64 {
         }
         SCRATCH.with(f)
     }
-}
-
-/// [`Product`] with plain loops (the inner loop runs along contiguous rows and vectorizes).
-/// Panics if an index would fall outside the operands (a bug in the caller).
-#[inline(always)]
-pub(crate) fn product_portable<T: TileReal>(p: &Product<'_, T>, c: &mut [T], ldc: usize) {
-    product_rows(p, c, ldc, |r, acc| {
-        for k in 0..p.depth {
-            let a = p.a[r * p.a_row + k * p.a_step];
-            let b_row = &p.b[k * p.b_step..k * p.b_step + p.cols];
-            for (c, &b) in acc.iter_mut().zip(b_row) {
-                *c = *c + a * b;
-            }
-        }
-    });
-}
-
-/// The frame of the portable products: checks the bounds, then for each row `r` lets
-/// `add_products(r, acc)` add that row's products to `acc` and writes the row of `c` as
-/// [`Product`] says. A scaled product is summed from 0 and scaled before `c` is added (as the
-/// AVX-512 micro-kernels do); else the sums start from `c` (or 0).
-/// Panics if an index would fall outside the operands (a bug in the caller).
-#[inline(always)]
-fn product_rows<T: TileReal, X>(
-    p: &Product<'_, X>,
-    c: &mut [T],
-    ldc: usize,
-    mut add_products: impl FnMut(usize, &mut [T]),
-) {
-    assert!(p.in_bounds(c.len(), ldc), "tile product out of bounds");
-    let scale = T::from_f64(p.scale.into());
-    let mut sums = Vec::new();
-    for r in 0..p.rows {
-        let c_row = &mut c[r * ldc..r * ldc + p.cols];
-        if p.scale == 1.0 {
-            if !p.accumulate {
-                c_row.fill(T::ZERO);
-            }
-            add_products(r, c_row);
-        } else {
-            sums.clear();
-            sums.resize(p.cols, T::ZERO);
-            add_products(r, &mut sums);
-            for (c, &x) in c_row.iter_mut().zip(&sums) {
-                *c = if p.accumulate {
-                    *c + scale * x
-                } else {
-                    scale * x
-                };
-            }
-        }
-    }
-}
-
-/// [`simd::product_bf16_pairs`] with plain loops, in the arithmetic `T`.
-/// Panics if an index would fall outside the operands (a bug in the caller).
-pub(crate) fn product_bf16_pairs_portable<T: TileReal>(
-    p: &Product<'_, u32>,
-    c: &mut [T],
-    ldc: usize,
-) {
-    let unpair = |x: u32| {
-        (
-            T::of(f32::from_bits(x << 16)),
-            T::of(f32::from_bits(x & 0xFFFF_0000)),
-        )
-    };
-    product_rows(p, c, ldc, |r, acc| {
-        for k in 0..p.depth {
-            let (a_lo, a_hi) = unpair(p.a[r * p.a_row + k * p.a_step]);
-            let b_row = &p.b[k * p.b_step..k * p.b_step + p.cols];
-            for (c, &b) in acc.iter_mut().zip(b_row) {
-                let (b_lo, b_hi) = unpair(b);
-                *c = *c + a_lo * b_lo + a_hi * b_hi;
-            }
-        }
-    });
 }
 
 /// A bias operand behind a trait object, so that the kernel body is compiled once per input
@@ -761,7 +660,7 @@ pub(crate) struct Scratch<C> {
     pairs: Bf16Pairs,
 }
 
-/// `bf16` operands packed in pairs along the summation (see [`simd::product_bf16_pairs`]).
+/// `bf16` operands packed in pairs along the summation (see [`isa::product_bf16_pairs`]).
 struct Bf16Pairs {
     /// Per head: scaled queries rounded to `bf16`, `[qk_depth / 2][width]`.
     query: Vec<u32>,
@@ -922,7 +821,7 @@ impl Rows {
     }
 }
 
-/// The task body, compiled per instruction set by [`simd::with_features`].
+/// The task body, compiled per instruction set by [`isa::with_features`].
 struct TaskBody<'t, 'a, C, E>(std::marker::PhantomData<(&'t (), &'a (), C, E)>);
 
 impl<'t, 'a, C, E> Body for TaskBody<'t, 'a, C, E>
@@ -1222,7 +1121,7 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
         let half_depth = depth.div_ceil(2);
         let key_bits = E::as_bf16_bits(args.key).unwrap_or_default();
         // With an even depth the keys are already pairs in memory; else pack them, padded.
-        let (key_pairs, key_row) = match simd::as_u32_pairs(key_bits) {
+        let (key_pairs, key_row) = match isa::as_u32_pairs(key_bits) {
             Some(all) if depth.is_multiple_of(2) => (&all[key_start / 2..], kv_rows / 2),
             _ => {
                 pairs.key.resize(cols * half_depth, 0);
@@ -1316,8 +1215,8 @@ fn key_block<C: TileReal, E: Element, M: MulAdd>(
                 if h + 1 < d.heads && d.kv_head(h + 1) != g {
                     for j in [lo, hi] {
                         let next_value = value_start + v_depth + j * kv_values;
-                        simd::prefetch(&value_bits[next_value..][..v_depth]);
-                        simd::prefetch(&key_bits[key_start + depth + j * kv_rows..][..depth]);
+                        isa::prefetch(&value_bits[next_value..][..v_depth]);
+                        isa::prefetch(&key_bits[key_start + depth + j * kv_rows..][..depth]);
                     }
                 }
             } else {

@@ -17,6 +17,7 @@ mod dot;
 pub(crate) mod exp;
 mod flash;
 pub(crate) mod gemm;
+mod isa;
 mod jax;
 mod mask_blocks;
 mod materialized;
@@ -24,7 +25,6 @@ mod plan;
 mod real;
 pub(crate) mod round;
 mod rowpass;
-mod simd;
 mod transpose;
 mod visibility;
 
@@ -445,7 +445,7 @@ fn run_tiled<E: Element, B: Element, O: Element>(
         unreachable!("the tiled path is chosen only for output calls")
     };
     let args = flash::FlashArgs::of_call(call, value)?;
-    let isa = simd::Isa::detect();
+    let isa = isa::Isa::detect();
     let threads = ctx.threads();
     threads.install(|| flash::flash_attention(&args, out, lse, isa, threads))
 }

@@ -19,7 +19,6 @@ mod flash;
 pub(crate) mod gemm;
 mod isa;
 mod jax;
-mod mask_blocks;
 mod materialized;
 mod plan;
 mod real;

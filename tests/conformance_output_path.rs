@@ -1,5 +1,6 @@
 //! Every `dot_product_attention` conformance case through the tiled output path: called without
-//! a sow sink, the runtime computes the output without materializing the weights (`flash.rs`).
+//! a sow sink, the runtime computes the output without materializing the weights
+//! (`attn-runtime/src/kernel/flash/`).
 //! `tests/conformance.rs` runs every case with a sink, through the weights path; together every
 //! case passes through both paths. Fails when no case file is found.
 

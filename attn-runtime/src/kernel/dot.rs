@@ -2,8 +2,14 @@
 //! interleaved partial sums (one AVX-512 register of `f32`), folded pairwise at the end. The
 //! order of operations depends only on the length, so the result does not depend on the thread
 //! that computes it.
+//!
+//! [`Dot`] chooses the code per element type: the portable loops of [`isa::dot_portable`] and
+//! [`isa::axpy_portable`], or for `f32` the AVX-512 code of the `isa` backends where the CPU
+//! has it (the same bits). It imports [`isa`]; `isa` does not import it.
 
 use std::ops::{Add, Mul};
+
+use super::isa::{self, axpy_portable, dot_portable};
 
 /// Element types of [`dot`].
 pub(crate) trait Dot: Copy + Default + Add<Output = Self> + Mul<Output = Self> {
@@ -33,20 +39,19 @@ impl Dot for f32 {
     /// The AVX-512 code where the CPU has it (the same bits).
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
-        super::simd::dot_avx512(a, b).unwrap_or_else(|| dot_portable(a, b))
+        isa::dot_avx512(a, b).unwrap_or_else(|| dot_portable(a, b))
     }
 
     /// The AVX-512 code where the CPU has it (the same bits as four [`dot`]s).
     #[inline(always)]
     fn dot4(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
-        super::simd::dot4_avx512(a, b)
-            .unwrap_or_else(|| [0, 1, 2, 3].map(|t| Self::dot(a[t], b[t])))
+        isa::dot4_avx512(a, b).unwrap_or_else(|| [0, 1, 2, 3].map(|t| Self::dot(a[t], b[t])))
     }
 
     /// The AVX-512 code where the CPU has it (the same bits).
     #[inline(always)]
     fn axpy(y: &mut [f32], x: f32, b: &[f32]) {
-        if !super::simd::axpy_avx512(y, x, b) {
+        if !isa::axpy_avx512(y, x, b) {
             axpy_portable(y, x, b);
         }
     }
@@ -58,62 +63,9 @@ pub(crate) fn dot<C: Dot>(a: &[C], b: &[C]) -> C {
     C::dot(a, b)
 }
 
-/// [`Dot::axpy`] in portable code.
-#[inline(always)]
-fn axpy_portable<C: Copy + Add<Output = C> + Mul<Output = C>>(y: &mut [C], x: C, b: &[C]) {
-    for (o, &v) in y.iter_mut().zip(b) {
-        *o = *o + x * v;
-    }
-}
-
-/// [`dot`] in portable code.
-#[inline(always)]
-fn dot_portable<C>(a: &[C], b: &[C]) -> C
-where
-    C: Copy + Default + Add<Output = C> + Mul<Output = C>,
-{
-    const LANES: usize = 16;
-    // One step: lane `l` adds `x[l]·y[l]`. The partial sums are only ever indexed by constants,
-    // so that they stay in one vector register (a tail loop indexing them by a variable made
-    // the compiler keep them in memory and split the main loop into 2- and 4-lane pieces).
-    #[inline(always)]
-    fn step<C: Copy + Add<Output = C> + Mul<Output = C>>(
-        partial: &mut [C; LANES],
-        x: &[C; LANES],
-        y: &[C; LANES],
-    ) {
-        for l in 0..LANES {
-            partial[l] = partial[l] + x[l] * y[l];
-        }
-    }
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut partial = [C::default(); LANES];
-    let (a_chunks, a_tail) = a.as_chunks::<LANES>();
-    let (b_chunks, b_tail) = b.as_chunks::<LANES>();
-    for (x, y) in a_chunks.iter().zip(b_chunks) {
-        step(&mut partial, x, y);
-    }
-    if !a_tail.is_empty() {
-        // The tail, padded with zeros (which add `0·0 = 0` to the other lanes).
-        let (mut x, mut y) = ([C::default(); LANES], [C::default(); LANES]);
-        x[..a_tail.len()].copy_from_slice(a_tail);
-        y[..b_tail.len()].copy_from_slice(b_tail);
-        step(&mut partial, &x, &y);
-    }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            partial[l] = partial[l] + partial[l + width];
-        }
-    }
-    partial[0]
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{dot, dot_portable};
+    use super::dot;
 
     #[test]
     fn four_at_once_give_the_bits_of_four_dots() {
@@ -144,17 +96,6 @@ mod tests {
                 (got - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
                 "n={n}: {got} vs {exact}"
             );
-        }
-    }
-
-    #[test]
-    fn avx512_code_gives_the_portable_bits() {
-        for n in [0usize, 1, 15, 16, 17, 64, 100, 128, 131] {
-            let a: Vec<f32> = (0..n).map(|k| (k as f32 * 0.37).sin() * 1e3).collect();
-            let b: Vec<f32> = (0..n).map(|k| (k as f32 * 0.11).cos() / 7.0).collect();
-            if let Some(got) = crate::kernel::simd::dot_avx512(&a, &b) {
-                assert_eq!(got.to_bits(), dot_portable(&a, &b).to_bits(), "n={n}");
-            }
         }
     }
 

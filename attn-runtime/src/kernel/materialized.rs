@@ -15,10 +15,10 @@ use super::Call;
 use super::dot::dot;
 use super::exp::MulAdd;
 use super::gemm::{MatMut, MatRef, gemm, head_blocks_mut};
+use super::isa::{self, Body, Isa, Product};
 use super::real::{Real, SPARE_MAX_BYTES};
 use super::round::{Narrow, ToBf16, ToF16};
 use super::rowpass::{MaskRow, RowPass};
-use super::simd::{self, Body, Isa, Product};
 use super::transpose::{TRANSPOSE_TILE, transpose_tile, transpose_tile_f32, transpose_tile_u32};
 use crate::array::Array;
 use crate::context::{Context, Threads};
@@ -105,7 +105,7 @@ enum KeyOperand<'a, T: Clone> {
     /// bf16 inputs on a CPU with bf16 dot products: `kᵀ` as [`KeyOperand::Panels`] but with
     /// pairs of bf16 along the depth, `[batch·heads, kv / 64, depth / 2, 64]`, and the scaled,
     /// rounded query as pairs, `[batch, q, heads, depth / 2]` (see
-    /// [`simd::product_bf16_pairs`]). The products are exact in f32, so the logits are the
+    /// [`isa::product_bf16_pairs`]). The products are exact in f32, so the logits are the
     /// f32 ones up to the order of the sums.
     Bf16Pairs { key: Vec<u32>, query: Vec<u32> },
 }
@@ -213,7 +213,7 @@ fn transpose_key<E: Element, B, T: Real>(
                 kv,
                 dk,
             };
-            simd::with_features::<TransposeHead<'_, E, T>>(isa, input)
+            isa::with_features::<TransposeHead<'_, E, T>>(isa, input)
         },
     );
     Ok(key_t)
@@ -232,7 +232,7 @@ struct TransposeInput<'s, E, T> {
     dk: usize,
 }
 
-/// The body [`simd::with_features`] compiles per instruction set: one head of
+/// The body [`isa::with_features`] compiles per instruction set: one head of
 /// [`transpose_key`], tile by tile through a small buffer on the stack (key rows and rows of
 /// the result lie a power of two apart in common shapes and would evict each other from the
 /// same cache sets if copied directly). Full tiles have constant bounds, so that their loops
@@ -310,7 +310,7 @@ fn key_pair_panels<E: Element, B>(
         return Ok(panels);
     }
     // With an even depth (and an aligned key), every key row is whole pairs in place.
-    let key_pairs = simd::as_u32_pairs(key_bits).filter(|_| dk.is_multiple_of(2));
+    let key_pairs = isa::as_u32_pairs(key_bits).filter(|_| dk.is_multiple_of(2));
     threads.for_each(
         panels.chunks_mut(head_len).enumerate().collect(),
         |(bh, head)| {
@@ -472,7 +472,7 @@ fn widen<E: Element, T: Real>(
                 scale,
                 round,
             };
-            simd::with_features::<Widen<'_, E, T>>(isa, input)
+            isa::with_features::<Widen<'_, E, T>>(isa, input)
         },
     );
     Ok(out)
@@ -486,7 +486,7 @@ struct WidenInput<'s, E, T> {
     round: Option<DType>,
 }
 
-/// The body [`simd::with_features`] compiles per instruction set: the loop of [`widen`].
+/// The body [`isa::with_features`] compiles per instruction set: the loop of [`widen`].
 struct Widen<'s, E, T>(PhantomData<(&'s (), E, T)>);
 
 impl<'s, E: Element, T: Real> Body for Widen<'s, E, T> {
@@ -671,7 +671,7 @@ fn compute<E: Element, B: Element, W: Element, O: Element, T: Real>(
             key_panels: &mut key_panels,
             task,
         };
-        let result = simd::with_features::<BlockBody<'_, '_, '_, E, B, W, O, T>>(isa, input);
+        let result = isa::with_features::<BlockBody<'_, '_, '_, E, B, W, O, T>>(isa, input);
         T::put_spare(SPARE_LOGITS, logits);
         T::put_spare(SPARE_OUTPUT, output);
         T::put_spare(SPARE_KEY, key_panels);
@@ -735,7 +735,7 @@ struct BlockInput<'t, 'a, 'o, E, B, W, O, T: Clone> {
     task: Task<'o, W, O, T>,
 }
 
-/// The body [`simd::with_features`] compiles per instruction set: [`run_block`], so that its
+/// The body [`isa::with_features`] compiles per instruction set: [`run_block`], so that its
 /// loops (rounding, the row pass, conversions) are vectorized at the CPU's width.
 struct BlockBody<'t, 'a, 'o, E, B, W, O, T: Clone>(
     PhantomData<BlockInput<'t, 'a, 'o, E, B, W, O, T>>,
@@ -845,7 +845,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     // (The micro-kernel scales the sums before it stores them.)
                     scale: alpha,
                 };
-                simd::product_avx512(&product, &mut c[first_key..], kv);
+                isa::product_avx512(&product, &mut c[first_key..], kv);
                 let panel = c[first_key..].chunks_mut(kv).map(|row| &mut row[..keys]);
                 match (operands.round_logits, call.query_round) {
                     (true, DType::BF16) => round_panel::<ToBf16>(panel),
@@ -874,7 +874,7 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
                     // (The query is scaled already.)
                     scale: 1.0,
                 };
-                simd::product_bf16_pairs(&product, &mut c[first_key..], kv);
+                isa::product_bf16_pairs(&product, &mut c[first_key..], kv);
                 let panel = c[first_key..].chunks_mut(kv).map(|row| &mut row[..keys]);
                 round_panel::<ToBf16>(panel);
             }

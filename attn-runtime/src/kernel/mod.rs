@@ -1,15 +1,22 @@
 //! The kernel layer: typed, strided attention over `[batch..., len, heads, depth]` slices. This
 //! is what `attention!`-generated code calls; the Flax-style API ([`crate::flax`]) is built on it.
 //!
-//! Files: `broadcast.rs` (bias/mask operands), `plan.rs` (the dtype plan = Flax's rounding
-//! points), `rowpass.rs` (the fused bias/mask/softmax/dropout pass over one row of logits),
-//! `materialized.rs` (the per-(batch, head) driver that builds the `q × kv` logits matrix),
-//! `gemm.rs` (strided views and `matrixmultiply` calls), `real.rs` (f32/f64 arithmetic),
-//! `flash.rs` (the tiled online-softmax output path that never builds the `q × kv` matrix),
-//! `exp.rs` (a vectorizable `exp`), `dot.rs` (a vectorizable dot product), `transpose.rs` (the
-//! tiled transpose of operand layouts), `simd.rs` (CPU feature detection and AVX-512
-//! micro-kernels). `unsafe` code lives in `gemm.rs` and `simd.rs` only. Which driver computes a
-//! call is decided in one place: `choose_path`.
+//! Files: `broadcast.rs` (bias/mask operands), `visibility.rs` (the structured mask terms),
+//! `plan.rs` (the dtype plan = Flax's rounding points), `rowpass.rs` (the fused
+//! bias/mask/softmax/dropout pass over one row of logits), `materialized.rs` (the per-(batch,
+//! head) driver that builds the `q × kv` logits matrix), `flash/` (the tiled online-softmax
+//! output path that never builds the `q × kv` matrix, one concept per file: see its module
+//! docs), `backward/` (the gradients), `jax.rs` (jax.nn's numerics), `gemm/` (strided views,
+//! `matrixmultiply` calls and thin products), `real.rs` (f32/f64 arithmetic), `exp.rs` (a
+//! vectorizable `exp`), `dot.rs` (a vectorizable dot product), `transpose.rs` (the tiled
+//! transpose of operand layouts), `isa/` (the instruction sets: `isa::Isa` detected once per
+//! process, one backend file per instruction set, portable, AVX2, AVX-512, AVX512-BF16, behind
+//! safe entry points). `unsafe` code lives in `gemm/mod.rs` and the backend files of `isa/`
+//! only. Which driver computes a call is decided in one place: `choose_path`.
+//!
+//! The code that uses the instruction sets (`materialized.rs`, `flash/`, `rowpass.rs`, `dot.rs`,
+//! `transpose.rs`) imports them through `isa/mod.rs` only; `isa/` imports none of it, so the
+//! imports between the drivers and the instruction sets form a DAG.
 
 mod backward;
 mod broadcast;
@@ -17,14 +24,13 @@ mod dot;
 pub(crate) mod exp;
 mod flash;
 pub(crate) mod gemm;
+mod isa;
 mod jax;
-mod mask_blocks;
 mod materialized;
 mod plan;
 mod real;
 pub(crate) mod round;
 mod rowpass;
-mod simd;
 mod transpose;
 mod visibility;
 
@@ -445,7 +451,7 @@ fn run_tiled<E: Element, B: Element, O: Element>(
         unreachable!("the tiled path is chosen only for output calls")
     };
     let args = flash::FlashArgs::of_call(call, value)?;
-    let isa = simd::Isa::detect();
+    let isa = isa::Isa::detect();
     let threads = ctx.threads();
     threads.install(|| flash::flash_attention(&args, out, lse, isa, threads))
 }

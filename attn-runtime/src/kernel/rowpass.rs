@@ -9,7 +9,7 @@
 //!
 //! The softmax of `f32` rows (every call whose steps are f32, bf16 or f16) runs in
 //! [`normalize_f32`]: loops the compiler vectorizes, compiled for the CPU's vector width by
-//! [`simd::with_features`], with the fast [`exp_f32`] and 16 running maxima and sums per row
+//! [`isa::with_features`], with the fast [`exp_f32`] and 16 running maxima and sums per row
 //! (a fixed order, so bits do not depend on the thread count). 16-bit rounding points are
 //! emulated in `f32` by [`Narrow`] bit operations; for f32 they are no-ops and compile away.
 
@@ -21,10 +21,10 @@ use rand_pcg::Pcg32;
 
 use super::broadcast::Row;
 use super::exp::{MulAdd, exp_f32};
+use super::isa::{self, Body, Isa};
 use super::plan::{DTypePlan, DropoutPlan};
 use super::real::Real;
 use super::round::{KeepF32, Narrow, ToBf16, ToF16};
-use super::simd::{self, Body, Isa};
 use crate::element::{DType, Element};
 
 /// The mask of one row: the keys its structured terms may let it see, its segment ids, and an
@@ -269,7 +269,7 @@ const LANES: usize = 16;
 fn normalize_f32(input: RowsInput<'_>, softmax: DType) {
     fn with<N: Narrow>(input: RowsInput<'_>) {
         // `with_features` evaluates the fast `exp` with FMA wherever the SIMD builds run.
-        simd::with_features::<NormalizeRows<N>>(Isa::detect(), input);
+        isa::with_features::<NormalizeRows<N>>(Isa::detect(), input);
     }
     match softmax {
         DType::BF16 => with::<ToBf16>(input),
@@ -291,7 +291,7 @@ struct RowsInput<'r> {
     bf16_weights: Option<&'r mut [u16]>,
 }
 
-/// The body [`simd::with_features`] compiles per instruction set: [`normalize_row`] over rows.
+/// The body [`isa::with_features`] compiles per instruction set: [`normalize_row`] over rows.
 struct NormalizeRows<'r, N>(PhantomData<(&'r mut [f32], N)>);
 
 impl<'r, N: Narrow> Body for NormalizeRows<'r, N> {

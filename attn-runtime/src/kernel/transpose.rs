@@ -1,6 +1,6 @@
 //! The tiled transpose both kernel paths lay their operands out with.
 
-use super::simd;
+use super::isa;
 
 /// The side of the square tiles [`transpose_tile`] works in: 16 source rows are read 16 values
 /// (one cache line of f32) at a time, and each of the 16 rows of the result they go to gets
@@ -49,7 +49,7 @@ pub(super) fn transpose_tile<'s, X: Copy + 's, Y: Copy>(
 
 /// [`transpose_tile`] of `f32` into `f32` times `scale`, the rows of the block `src_row` apart
 /// from the start of `src`: a whole tile goes through the AVX-512 registers where the CPU has
-/// them ([`simd::transpose_16x16_avx512`]; the portable tile stays scalar), a partial one
+/// them ([`isa::transpose_16x16_avx512`]; the portable tile stays scalar), a partial one
 /// through `tile`.
 #[inline(always)]
 pub(super) fn transpose_tile_f32(
@@ -61,7 +61,7 @@ pub(super) fn transpose_tile_f32(
     ld: usize,
 ) {
     const N: usize = TRANSPOSE_TILE;
-    if rows == N && cols == N && simd::transpose_16x16_avx512(src, src_row, scale, dst, ld) {
+    if rows == N && cols == N && isa::transpose_16x16_avx512(src, src_row, scale, dst, ld) {
         return;
     }
     transpose_tile(
@@ -76,7 +76,7 @@ pub(super) fn transpose_tile_f32(
 
 /// [`transpose_tile`] of 32-bit words (`bf16` pairs) moved as they are, the rows of the block
 /// `src_row` apart from the start of `src`: a whole tile through the AVX-512 registers where
-/// the CPU has them ([`simd::transpose_16x16_bits_avx512`]), else through `tile`.
+/// the CPU has them ([`isa::transpose_16x16_bits_avx512`]), else through `tile`.
 #[inline(always)]
 pub(super) fn transpose_tile_u32(
     tile: &mut [[u32; TRANSPOSE_TILE]; TRANSPOSE_TILE],
@@ -86,7 +86,7 @@ pub(super) fn transpose_tile_u32(
     ld: usize,
 ) {
     const N: usize = TRANSPOSE_TILE;
-    if rows == N && cols == N && simd::transpose_16x16_bits_avx512(src, src_row, dst, ld) {
+    if rows == N && cols == N && isa::transpose_16x16_bits_avx512(src, src_row, dst, ld) {
         return;
     }
     transpose_tile(tile, (rows, cols), |j| &src[j * src_row..], |x| x, dst, ld);

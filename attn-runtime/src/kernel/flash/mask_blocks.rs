@@ -10,12 +10,12 @@
 
 use std::ops::Range;
 
-use super::broadcast::Resolved;
+use super::super::broadcast::Resolved;
 use crate::error::AttnError;
 
 /// Keys per summarized chunk; chunks start at key 0. Equal to the output path's key block, so
 /// that a key block aligned to it spans one chunk.
-pub(crate) const CHUNK: usize = super::flash::KEY_BLOCK;
+pub(crate) const CHUNK: usize = super::dims::KEY_BLOCK;
 
 /// What the mask does on a block of rows and keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,165 +1,47 @@
-//! CPU feature detection and the explicitly vectorized pieces of the kernels.
+//! The AVX-512 backend (AVX-512F, with AVX2 and FMA): the generic kernel bodies ([`Body`])
+//! compiled for 512-bit vectors through a `#[target_feature]` trampoline, and hand-written
+//! kernels behind safe, bounds-checked entry points that check [`Isa::detect`] themselves:
+//! - [`product_avx512`]: the `f32` micro-kernel of the tile products (6 rows × 64 columns, 24
+//!   accumulators), whose micro-tile frame ([`for_each_tile`], [`RawTile`], [`start_tile`],
+//!   [`store_tile`]) `avx512_bf16.rs` shares;
+//! - [`transpose_16x16_avx512`], [`transpose_16x16_bits_avx512`]: a 16 × 16 block transposed
+//!   in the registers;
+//! - [`dot_avx512`], [`dot4_avx512`], [`axpy_avx512`]: the dot products and axpy of short
+//!   queries, with the bits of the portable loops.
 //!
-//! This is the one module of the kernels with `unsafe` code. It holds:
-//! - [`Isa`]: which instruction set the kernels use, detected once at run time (the shipped build
-//!   must not rely on `-C target-cpu=native`);
-//! - an AVX-512 micro-kernel for the small matrix products of the fused attention tile,
-//!   behind the safe, bounds-checked [`product_avx512`];
-//! - [`with_features`], which runs a generic, `#[inline(always)]` kernel [`Body`] compiled for
-//!   the detected instruction set, so that its loops (row maxima, `exp`, sums, rescaling)
-//!   auto-vectorize at that width.
+//! Every `unsafe` block here carries a `// SAFETY:` comment; each `unsafe fn` states its
+//! contract under `# Safety`. Where the CPU lacks AVX-512 the entry points compute with (or
+//! return to) the portable code of `portable.rs`.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 
-use super::exp::{Fused, MulAdd, Unfused};
+#[cfg(target_arch = "x86_64")]
+use super::super::exp::Fused;
+use super::portable::product_portable;
+use super::shared::{Body, Isa, Product};
 
-/// The instruction set the kernels run with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Isa {
-    /// As [`Isa::Avx512`], and products of `bf16` operands by the AVX512-BF16 dot-product
-    /// instruction (`vdpbf16ps`: two `bf16` products per `f32` lane, accumulated in `f32`).
-    Avx512Bf16,
-    /// x86-64 with AVX-512F (plus AVX2 and FMA): explicit 512-bit micro-kernels.
-    Avx512,
-    /// x86-64 with AVX2 and FMA: the portable code compiled for 256-bit vectors.
-    Avx2,
-    /// Anything else: the portable code for the baseline target.
-    Portable,
-}
-
-impl Isa {
-    /// The best instruction set this CPU supports (detected once, then cached).
-    pub(crate) fn detect() -> Isa {
-        static DETECTED: OnceLock<Isa> = OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                let avx2 = std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma");
-                if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
-                    if std::arch::is_x86_feature_detected!("avx512bf16") {
-                        return Isa::Avx512Bf16;
-                    }
-                    return Isa::Avx512;
-                }
-                if avx2 {
-                    return Isa::Avx2;
-                }
-            }
-            Isa::Portable
-        })
-    }
-
-    /// Whether the 512-bit `f32` micro-kernels run with this instruction set.
-    pub(crate) fn has_avx512(self) -> bool {
-        matches!(self, Isa::Avx512 | Isa::Avx512Bf16)
-    }
-
-    /// Every instruction set that can run on this CPU, best first (tests run each of them).
-    #[cfg(test)]
-    pub(crate) fn available() -> Vec<Isa> {
-        let all = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
-        let best = all
-            .iter()
-            .position(|&isa| isa == Isa::detect())
-            .unwrap_or(3);
-        all[best..].to_vec()
-    }
-}
-
-/// A kernel body that [`with_features`] compiles once per instruction set.
-pub(crate) trait Body {
-    /// What the body takes.
-    type Input;
-    /// What the body returns.
-    type Output;
-    /// The body, with multiply–adds evaluated as `M` says (fused where the FMA feature is
-    /// enabled). Implementations mark it `#[inline(always)]` (and everything it calls that
-    /// should be vectorized too), so that it is inlined into the `#[target_feature]`
-    /// trampolines below and its loops are vectorized for the instruction set.
-    fn run<M: MulAdd>(input: Self::Input) -> Self::Output;
-}
-
-/// Runs `K::run` compiled for `isa`. An `isa` the CPU lacks falls back to the portable build
-/// (never undefined behaviour).
+/// `K::run` compiled for AVX-512F, AVX2 and FMA where [`Isa::detect`] found them; `input`
+/// handed back otherwise (the caller then runs the portable build).
 #[inline]
-pub(crate) fn with_features<K: Body>(isa: Isa, input: K::Input) -> K::Output {
+pub(super) fn run<K: Body>(input: K::Input) -> Result<K::Output, K::Input> {
     #[cfg(target_arch = "x86_64")]
-    {
-        match isa {
-            Isa::Avx512 | Isa::Avx512Bf16 if Isa::detect().has_avx512() => {
-                // SAFETY: `Isa::detect` found AVX-512F, AVX2 and FMA on this CPU, which are
-                // the features `run_avx512` is compiled with.
-                return unsafe { run_avx512::<K>(input) };
-            }
-            Isa::Avx2 if Isa::detect() != Isa::Portable => {
-                // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU (it reports `Avx512` or
-                // `Avx512Bf16` only when those are present as well).
-                return unsafe { run_avx2::<K>(input) };
-            }
-            _ => {}
-        }
+    if Isa::detect().has_avx512() {
+        // SAFETY: `Isa::detect` found AVX-512F, AVX2 and FMA on this CPU, which are the
+        // features `run_avx512` is compiled with.
+        return Ok(unsafe { run_avx512::<K>(input) });
     }
-    let _ = isa;
-    K::run::<Unfused>(input)
+    Err(input)
 }
 
+/// `K::run` with fused multiply-adds, compiled for AVX-512F, AVX2 and FMA.
+///
+/// # Safety
+/// The CPU supports AVX-512F, AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn run_avx512<K: Body>(input: K::Input) -> K::Output {
     K::run::<Fused>(input)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2<K: Body>(input: K::Input) -> K::Output {
-    K::run::<Fused>(input)
-}
-
-/// One small matrix product of the fused attention tile:
-/// `c[r·ldc + col] (= or +=) Σₚ a[r·a_row + p·a_step] · b[p·b_step + col]`
-/// for `r < rows`, `col < cols`, `p < depth`.
-///
-/// `a` is read by broadcasting single elements (any strides); `b` and `c` rows are contiguous.
-pub(crate) struct Product<'s, T> {
-    /// Left operand.
-    pub a: &'s [T],
-    /// Distance in `a` between consecutive output rows.
-    pub a_row: usize,
-    /// Distance in `a` between consecutive summation indices.
-    pub a_step: usize,
-    /// Right operand.
-    pub b: &'s [T],
-    /// Distance in `b` between consecutive summation indices (rows of `b`).
-    pub b_step: usize,
-    /// Output rows.
-    pub rows: usize,
-    /// Output columns.
-    pub cols: usize,
-    /// Length of the summation.
-    pub depth: usize,
-    /// Add to `c` (`true`) or overwrite it (`false`).
-    pub accumulate: bool,
-    /// Factor of the products: `c (=|+=) scale · (a · b)` (1: none).
-    pub scale: f32,
-}
-
-impl<T> Product<'_, T> {
-    /// Whether every index the product touches lies inside `a`, `b` and a `c` of `c_len`
-    /// elements with row stride `ldc`.
-    pub(crate) fn in_bounds(&self, c_len: usize, ldc: usize) -> bool {
-        if self.rows == 0 || self.cols == 0 {
-            return true;
-        }
-        let last_a = (self.rows - 1) * self.a_row + self.depth.saturating_sub(1) * self.a_step;
-        let last_b = self.depth.saturating_sub(1) * self.b_step + self.cols - 1;
-        let last_c = (self.rows - 1) * ldc + self.cols - 1;
-        (self.depth == 0 || (last_a < self.a.len() && last_b < self.b.len()))
-            && last_c < c_len
-            && ldc >= self.cols
-    }
 }
 
 /// Rows of a micro-tile.
@@ -170,7 +52,8 @@ const TILE_VECTORS: usize = 4;
 /// [`Product`] with AVX-512 micro-kernels (6 rows × 64 columns, 24 accumulators).
 ///
 /// Must be called only where [`Isa::detect`] returned an AVX-512 [`Isa`] (the flash kernel
-/// calls it from inside [`with_features`]); otherwise it computes with the portable code.
+/// calls it from inside [`with_features`](super::with_features)); otherwise it computes with the
+/// portable code.
 /// Panics if an index would fall outside `a`, `b` or `c` (a bug in the caller, never input).
 #[inline]
 pub(crate) fn product_avx512(p: &Product<'_, f32>, c: &mut [f32], ldc: usize) {
@@ -179,7 +62,7 @@ pub(crate) fn product_avx512(p: &Product<'_, f32>, c: &mut [f32], ldc: usize) {
         return;
     }
     if p.depth == 0 || !Isa::detect().has_avx512() {
-        super::flash::product_portable(p, c, ldc);
+        product_portable(p, c, ldc);
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -188,21 +71,6 @@ pub(crate) fn product_avx512(p: &Product<'_, f32>, c: &mut [f32], ldc: usize) {
         // 1 ≤ vectors ≤ 4 and a tile whose accesses lie inside the operands.
         unsafe { dispatch_tile(rows, vectors, &tile) }
     });
-}
-
-/// Asks the CPU to bring the cache lines of `data` into L1: a hint, with no effect on any
-/// result (nothing at all off x86-64).
-#[inline(always)]
-pub(crate) fn prefetch<T>(data: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let start = data.as_ptr().cast::<i8>();
-        for offset in (0..std::mem::size_of_val(data)).step_by(64) {
-            // SAFETY: `start + offset` lies inside `data`; a prefetch never faults and changes
-            // no memory.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(offset)) };
-        }
-    }
 }
 
 /// `dst[d · ld + j] = src[j · src_row + d] · scale` for `j, d < 16`: a 16 × 16 block
@@ -342,7 +210,8 @@ unsafe fn transpose_16x16(
 }
 
 /// `Σ a[k]·b[k]` over the shorter slice with the AVX-512 registers, in exactly the order of
-/// [`super::dot::dot`] (16 lanes of products added in order, the tail zero-padded, the lanes
+/// [`dot_portable`](super::portable::dot_portable) (16 lanes of products added in order, the
+/// tail zero-padded, the lanes
 /// folded in halves), so the two give the same bits; `None` where [`Isa::detect`] found no
 /// AVX-512. The compiler splits the portable loop into 2- and 4-lane pieces.
 #[inline]
@@ -518,52 +387,13 @@ unsafe fn dot_16_lanes(a: &[f32], b: &[f32]) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
 }
 
-/// [`Product`] of `bf16` pairs into `f32`: every `u32` of `a` and `b` holds two `bf16` values
-/// that are consecutive along the summation (the first in the low half), and `depth` counts
-/// pairs, so `c[r·ldc + col] (= or +=) Σₚ lo(a)·lo(b) + hi(a)·hi(b)`. Each product of two
-/// `bf16` values is exact in `f32`; the sums are `f32`.
-///
-/// Runs `vdpbf16ps` micro-kernels (6 rows × 64 columns, 32 products per instruction) where
-/// [`Isa::detect`] returned [`Isa::Avx512Bf16`], else portable code.
-/// Panics if an index would fall outside `a`, `b` or `c` (a bug in the caller, never input).
-#[inline]
-pub(crate) fn product_bf16_pairs(p: &Product<'_, u32>, c: &mut [f32], ldc: usize) {
-    assert!(p.in_bounds(c.len(), ldc), "tile product out of bounds");
-    if p.rows == 0 || p.cols == 0 {
-        return;
-    }
-    if p.depth == 0 || Isa::detect() != Isa::Avx512Bf16 {
-        super::flash::product_bf16_pairs_portable(p, c, ldc);
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    for_each_tile(p, c, ldc, |rows, vectors, tile| {
-        // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked above); `for_each_tile` gives
-        // 1 ≤ rows ≤ 6, 1 ≤ vectors ≤ 4 and a tile whose accesses lie inside the operands.
-        unsafe { dispatch_tile_bf16_pairs(rows, vectors, &tile) }
-    });
-}
-
-/// `bits` read as pairs of consecutive values (element `i` of the result is `bits[2i]` in the
-/// low half and `bits[2i + 1]` in the high half, on this little-endian target), without a
-/// copy; `None` if `bits` does not start at a 4-byte boundary or has an odd length.
-pub(crate) fn as_u32_pairs(bits: &[u16]) -> Option<&[u32]> {
-    if cfg!(target_endian = "big") || !bits.len().is_multiple_of(2) {
-        return None;
-    }
-    // SAFETY: every bit pattern is a valid `u32`, and `align_to` only puts elements in the
-    // middle slice that are aligned for `u32` and lie inside `bits`.
-    let (prefix, pairs, suffix) = unsafe { bits.align_to::<u32>() };
-    (prefix.is_empty() && suffix.is_empty()).then_some(pairs)
-}
-
 /// Splits the product (already checked by [`Product::in_bounds`] against `c` and `ldc`) into
 /// micro-tiles of at most 6 rows × 4 vectors of 16 lanes and calls `run(rows, vectors, tile)`
 /// for each. Every tile satisfies the contract of [`tile`]: its accesses lie inside `a`, `b`
 /// and `c`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn for_each_tile<T>(
+pub(super) fn for_each_tile<T>(
     p: &Product<'_, T>,
     c: &mut [f32],
     ldc: usize,
@@ -609,18 +439,18 @@ fn for_each_tile<T>(
 /// Raw operands of one micro-tile (see [`for_each_tile`] for the bounds they satisfy):
 /// `a` and `b` hold `f32` values or `bf16` pairs (`u32`), `c` is `f32`.
 #[cfg(target_arch = "x86_64")]
-struct RawTile<T> {
-    a: *const T,
-    a_row: usize,
-    a_step: usize,
-    b: *const T,
-    b_step: usize,
-    c: *mut f32,
-    ldc: usize,
-    depth: usize,
-    tail_mask: u16,
-    accumulate: bool,
-    scale: f32,
+pub(super) struct RawTile<T> {
+    pub(super) a: *const T,
+    pub(super) a_row: usize,
+    pub(super) a_step: usize,
+    pub(super) b: *const T,
+    pub(super) b_step: usize,
+    pub(super) c: *mut f32,
+    pub(super) ldc: usize,
+    pub(super) depth: usize,
+    pub(super) tail_mask: u16,
+    pub(super) accumulate: bool,
+    pub(super) scale: f32,
 }
 
 /// `$tile::<R, V>($t)` for `R = $rows` (1..=6) and `V = $vectors` (1..=4); larger values
@@ -648,6 +478,9 @@ macro_rules! instantiated_tile {
         }
     }};
 }
+/// The macro, for the `bf16`-pair micro-kernel of `avx512_bf16.rs`.
+#[cfg(target_arch = "x86_64")]
+pub(super) use instantiated_tile;
 
 /// Calls the micro-kernel instantiated for `rows × vectors`.
 ///
@@ -665,7 +498,7 @@ unsafe fn dispatch_tile(rows: usize, vectors: usize, t: &RawTile<f32>) {
 /// The lanes of vector `v` of a row of an `R × V` tile: all 16, but `tail_mask` in the last.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn tile_lanes<const V: usize, T>(t: &RawTile<T>, v: usize) -> u16 {
+pub(super) fn tile_lanes<const V: usize, T>(t: &RawTile<T>, v: usize) -> u16 {
     if v + 1 == V { t.tail_mask } else { u16::MAX }
 }
 
@@ -679,7 +512,9 @@ fn tile_lanes<const V: usize, T>(t: &RawTile<T>, v: usize) -> u16 {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn start_tile<T, const R: usize, const V: usize>(t: &RawTile<T>) -> [[__m512; V]; R] {
+pub(super) unsafe fn start_tile<T, const R: usize, const V: usize>(
+    t: &RawTile<T>,
+) -> [[__m512; V]; R] {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     if t.accumulate && t.scale == 1.0 {
         for (r, acc_row) in acc.iter_mut().enumerate() {
@@ -701,7 +536,10 @@ unsafe fn start_tile<T, const R: usize, const V: usize>(t: &RawTile<T>) -> [[__m
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn store_tile<T, const R: usize, const V: usize>(t: &RawTile<T>, acc: [[__m512; V]; R]) {
+pub(super) unsafe fn store_tile<T, const R: usize, const V: usize>(
+    t: &RawTile<T>,
+    acc: [[__m512; V]; R],
+) {
     let scale = _mm512_set1_ps(t.scale);
     for (r, acc_row) in acc.iter().enumerate() {
         for (v, &acc_v) in acc_row.iter().enumerate() {
@@ -752,59 +590,6 @@ unsafe fn tile<const R: usize, const V: usize>(t: &RawTile<f32>) {
     unsafe { store_tile::<_, R, V>(t, acc) }
 }
 
-/// Calls the `bf16`-pair micro-kernel instantiated for `rows × vectors`.
-///
-/// # Safety
-/// The CPU supports AVX-512F and AVX512-BF16, `1 <= rows <= 6`, `1 <= vectors <= 4`, and every
-/// access described on [`tile_bf16_pairs`] is in bounds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn dispatch_tile_bf16_pairs(rows: usize, vectors: usize, t: &RawTile<u32>) {
-    // SAFETY: the call is `tile_bf16_pairs::<rows, vectors>` (6 and 4 for anything larger,
-    // which the contract excludes); the contract of this function is its own.
-    unsafe { instantiated_tile!(tile_bf16_pairs, rows, vectors, t) }
-}
-
-/// `R × V` vectors of `c` (=|+=) `a · b` over `t.depth` pairs of `bf16`, by `vdpbf16ps`.
-///
-/// # Safety
-/// The CPU supports AVX-512F and AVX512-BF16; for r < R, k < depth, v < V and every lane l of
-/// vector v allowed by the mask (all 16 lanes except in the last vector, where `tail_mask`
-/// applies): `a + r·a_row + k·a_step`, `b + k·b_step + 16v + l` and `c + r·ldc + 16v + l` are in
-/// bounds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile_bf16_pairs<const R: usize, const V: usize>(t: &RawTile<u32>) {
-    let lanes = |v: usize| tile_lanes::<V, _>(t, v);
-    // SAFETY: the contract of this function covers `c`'s accesses.
-    let mut acc = unsafe { start_tile::<_, R, V>(t) };
-    // `__m512i` and `__m512bh` are both 64 bytes of plain lanes: the reinterpretation reads
-    // each 32-bit lane as two `bf16` values.
-    let as_pairs = |x: __m512i| -> __m512bh {
-        // SAFETY: same size, every bit pattern is a valid value of either type.
-        unsafe { core::mem::transmute::<__m512i, __m512bh>(x) }
-    };
-    for k in 0..t.depth {
-        let mut b = [as_pairs(_mm512_setzero_si512()); V];
-        for (v, b_v) in b.iter_mut().enumerate() {
-            // SAFETY: k < depth, lanes allowed by the mask: in bounds by the contract.
-            *b_v = as_pairs(unsafe {
-                _mm512_maskz_loadu_epi32(lanes(v), t.b.add(k * t.b_step + 16 * v).cast())
-            });
-        }
-        for (r, acc_row) in acc.iter_mut().enumerate() {
-            // SAFETY: r < R and k < depth: in bounds by the contract.
-            let a = unsafe { *t.a.add(r * t.a_row + k * t.a_step) };
-            let a = as_pairs(_mm512_set1_epi32(a as i32));
-            for (acc_v, b_v) in acc_row.iter_mut().zip(&b) {
-                *acc_v = _mm512_dpbf16_ps(*acc_v, a, *b_v);
-            }
-        }
-    }
-    // SAFETY: the contract of this function covers `c`'s accesses.
-    unsafe { store_tile::<_, R, V>(t, acc) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -836,7 +621,7 @@ mod tests {
                 let mut simd = c0.clone();
                 product_avx512(&p, &mut simd, ldc);
                 let mut portable = c0.clone();
-                super::super::flash::product_portable(&p, &mut portable, ldc);
+                product_portable(&p, &mut portable, ldc);
                 for r in 0..rows {
                     for j in 0..ldc {
                         let at = r * ldc + j;
@@ -910,6 +695,21 @@ mod tests {
                 7
             };
             assert_eq!(got, want, "dst[{d}][{j}]");
+        }
+    }
+
+    #[test]
+    fn avx512_code_gives_the_portable_bits() {
+        for n in [0usize, 1, 15, 16, 17, 64, 100, 128, 131] {
+            let a: Vec<f32> = (0..n).map(|k| (k as f32 * 0.37).sin() * 1e3).collect();
+            let b: Vec<f32> = (0..n).map(|k| (k as f32 * 0.11).cos() / 7.0).collect();
+            if let Some(got) = dot_avx512(&a, &b) {
+                assert_eq!(
+                    got.to_bits(),
+                    super::super::portable::dot_portable(&a, &b).to_bits(),
+                    "n={n}"
+                );
+            }
         }
     }
 }

@@ -26,35 +26,27 @@ use crate::flax::{dot_product_attention_bwd, dot_product_attention_fwd};
 use crate::kernel::gemm::{GemmScalar, MatMut, MatRef, gemm};
 use crate::kernel::{Align, Residuals};
 
-/// The gradients [`MhaPullback::backward`] returns, each with its primal's shape and dtype.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MhaGrads {
-    /// The gradient of `inputs_q` (in self-attention, the sum of its query, key and value
-    /// paths).
-    pub inputs_q: Array,
-    /// The gradient of `inputs_k` when it was passed (with its value path when `inputs_v` was
-    /// not).
-    pub inputs_k: Option<Array>,
-    /// The gradient of `inputs_v` when it was passed.
-    pub inputs_v: Option<Array>,
-    /// The gradient of every parameter, as a parameter tree of the layer's shapes and dtypes.
-    pub params: MhaParams,
-}
-
-/// The gradients of an `attention!` projection layer's pullback: [`MhaGrads`] with each
-/// input's gradient a typed [`Tensor`](crate::Tensor) of the input's shape (`()` for an input
-/// the layer does not take), so the signature spells every gradient's shape.
+/// The gradients of a [`MhaPullback`]: the inputs' and every parameter's, each with its
+/// primal's shape and dtype. [`MhaGrads`] holds the inputs as [`Array`]s; the pullback of an
+/// `attention!` projection layer returns them as typed [`Tensor`](crate::Tensor)s of the
+/// inputs' declared shapes (`()` for an input the layer does not take), so its signature
+/// spells every gradient's shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerGradients<Q, K = (), V = ()> {
-    /// The gradient of `inputs_q` (with the key and value paths in self-attention).
+    /// The gradient of `inputs_q` (in self-attention, the sum of its query, key and value
+    /// paths).
     pub inputs_q: Q,
-    /// The gradient of `inputs_k` (with the value path when the layer has no `inputs_v`).
+    /// The gradient of `inputs_k` (with its value path when there is no `inputs_v`).
     pub inputs_k: K,
     /// The gradient of `inputs_v`.
     pub inputs_v: V,
     /// The gradient of every parameter, as a parameter tree of the layer's shapes and dtypes.
     pub params: MhaParams,
 }
+
+/// What [`MhaPullback::backward`] returns: `inputs_k` and `inputs_v` are `Some` when they were
+/// passed.
+pub type MhaGrads = LayerGradients<Array, Option<Array>, Option<Array>>;
 
 /// What [`MultiHeadDotProductAttention::vjp`] keeps for the backward: the inputs (borrowed),
 /// the projected query, key and value, the attention output and its [`Residuals`]. Like the
@@ -254,9 +246,10 @@ impl MhaPullback<'_> {
     }
 }
 
+/// An internal invariant of the backward broken (a bug, never the caller's input).
 fn internal(what: &str) -> AttnError {
     AttnError::InvalidArgument {
-        argument: "cotangent",
+        argument: "layer",
         reason: format!("internal error: {what}"),
     }
 }

@@ -466,7 +466,7 @@ fn config_fn(layer: &ProjectionLayer) -> TokenStream {
     }
 }
 
-pub(super) fn align_tokens(align: Align) -> TokenStream {
+fn align_tokens(align: Align) -> TokenStream {
     match align {
         Align::TopLeft => quote!(::attn::__private::kernel::Align::TopLeft),
         Align::BottomRight => quote!(::attn::__private::kernel::Align::BottomRight),
@@ -505,6 +505,29 @@ pub(super) fn same_dims(layer: &ProjectionLayer, inputs: &[&Input]) -> Vec<Token
         }
     }
     checks
+}
+
+/// The mask tensor of a call: the statement that copies it into an `Array` and the runtime's
+/// `mask` argument (both empty / `None` without a mask tensor).
+pub(super) fn mask_tokens(layer: &ProjectionLayer) -> (TokenStream, TokenStream) {
+    match &layer.mask {
+        Some(_) => (
+            quote!(let mask = ::attn::__private::mask_array(mask)?;),
+            quote!(::core::option::Option::Some(&mask)),
+        ),
+        None => (quote!(), quote!(::core::option::Option::None)),
+    }
+}
+
+/// The runtime's `causal` argument.
+pub(super) fn causal_tokens(layer: &ProjectionLayer) -> TokenStream {
+    match layer.causal {
+        Some(align) => {
+            let align = align_tokens(align);
+            quote!(::core::option::Option::Some(#align))
+        }
+        None => quote!(::core::option::Option::None),
+    }
 }
 
 pub(super) fn ctx_tokens(layer: &ProjectionLayer) -> TokenStream {
@@ -558,20 +581,8 @@ fn forward_fn(layer: &ProjectionLayer) -> TokenStream {
     let q_ref = quote!(::attn::__private::view_ref(inputs_q, &inputs_q_dims)?);
     let (k_dims, k_ref) = borrow(layer.inputs_k.as_ref());
     let (v_dims, v_ref) = borrow(layer.inputs_v.as_ref());
-    let (mask_let, mask_ref) = match &layer.mask {
-        Some(_) => (
-            quote!(let mask = ::attn::__private::mask_array(mask)?;),
-            quote!(::core::option::Option::Some(&mask)),
-        ),
-        None => (quote!(), quote!(::core::option::Option::None)),
-    };
-    let causal = match layer.causal {
-        Some(align) => {
-            let align = align_tokens(align);
-            quote!(::core::option::Option::Some(#align))
-        }
-        None => quote!(::core::option::Option::None),
-    };
+    let (mask_let, mask_ref) = mask_tokens(layer);
+    let causal = causal_tokens(layer);
     let batch = layer.inputs_q.axes.len() - 2;
     let out_dims = (0..=batch).map(|i| axis_value("inputs_q", i));
     let out = usize_lit(layer.out_features);

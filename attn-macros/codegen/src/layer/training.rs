@@ -6,7 +6,8 @@ use proc_macro2::{Ident, TokenStream};
 use quote::{format_ident, quote};
 
 use super::expand::{
-    align_tokens, ctx_tokens, docs, elem, generics, same_dims, shape_text, shape_type, usize_lit,
+    causal_tokens, ctx_tokens, docs, elem, generics, mask_tokens, same_dims, shape_text,
+    shape_type, usize_lit,
 };
 use super::{Input, ProjectionLayer};
 use crate::ir::Axis;
@@ -74,20 +75,8 @@ pub(super) fn vjp_fn(layer: &ProjectionLayer) -> TokenStream {
         borrow(layer.inputs_k.as_ref()),
         borrow(layer.inputs_v.as_ref()),
     );
-    let (mask_let, mask_ref) = match &layer.mask {
-        Some(_) => (
-            quote!(let mask = ::attn::__private::mask_array(mask)?;),
-            quote!(::core::option::Option::Some(&mask)),
-        ),
-        None => (quote!(), quote!(::core::option::Option::None)),
-    };
-    let causal = match layer.causal {
-        Some(align) => {
-            let align = align_tokens(align);
-            quote!(::core::option::Option::Some(#align))
-        }
-        None => quote!(::core::option::Option::None),
-    };
+    let (mask_let, mask_ref) = mask_tokens(layer);
+    let causal = causal_tokens(layer);
     let batch = layer.inputs_q.axes.len() - 2;
     let out_dims = (0..=batch).map(|i| {
         let index = syn::Index::from(i);

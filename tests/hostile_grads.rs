@@ -513,3 +513,48 @@ fn residuals_of_a_call_with_another_mask_or_bias_are_rejected() {
             .map(drop)
     });
 }
+
+#[test]
+fn backward_rejects_the_structured_inputs_the_forward_rejects() {
+    // Segment ids, lengths and windows of the wrong shape or range: the VJP and the fwd/bwd
+    // pair return exactly the forward's error (never a panic).
+    let (q, k, v) = (
+        f32s(&[2, 3, 2, 4]),
+        f32s(&[2, 5, 2, 4]),
+        f32s(&[2, 5, 2, 4]),
+    );
+    let c = f32s(&[2, 3, 2, 4]);
+    let ids = |shape: &[usize]| Array::new(vec![0i32; shape.iter().product()], shape.to_vec());
+    let (q_ids, k_ids, short_k) = (
+        ids(&[2, 3]).unwrap(),
+        ids(&[2, 5]).unwrap(),
+        ids(&[2, 4]).unwrap(),
+    );
+    let lengths = Array::new(vec![5i32, 6], vec![2]).unwrap();
+    let args = |case: usize| match case {
+        0 => FlaxArgs::new().segment_ids(&q_ids, &short_k),
+        1 => FlaxArgs::new().segment_ids(&k_ids, &k_ids),
+        _ => FlaxArgs::new().kv_lengths(&lengths),
+    };
+    let names = [
+        "key segment ids of the wrong length",
+        "query segment ids for the keys",
+        "kv length past the keys",
+    ];
+    for (case, name) in names.into_iter().enumerate() {
+        let forward = attn::dot_product_attention(&q, &k, &v, args(case))
+            .expect_err(name)
+            .to_string();
+        let vjp = catch_unwind(AssertUnwindSafe(|| {
+            dot_product_attention_vjp(&q, &k, &v, &c, args(case))
+        }))
+        .unwrap_or_else(|_| panic!("{name}: panicked"))
+        .expect_err(name)
+        .to_string();
+        assert_eq!(vjp, forward, "{name}");
+        let fwd = dot_product_attention_fwd(&q, &k, &v, args(case))
+            .expect_err(name)
+            .to_string();
+        assert_eq!(fwd, forward, "{name}");
+    }
+}

@@ -16,6 +16,7 @@
 //! three sets of ../shared/conformance (`cases`, `jax_nn`, `mha`, or `$ATTN_CONFORMANCE_DIR`,
 //! `$ATTN_JAX_NN_DIR`, `$ATTN_MHA_CONFORMANCE_DIR`).
 
+// The verdict of a case set, shared by the runners below.
 #[path = "../tests/support/conformance.rs"]
 mod conformance;
 #[path = "../tests/support/grads.rs"]
@@ -24,6 +25,8 @@ mod grads;
 mod jax_nn;
 #[path = "../tests/support/mha.rs"]
 mod mha;
+#[path = "../tests/support/tally.rs"]
+mod tally;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

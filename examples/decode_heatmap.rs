@@ -17,8 +17,11 @@
 //! `j` the cache slot `j`; brighter is more attention (square-root scale, so that small weights
 //! stay visible). Row `t` is zero right of column `t` (causal over the cache).
 
+// The verdict of a case set, shared by the runners below.
 #[path = "../tests/support/mha.rs"]
 mod mha;
+#[path = "../tests/support/tally.rs"]
+mod tally;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -9,8 +9,11 @@
 //!
 //! `CASE_DIR` defaults to `../shared/conformance/mha`.
 
+// The verdict of a case set, shared by the runners below.
 #[path = "../tests/support/mha.rs"]
 mod mha;
+#[path = "../tests/support/tally.rs"]
+mod tally;
 
 use attn::{Array, Const, Context, TensorView, attention};
 

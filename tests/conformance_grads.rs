@@ -5,52 +5,18 @@
 //! as its structure and as the stored dense mask. Each test prints one line per case and the
 //! counts, and fails when it finds no case with gradients.
 
+// The verdict of a case set, shared by the runners below.
 #[path = "support/grads.rs"]
 mod grads;
+#[path = "support/tally.rs"]
+mod tally;
 
-use grads::{MaskForm, Route, Set};
+use grads::{CASES, JAX_NN, MaskForm, Route, Set};
+use tally::assert_passes;
 
 fn run(var: &str, sub: &str, set: Set, route: Route) {
-    let dir = grads::dir(var, sub);
-    let files = grads::case_files(&dir)
-        .unwrap_or_else(|e| panic!("cannot read the cases ({e}); set {var} to their directory"));
-    let mut outcomes = Vec::new();
-    for f in &files {
-        match grads::load(f) {
-            Ok(case) => outcomes.extend(grads::run_case(&case, set, route)),
-            Err(e) => panic!("{e}"),
-        }
-    }
-    assert!(
-        !outcomes.is_empty(),
-        "no {set:?} case with gradients in {}",
-        dir.display()
-    );
-    for o in &outcomes {
-        println!("{o}");
-    }
-    let failed: Vec<String> = outcomes
-        .iter()
-        .filter(|o| !o.passed())
-        .map(|o| o.to_string())
-        .collect();
-    println!(
-        "{set:?} {route:?}: {} cases with grads, {} passed, {} failed",
-        outcomes.len(),
-        outcomes.len() - failed.len(),
-        failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failed.len(),
-        outcomes.len(),
-        failed.join("\n")
-    );
+    assert_passes(grads::check_set(var, sub, set, route));
 }
-
-const CASES: (&str, &str) = ("ATTN_CONFORMANCE_DIR", "cases");
-const JAX_NN: (&str, &str) = ("ATTN_JAX_NN_DIR", "jax_nn");
 
 #[test]
 fn flax_cases_weights_path() {

@@ -5,58 +5,17 @@
 //! mask as its structure on both paths, and once more with the stored dense mask. Each test fails
 //! when it finds no case of its family.
 
+// The verdict of a case set, shared by the runners below.
 #[path = "support/jax_nn.rs"]
 mod jax_nn;
+#[path = "support/tally.rs"]
+mod tally;
 
 use jax_nn::{Family, Mask, Route};
+use tally::assert_passes;
 
 fn run(family: Family, route: Route, mask: Mask) {
-    let dir = jax_nn::default_dir();
-    let files = jax_nn::case_files(&dir).unwrap_or_else(|e| {
-        panic!(
-            "cannot read the jax_nn cases ({e}); set {} to their directory",
-            jax_nn::DIR_VAR
-        )
-    });
-    let outcomes: Vec<_> = files
-        .iter()
-        .filter(|f| {
-            let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
-            // Cheap pre-filter by the public naming (jnn_* family A, flx_* family B); the
-            // runner checks the `function` field itself.
-            match (family, name.as_deref()) {
-                (Family::JaxNn, Some(n)) => !n.starts_with("flx_"),
-                (Family::FlaxStructured, Some(n)) => !n.starts_with("jnn_"),
-                _ => false,
-            }
-        })
-        .filter_map(|f| jax_nn::run_file(f, route, mask))
-        .collect();
-    assert!(
-        !outcomes.is_empty(),
-        "no {family:?} case files in {}",
-        dir.display()
-    );
-    for o in &outcomes {
-        println!("{o}");
-    }
-    let failed: Vec<String> = outcomes
-        .iter()
-        .filter(|o| !o.passed())
-        .map(|o| o.to_string())
-        .collect();
-    println!(
-        "{family:?} {route:?} {mask:?}: {} passed, {} failed",
-        outcomes.len() - failed.len(),
-        failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failed.len(),
-        outcomes.len(),
-        failed.join("\n")
-    );
+    assert_passes(jax_nn::check_family(family, route, mask));
 }
 
 #[test]

@@ -4,45 +4,16 @@
 //! `tests/conformance.rs` runs every case with a sink, through the weights path; together every
 //! case passes through both paths. Fails when no case file is found.
 
+// The verdict of a case set, shared by the runners below.
 #[path = "support/conformance.rs"]
 mod conformance;
+#[path = "support/tally.rs"]
+mod tally;
 
 use conformance::Route;
+use tally::assert_passes;
 
 #[test]
 fn every_output_case_passes_through_the_tiled_path() {
-    let dir = conformance::default_dir();
-    let files = conformance::case_files(&dir).unwrap_or_else(|e| {
-        panic!(
-            "cannot read the conformance cases ({e}); set {} to their directory",
-            conformance::DIR_VAR
-        )
-    });
-    let outcomes: Vec<_> = files
-        .iter()
-        .filter_map(|f| conformance::run_file_via(f, Route::Output))
-        .collect();
-    assert!(
-        outcomes.len() >= 50,
-        "only {} dot_product_attention cases in {}",
-        outcomes.len(),
-        dir.display()
-    );
-    let failed: Vec<String> = outcomes
-        .iter()
-        .filter(|o| !o.passed())
-        .map(|o| o.to_string())
-        .collect();
-    println!(
-        "{} passed, {} failed",
-        outcomes.len() - failed.len(),
-        failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failed.len(),
-        outcomes.len(),
-        failed.join("\n")
-    );
+    assert_passes(conformance::check_every_case(Route::Output));
 }

@@ -15,8 +15,11 @@
 
 #[path = "support/case_views.rs"]
 mod case_views;
+// The verdict of a case set, shared by the runners below.
 #[path = "support/grads.rs"]
 mod grads;
+#[path = "support/tally.rs"]
+mod tally;
 
 use attn::{
     Array, AttentionGrads, AttnError, Const, Context, Gradients, Intermediates, Scalar, Shape,

@@ -7,8 +7,11 @@
 //! The proptest at the end corrupts random bytes of random checkpoint files
 //! (`ATTN_LAYER_PROPTEST_CASES`, default 1024 cases: about a second).
 
+// The verdict of a case set, shared by the runners below.
 #[path = "support/mha.rs"]
 mod mha;
+#[path = "support/tally.rs"]
+mod tally;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -2,8 +2,11 @@
 //! checkpoints of `../shared/conformance/mha/` (or `$ATTN_MHA_CONFORMANCE_DIR`), against the
 //! outputs Flax stored in each case file, under the case's tolerances.
 
+// The verdict of a case set, shared by the runners below.
 #[path = "support/mha.rs"]
 mod mha;
+#[path = "support/tally.rs"]
+mod tally;
 
 use attn::layer::LayerElement;
 use attn::{Array, Const, Context, Element, Intermediates, Shape, Tensor, TensorView, attention};

@@ -12,8 +12,11 @@
 
 #[path = "support/case_views.rs"]
 mod case_views;
+// The verdict of a case set, shared by the runners below.
 #[path = "support/conformance.rs"]
 mod conformance;
+#[path = "support/tally.rs"]
+mod tally;
 
 use std::collections::BTreeMap;
 

@@ -10,6 +10,8 @@
 //! are allowed to be unused there.
 #![allow(dead_code)]
 
+use super::tally;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -485,4 +487,34 @@ fn run_case_checking(
         }
     }
     outcome
+}
+
+impl tally::Verdict for Outcome {
+    fn passed(&self) -> bool {
+        Outcome::passed(self)
+    }
+}
+
+/// Every case of the directory through `route`: [`Route::Weights`] runs every case and checks
+/// every expected tensor; [`Route::Output`] runs the `dot_product_attention` cases on the tiled
+/// path (at least 50 of them) and checks their output.
+pub fn check_every_case(route: Route) -> Result<String, String> {
+    let dir = default_dir();
+    let files = case_files(&dir).map_err(|e| {
+        format!("cannot read the conformance cases ({e}); set {DIR_VAR} to their directory")
+    })?;
+    let outcomes: Vec<Outcome> = match route {
+        Route::Weights => files.iter().map(|f| run_file(f)).collect(),
+        Route::Output => (files.iter())
+            .filter_map(|f| run_file_via(f, Route::Output))
+            .collect(),
+    };
+    if route == Route::Output && outcomes.len() < 50 {
+        return Err(format!(
+            "only {} dot_product_attention cases in {}",
+            outcomes.len(),
+            dir.display()
+        ));
+    }
+    tally::tally(&format!("Flax cases, {route:?} route"), &outcomes)
 }

@@ -6,6 +6,8 @@
 //! `grad_*` tolerance: same dtype, same shape, `|actual - expected| <= atol + rtol·|expected|`.
 #![allow(dead_code)]
 
+use super::tally;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -523,3 +525,27 @@ pub fn check_grads(
     }
     Some(outcome)
 }
+
+impl tally::Verdict for Outcome {
+    fn passed(&self) -> bool {
+        Outcome::passed(self)
+    }
+}
+
+/// The stored gradients of every case of `set` in the directory (`$var`, else
+/// `../shared/conformance/<sub>`) through `route`.
+pub fn check_set(var: &str, sub: &str, set: Set, route: Route) -> Result<String, String> {
+    let dir = dir(var, sub);
+    let files = case_files(&dir)
+        .map_err(|e| format!("cannot read the cases ({e}); set {var} to their directory"))?;
+    let mut outcomes = Vec::new();
+    for f in &files {
+        outcomes.extend(run_case(&load(f)?, set, route));
+    }
+    tally::tally(&format!("{set:?} gradients, {route:?}"), &outcomes)
+}
+
+/// The Flax cases' directory: the variable and the folder under `../shared/conformance`.
+pub const CASES: (&str, &str) = ("ATTN_CONFORMANCE_DIR", "cases");
+/// The `jax.nn` cases' directory.
+pub const JAX_NN: (&str, &str) = ("ATTN_JAX_NN_DIR", "jax_nn");

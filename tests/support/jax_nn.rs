@@ -13,6 +13,8 @@
 //! tolerance, after checking dtype and shape. `grads` are not checked here.
 #![allow(dead_code)]
 
+use super::tally;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -528,4 +530,33 @@ pub fn run_file(path: &Path, route: Route, mask: Mask) -> Option<Outcome> {
         }
     }
     Some(outcome)
+}
+
+impl tally::Verdict for Outcome {
+    fn passed(&self) -> bool {
+        Outcome::passed(self)
+    }
+}
+
+/// Every case of `family` in the directory through `route`, with the mask as `mask` says.
+pub fn check_family(family: Family, route: Route, mask: Mask) -> Result<String, String> {
+    let dir = default_dir();
+    let files = case_files(&dir).map_err(|e| {
+        format!("cannot read the jax_nn cases ({e}); set {DIR_VAR} to their directory")
+    })?;
+    let outcomes: Vec<Outcome> = files
+        .iter()
+        .filter(|f| {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+            // Cheap pre-filter by the public naming (jnn_* family A, flx_* family B); the
+            // runner checks the `function` field itself.
+            match (family, name.as_deref()) {
+                (Family::JaxNn, Some(n)) => !n.starts_with("flx_"),
+                (Family::FlaxStructured, Some(n)) => !n.starts_with("jnn_"),
+                _ => false,
+            }
+        })
+        .filter_map(|f| run_file(f, route, mask))
+        .collect();
+    tally::tally(&format!("{family:?} {route:?} {mask:?}"), &outcomes)
 }

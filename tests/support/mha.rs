@@ -10,6 +10,8 @@
 //! once more with all steps in one multi-token call (same outputs and caches expected).
 #![allow(dead_code)]
 
+use super::tally;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -787,4 +789,34 @@ pub fn run_grads(path: &Path) -> Option<Outcome> {
             error: Some(e),
         },
     })
+}
+
+impl tally::Verdict for Outcome {
+    fn passed(&self) -> bool {
+        Outcome::passed(self)
+    }
+}
+
+/// Every case of the directory, loaded from each of its checkpoint files: outputs, sown
+/// weights, decode caches (at least one run per case file).
+pub fn check_forward() -> Result<String, String> {
+    let dir = default_dir();
+    let files = case_files(&dir)?;
+    let outcomes: Vec<Outcome> = files.iter().flat_map(|f| run_file(f)).collect();
+    if outcomes.len() < files.len() {
+        return Err(format!(
+            "{} runs for {} case files in {}",
+            outcomes.len(),
+            files.len(),
+            dir.display()
+        ));
+    }
+    tally::tally("mha forward", &outcomes)
+}
+
+/// The gradients of the inputs and of every parameter, for every case that stores them.
+pub fn check_gradients() -> Result<String, String> {
+    let files = case_files(&default_dir())?;
+    let outcomes: Vec<Outcome> = files.iter().filter_map(|f| run_grads(f)).collect();
+    tally::tally("mha gradients", &outcomes)
 }

@@ -40,6 +40,7 @@ pub use backward::{
     jax_attention_backward,
 };
 pub use broadcast::{Broadcast, broadcast_shapes};
+pub use isa::Isa;
 pub use jax::{JaxOptions, LARGE_NEGATIVE, attention_lse, jax_attention, jax_dtypes};
 pub use plan::DTypePlan;
 pub use visibility::{Align, Mask, SegmentIds, Window};

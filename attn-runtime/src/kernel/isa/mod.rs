@@ -36,7 +36,8 @@ pub(crate) use portable::{
     as_u32_pairs, axpy_portable, dot_portable, prefetch, product_bf16_pairs_portable,
     product_portable,
 };
-pub(crate) use shared::{Body, Isa, Product, TileScalar};
+pub use shared::Isa;
+pub(crate) use shared::{Body, Product, TileScalar};
 
 use super::exp::Unfused;
 

@@ -120,7 +120,38 @@ fn main() -> ExitCode {
             trials.push(trial.with_ignored_flag(!isa.is_supported()));
         }
     }
+    trials.push(Trial::test(
+        "max_isa::a_name_of_no_backend_is_reported_and_ignored",
+        unknown_name_is_ignored,
+    ));
     libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// `ATTN_MAX_ISA=avx9000`: a line on standard error names the value and the valid names, and
+/// the kernels run with the best backend of the CPU.
+fn unknown_name_is_ignored() -> Result<(), Failed> {
+    let exe = std::env::current_exe().map_err(|e| format!("this test's executable: {e}"))?;
+    let run = Command::new(exe)
+        .env(CHILD, ACTIVE)
+        .env("ATTN_MAX_ISA", "avx9000")
+        .output()
+        .map_err(|e| format!("starting the child process: {e}"))?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+    );
+    let best = Isa::ALL.into_iter().rev().find(|isa| isa.is_supported());
+    let best = best.map_or("none", Isa::name);
+    let warned = "attn: ignoring ATTN_MAX_ISA: \"avx9000\" names no instruction set; expected one of \
+                  portable, avx2, avx512, avx512_bf16";
+    if run.status.success() && stdout.trim() == best && stderr.trim() == warned {
+        return Ok(());
+    }
+    Err(format!(
+        "{}: stdout {stdout:?} (expected {best:?}), stderr {stderr:?}",
+        run.status
+    )
+    .into())
 }
 
 /// Runs `check` in a child process whose kernels are capped at `isa`.
@@ -143,9 +174,16 @@ fn parent(isa: Isa, check: &str) -> Result<(), Failed> {
     .into())
 }
 
-/// The child: checks that the kernels run with the backend `ATTN_MAX_ISA` names, then runs
+/// The child's check that prints the backend the kernels run with (and checks nothing).
+const ACTIVE: &str = "print_active";
+
+/// The child: prints the active backend for [`ACTIVE`]; else checks that the kernels run with the backend `ATTN_MAX_ISA` names, then runs
 /// `check`.
 fn child(check: &str) -> ExitCode {
+    if check == ACTIVE {
+        println!("{}", Isa::active());
+        return ExitCode::SUCCESS;
+    }
     let asked = std::env::var("ATTN_MAX_ISA").unwrap_or_default();
     let active = Isa::active();
     if asked.parse::<Isa>() != Ok(active) {

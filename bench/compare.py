@@ -122,7 +122,7 @@ def main():
                     results.setdefault((row["impl"], row["case"]), []).append(row)
             print(f"round {r + 1}/{a.rounds} done, load {load():.2f}", file=sys.stderr, flush=True)
     bw = best_bandwidth(results)
-    text = f"# attn vs peers, {a.threads} thread(s), {a.rounds} interleaved round(s)\n\n"
+    text = f"# attn vs peers, {a.threads} thread(s), {a.rounds} interleaved round(s)\n\n{report.machine()}\n\n"
     if "grid" in picked:
         text += render(results, picked["grid"], a.threads, a.rounds)
         if not a.no_memory:
@@ -232,16 +232,16 @@ def render(results, cases, threads, rounds):
             cells.append("—" if not rows else f"{1e3 * med_time(rows):.3g} (±{50 * spread(rows):.0f}%)")
         out.append(f"| {c} | " + " | ".join(cells) + " |")
     out.append("")
-    dec = "decode_b8_h8_q1_kv4096_d128"
-    if dec in cases:
+    for dec in (c for c in cases if CASES[c]["lq"] == 1):
         kv = CASES[dec]["kv_bytes"]
-        line = "Decode (K+V = {:.0f} MB read once per call): ".format(kv / 1e6)
+        line = "Decode {} (K+V = {:.0f} MB read once per call): ".format(dec, kv / 1e6)
         parts = []
         for impl in (OURS_OUT, TORCH, JAX_OUT):
             s = t(impl, dec)
             if s:
                 parts.append(f"{impl} {kv / s / 1e9:.1f} GB/s" + (f" ({100 * kv / s / 1e9 / bw:.0f}% of streaming)" if bw else ""))
         out.append(line + "; ".join(parts) + "\n")
+    out.append(report.render_issue15(results, cases, sgemm, bw, OURS_OUT, OURS_W, TORCH, JAX_W))
     nc, cc = "b1_h16_l2048_d64", "b1_h16_l2048_d64_causal"
     if t(OURS_OUT, nc) and t(OURS_OUT, cc):
         out.append(f"Causal speed-up at L=2048 (attn output): {t(OURS_OUT, nc) / t(OURS_OUT, cc):.2f}× "

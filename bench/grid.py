@@ -15,7 +15,15 @@ CASES = {
     "b1_h16_l2048_d64_causal": _case(1, 16, 2048, 2048, 64, causal=True),
     "b2_h12_l1024_d128": _case(2, 12, 1024, 1024, 128),
     "decode_b8_h8_q1_kv4096_d128": _case(8, 8, 1, 4096, 128),
+    "b2_h16_l1024_d80": _case(2, 16, 1024, 1024, 80),
+    "b2_h12_l1024_d96": _case(2, 12, 1024, 1024, 96),
+    "b1_h16_l2000_d64": _case(1, 16, 2000, 2000, 64),
+    "b1_h16_l2000_d64_causal": _case(1, 16, 2000, 2000, 64, causal=True),
     "b4_h8_l512_d64_bf16": _case(4, 8, 512, 512, 64, dtype="bfloat16"),
+    "b1_h16_l2048_d64_bf16": _case(1, 16, 2048, 2048, 64, dtype="bfloat16"),
+    "b1_h16_l2048_d64_causal_bf16": _case(1, 16, 2048, 2048, 64, causal=True, dtype="bfloat16"),
+    "b2_h12_l1024_d128_bf16": _case(2, 12, 1024, 1024, 128, dtype="bfloat16"),
+    "decode_b8_h8_q1_kv4096_d128_bf16": _case(8, 8, 1, 4096, 128, dtype="bfloat16"),
 }
 
 

@@ -215,3 +215,61 @@ def memory_fwd_bwd(ours, threads):
             f"threads): peak RSS {peak / 2**20:.0f} MiB for {arrays / 2**20:.0f} MiB of q, k, v, output, "
             f"cotangent and three gradients = {r:.2f}× (target < 2×: **{verdict(r, 2, at_least=False)}**; the "
             f"process holding only q, k, v and the cotangent: {(inputs or 0) / 2**20:.0f} MiB).\n")
+
+
+def machine():
+    """One line naming the CPU: model name, family/model, and the instruction sets the kernels of
+    issue 15 care about (from /proc/cpuinfo)."""
+    info, flags = {}, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "flags":
+                    flags = set(value.split())
+                elif key in ("model name", "cpu family", "model") and key not in info:
+                    info[key] = value
+    except OSError:
+        return "CPU: unknown (no /proc/cpuinfo)"
+    isa = [name for name in ("avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16") if name in flags]
+    cores = len(__import__("os").sched_getaffinity(0))
+    return (f"CPU: {info.get('model name', '?')}, family {info.get('cpu family', '?')} model "
+            f"{info.get('model', '?')}, {cores} CPUs usable; {', '.join(isa) or 'no AVX-512'}"
+            f"{'' if 'amx_tile' in flags else '; no AMX'}")
+
+
+def render_issue15(results, cases, sgemm, bw, out_impl, weights_impl, torch_impl, jax_weights_impl):
+    """The targets of issue 15 on the grid, one row per (target, case), each met/missed.
+    `sgemm` is the best square sgemm of the run (GFLOP/s), `bw` its streaming read bandwidth
+    (GB/s); cases come from bench/grid.py."""
+    from grid import CASES, flops
+
+    def gflops(impl, c, what="output"):
+        s = t(results, impl, c)
+        return None if s is None else flops(CASES[c], what) / s / 1e9
+
+    amx = "amx_tile" in machine()
+    out = ["\n#### Issue 15 targets on the grid (this run)\n", machine() + "\n",
+           "| target | case | measured | verdict |", "|---|---|---|---|"]
+    for c in cases:
+        v = CASES[c]
+        decode = v["lq"] == 1
+        vs_torch = div(t(results, torch_impl, c), t(results, out_impl, c))
+        if decode:
+            s = t(results, out_impl, c)
+            pct = None if s is None or bw is None else 100 * v["kv_bytes"] / s / 1e9 / bw
+            out.append(f"| decode ≥ 85% of streaming | {c} | {fmt(pct, 0, '%')} | **{verdict(pct, 85)}** |")
+        if v["dtype"] == "float32":
+            out.append(f"| f32 output ≥ 1.25× torch SDPA | {c} | {fmt(vs_torch)} | **{verdict(vs_torch, 1.25)}** |")
+            if not decode and not v["causal"] and v["lq"] >= 512:
+                o = gflops(out_impl, c)
+                pct = None if o is None or sgemm is None else 100 * o / sgemm
+                out.append(f"| f32 output ≥ 85% of the best sgemm | {c} | {fmt(pct, 0, '%')} | **{verdict(pct, 85)}** |")
+        else:
+            where = "" if amx else " (an AMX target; this CPU has no AMX)"
+            out.append(f"| bf16 output ≥ 1.5× torch SDPA{where} | {c} | {fmt(vs_torch)} | **{verdict(vs_torch, 1.5)}** |")
+            vs_jax = div(t(results, jax_weights_impl, c), t(results, weights_impl, c))
+            out.append(f"| bf16 weights ≥ 3× jax.jit(flax weights){where} | {c} | {fmt(vs_jax)} | "
+                       f"**{verdict(vs_jax, 3)}** |")
+    return "\n".join(out) + "\n"

@@ -59,7 +59,16 @@ const fn causal(c: Case) -> Case {
     Case { causal: true, ..c }
 }
 
-/// The shapes of issue 4 (f32, self-attention unless noted), the decode case and a bf16 shape.
+const fn bf16(c: Case) -> Case {
+    Case {
+        dtype: Dtype::Bf16,
+        ..c
+    }
+}
+
+/// The shapes of issue 4 (f32, self-attention unless noted) and the decode case; depths 80
+/// and 96 and a length that is not a multiple of any block (2000 = 15·128 + 80); bf16
+/// versions of the large shapes (issue 15).
 pub const GRID: &[Case] = &[
     case("b1_h8_l128_d64", 1, 8, 128, 128, 64),
     case("b4_h8_l512_d64", 4, 8, 512, 512, 64),
@@ -68,10 +77,15 @@ pub const GRID: &[Case] = &[
     causal(case("b1_h16_l2048_d64_causal", 1, 16, 2048, 2048, 64)),
     case("b2_h12_l1024_d128", 2, 12, 1024, 1024, 128),
     case("decode_b8_h8_q1_kv4096_d128", 8, 8, 1, 4096, 128),
-    Case {
-        dtype: Dtype::Bf16,
-        ..case("b4_h8_l512_d64_bf16", 4, 8, 512, 512, 64)
-    },
+    case("b2_h16_l1024_d80", 2, 16, 1024, 1024, 80),
+    case("b2_h12_l1024_d96", 2, 12, 1024, 1024, 96),
+    case("b1_h16_l2000_d64", 1, 16, 2000, 2000, 64),
+    causal(case("b1_h16_l2000_d64_causal", 1, 16, 2000, 2000, 64)),
+    bf16(case("b4_h8_l512_d64_bf16", 4, 8, 512, 512, 64)),
+    bf16(case("b1_h16_l2048_d64_bf16", 1, 16, 2048, 2048, 64)),
+    bf16(causal(case("b1_h16_l2048_d64_causal_bf16", 1, 16, 2048, 2048, 64))),
+    bf16(case("b2_h12_l1024_d128_bf16", 2, 12, 1024, 1024, 128)),
+    bf16(case("decode_b8_h8_q1_kv4096_d128_bf16", 8, 8, 1, 4096, 128)),
 ];
 
 /// The peak-memory shape of issue 4 (output path only).

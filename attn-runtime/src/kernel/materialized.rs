@@ -99,9 +99,12 @@ enum KeyOperand<'a, T: Clone> {
     /// thread's spare buffer: when a head is one task (`q_len` ≤ one query block), no task
     /// would read another's panels, and the call needs no parallel step before its tasks.
     PanelsPerTask,
-    /// `[batch, kv, heads, depth]` as given (borrowed) or widened, for short queries: each
-    /// logit is one dot product of two contiguous rows.
-    Rows(Cow<'a, [T]>),
+    /// `[batch, kv, heads, depth]` as given, for short queries: each logit is one dot product
+    /// of two contiguous rows. `None`: the key's elements are not `T` (bf16 or f16 keys), and
+    /// each task widens the rows it reads, one at a time, from the call's key. (Widening the
+    /// whole key up front cost a decode step more than its dot products: a 4096-key bf16
+    /// decode's weights took 7.5× the f32 time, writing and faulting in a key twice the size.)
+    Rows(Option<&'a [T]>),
     /// bf16 inputs on a CPU with bf16 dot products: `kᵀ` as [`KeyOperand::Panels`] but with
     /// pairs of bf16 along the depth, `[batch·heads, kv / 64, depth / 2, 64]`, and the scaled,
     /// rounded query as pairs, `[batch, q, heads, depth / 2]` (see
@@ -139,10 +142,7 @@ impl<'a, T: Real> Operands<'a, T> {
                 } else if call.q_len >= TRANSPOSE_MIN_QUERIES {
                     KeyOperand::Transposed(transpose_key(call, threads, call.kv_len)?)
                 } else {
-                    KeyOperand::Rows(match T::same_slice(call.key) {
-                        Some(key) => Cow::Borrowed(key),
-                        None => Cow::Owned(widen(call.key, "widened key", threads, T::ONE, None)?),
-                    })
+                    KeyOperand::Rows(T::same_slice(call.key))
                 },
             )
         };
@@ -781,6 +781,9 @@ fn round_panel<'r, N: Narrow>(rows: impl Iterator<Item = &'r mut [f32]>) {
     }
 }
 
+/// How many key rows ahead of the dot products the short-query logits prefetch.
+const PREFETCH_ROWS: usize = 8;
+
 /// Computes one (batch, head, query block).
 #[inline(always)]
 fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
@@ -894,12 +897,36 @@ fn run_block<E: Element, B: Element, W: Element, O: Element, T: Real>(
         }
         KeyOperand::Rows(key) => {
             let query_row = |r: usize| &operands.query[q_off + r * heads * dk..][..dk];
-            let key_row = |j: usize| &key[((b * kv + j) * kv_heads + g) * dk..][..dk];
+            let key_at = |j: usize| ((b * kv + j) * kv_heads + g) * dk;
             // With `depth = 0` the scale is `1/√0 = ∞` and every logit is the empty sum 0, as
             // in Flax (and in the GEMM branch, which ignores alpha when k = 0).
             let alpha = if dk == 0 { T::ZERO } else { operands.alpha };
+            // One key row widened to `T` (bf16 and f16 keys; this loop is compiled for the
+            // instruction set, so the widening is vectorized).
+            let mut widened = try_filled(
+                "widened key row",
+                if key.is_none() { dk } else { 0 },
+                T::ZERO,
+            )?;
             for j in 0..cols {
-                let k = key_row(j);
+                // The rows of one head lie `kv_heads · depth` apart: the hardware prefetcher
+                // does not run ahead of such a walk, so each row is asked for a few rows early.
+                if j + PREFETCH_ROWS < cols {
+                    match key {
+                        Some(key) => isa::prefetch(&key[key_at(j + PREFETCH_ROWS)..][..dk]),
+                        None => isa::prefetch(&call.key[key_at(j + PREFETCH_ROWS)..][..dk]),
+                    }
+                }
+                let k = match key {
+                    Some(key) => &key[key_at(j)..][..dk],
+                    None => {
+                        let narrow = &call.key[key_at(j)..][..dk];
+                        for (w, &x) in widened.iter_mut().zip(narrow) {
+                            *w = T::from_elem(x);
+                        }
+                        &widened[..]
+                    }
+                };
                 for (r, row) in logits.chunks_mut(kv).enumerate() {
                     row[j] = alpha * dot(query_row(r), k);
                 }

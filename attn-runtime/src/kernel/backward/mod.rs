@@ -21,9 +21,12 @@ pub use residuals::{Residuals, attention_fwd};
 use std::borrow::Cow;
 
 use super::broadcast::Broadcast;
+use super::call::Call;
+use super::geometry::Geometry;
 use super::jax::{JaxOptions, jax_call};
+use super::options::Options;
 use super::real::Real;
-use super::{Call, Geometry, Mask, Options};
+use super::visibility::Mask;
 use crate::context::{Context, Threads};
 use crate::dim::Dim;
 use crate::element::Element;

@@ -11,7 +11,7 @@
 //! key/value partial sums of `mod.rs` (and, only with a bias gradient, the logits' gradient).
 //! Sums run in loop order, fixed by the shape: the bits never depend on the threads.
 
-use super::super::Call;
+use super::super::call::Call;
 use super::super::exp::{Unfused, exp_f32};
 use super::super::gemm::{MatMut, MatRef, gemm, gemm_add, head_blocks_mut};
 use super::super::real::Real;

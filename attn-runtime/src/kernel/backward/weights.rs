@@ -13,7 +13,7 @@ use super::super::call::Call;
 use super::super::gemm::{MatMut, MatRef, gemm, head_blocks_mut};
 use super::super::real::Real;
 use super::super::rowpass::{MaskRow, RowPass};
-use super::{Partials, Widened};
+use super::parts::{Partials, Widened};
 use crate::context::Threads;
 use crate::element::Element;
 use crate::error::{AttnError, try_filled};

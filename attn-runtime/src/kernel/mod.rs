@@ -1,8 +1,12 @@
 //! The kernel layer: typed, strided attention over `[batch..., len, heads, depth]` slices. This
 //! is what `attention!`-generated code calls; the Flax-style API ([`crate::flax`]) is built on it.
 //!
-//! Files: `broadcast.rs` (bias/mask operands), `visibility.rs` (the structured mask terms),
-//! `plan.rs` (the dtype plan = Flax's rounding points), `rowpass.rs` (the fused
+//! Files: this file (the module tree, the re-exports, the entry points [`attention_weights`],
+//! [`attention`] and [`result_dtypes`]), `geometry.rs` and `options.rs` (the sizes and the
+//! non-tensor options of a call), `call.rs` (a validated call: sizes, operands, dtype and
+//! dropout plans), `dispatch.rs` (which driver computes a call, decided in one place:
+//! `choose_path`), `broadcast.rs` (bias/mask operands), `visibility.rs` (the structured mask
+//! terms), `plan.rs` (the dtype plan = Flax's rounding points), `rowpass.rs` (the fused
 //! bias/mask/softmax/dropout pass over one row of logits), `materialized.rs` (the per-(batch,
 //! head) driver that builds the `q × kv` logits matrix), `flash/` (the tiled online-softmax
 //! output path that never builds the `q × kv` matrix, one concept per file: see its module
@@ -10,13 +14,34 @@
 //! `matrixmultiply` calls and thin products), `real.rs` (f32/f64 arithmetic), `exp.rs` (a
 //! vectorizable `exp`), `dot.rs` (a vectorizable dot product), `transpose.rs` (the tiled
 //! transpose of operand layouts), `isa/` (the instruction sets: `isa::Isa` detected once per
-//! process, one backend file per instruction set, portable, AVX2, AVX-512, AVX512-BF16, behind
-//! safe entry points). `unsafe` code lives in `gemm/mod.rs` and the backend files of `isa/`
-//! only. Which driver computes a call is decided in one place: `choose_path`.
+//! process, one backend per instruction set, portable, AVX2, AVX-512, AVX512-BF16, behind safe
+//! entry points). `unsafe` code lives in `gemm/` (`mod.rs`, `mat.rs`) and the backend files of
+//! `isa/` only.
 //!
-//! The code that uses the instruction sets (`materialized.rs`, `flash/`, `rowpass.rs`, `dot.rs`,
-//! `transpose.rs`) imports them through `isa/mod.rs` only; `isa/` imports none of it, so the
-//! imports between the drivers and the instruction sets form a DAG.
+//! The imports between these modules form a DAG; each line lists what a module imports (its
+//! own files' imports are in the module docs of `flash/`, `backward/`, `gemm/` and `isa/`):
+//!
+//! - `mod.rs` → `call`, `dispatch`, and the public items of `backward`, `broadcast`,
+//!   `geometry`, `jax`, `options`, `plan`, `visibility` (re-exported)
+//! - `backward/` → `jax`, `dispatch`, `call`, `rowpass`, `real`, `gemm`, `exp`, `geometry`,
+//!   `options`, `broadcast`, `visibility`
+//! - `jax.rs` → `dispatch`, `call`, `plan`, `geometry`, `options`, `broadcast`, `visibility`
+//! - `dispatch.rs` → `flash`, `materialized`, `call`, `isa`
+//! - `materialized.rs` → `call`, `rowpass`, `real`, `gemm`, `dot`, `transpose`, `round`, `exp`,
+//!   `isa`
+//! - `flash/` → `call`, `dot`, `transpose`, `round`, `exp`, `isa`, `broadcast`, `visibility`
+//! - `call.rs` → `geometry`, `options`, `plan`, `broadcast`, `visibility`
+//! - `rowpass.rs` → `real`, `round`, `plan`, `exp`, `isa`, `broadcast`
+//! - `real.rs` → `gemm`, `dot`, `round`
+//! - `gemm/` → `dot`; `dot.rs` and `transpose.rs` → `isa`; `isa/` → `exp`;
+//!   `visibility.rs` → `broadcast`
+//! - leaves (no import from the kernels): `geometry.rs`, `options.rs`, `plan.rs`, `broadcast.rs`,
+//!   `round.rs`, `exp.rs`
+//!
+//! No file of the kernels imports this one, and no file of a directory imports its `mod.rs`
+//! (except `flash/testing.rs`, compiled for tests only, which calls the driver it tests). The
+//! code that uses the instruction sets imports them through `isa/mod.rs` only; `isa/` imports
+//! none of it.
 
 mod backward;
 mod broadcast;

@@ -9,7 +9,13 @@
 //! dtype; padded query rows are zeroed after the value product. A call is a [`Call`] whose plan,
 //! masked logit and query rounding are set to these, then the same drivers as Flax's.
 
-use super::{Broadcast, Call, DTypePlan, Geometry, Mask, Options, run};
+use super::broadcast::Broadcast;
+use super::call::Call;
+use super::dispatch::{run, run_tiled};
+use super::geometry::Geometry;
+use super::options::Options;
+use super::plan::DTypePlan;
+use super::visibility::Mask;
 use crate::context::Context;
 use crate::dim::Dim;
 use crate::element::{DType, Element};
@@ -80,7 +86,7 @@ pub fn jax_attention<E: Element, B: Element, H: Dim, G: Dim, Dk: Dim, Dv: Dim>(
                         .into(),
                 });
             }
-            super::run_tiled(&call, out, Some(lse), ctx)?;
+            run_tiled(&call, out, Some(lse), ctx)?;
         }
         None => run(&call, None::<&mut [E]>, Some(&mut *out), ctx)?,
     }
@@ -178,7 +184,7 @@ pub fn attention_lse<E: Element, B: Element, O: Element, H: Dim, G: Dim, Dk: Dim
             reason: "expected no sow sink: the logsumexp comes from the tiled output path".into(),
         });
     }
-    super::run_tiled(&call, out, Some(lse), ctx)
+    run_tiled(&call, out, Some(lse), ctx)
 }
 
 #[cfg(test)]

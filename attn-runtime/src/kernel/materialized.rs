@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use super::Call;
+use super::call::Call;
 use super::dot::dot;
 use super::exp::MulAdd;
 use super::gemm::{MatMut, MatRef, gemm, head_blocks_mut};

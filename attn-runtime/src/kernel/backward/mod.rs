@@ -5,13 +5,20 @@
 //! gradients over the query heads of a group, the bias gradient to the bias's own shape),
 //! `weights.rs` (the materialized backward: per (batch, head), the weights recomputed as the
 //! forward computes them, then `dS = P ⊙ (dP − rowsum(P ⊙ dP))`), `tiled.rs` (the
-//! FlashAttention-2-style backward from each row's logsumexp, blocks of queries and keys).
+//! FlashAttention-2-style backward from each row's logsumexp, blocks of queries and keys),
+//! `parts.rs` (what the two drivers read and return: [`Widened`], [`RowStats`],
+//! [`Partials`](parts::Partials)), `residuals.rs` (the forward that keeps the residuals, and
+//! their check). The imports form a DAG: `mod.rs` imports the four others, `tiled.rs` imports
+//! `weights.rs` (its chunking) and `parts.rs`, `weights.rs` imports `parts.rs`; no file imports
+//! `mod.rs`. Outside `backward/` they import `call.rs`, `dispatch.rs` (`residuals.rs`),
+//! `jax.rs` (`mod.rs`) and the leaf modules, none of which imports the backward.
 //!
 //! Every (batch, head) task writes its own partial gradients: the query gradient of its head,
 //! the key/value gradients of its query head (`[batch, heads, kv, depth]`) and, with a bias,
 //! its block of logit gradients. The sums over a group's query heads and over the bias's
 //! broadcast axes run afterwards in index order, so the bits never depend on the threads.
 
+mod parts;
 mod residuals;
 mod tiled;
 mod weights;
@@ -21,14 +28,18 @@ pub use residuals::{Residuals, attention_fwd};
 use std::borrow::Cow;
 
 use super::broadcast::Broadcast;
+use super::call::Call;
+use super::geometry::Geometry;
 use super::jax::{JaxOptions, jax_call};
+use super::options::Options;
 use super::real::Real;
-use super::{Call, Geometry, Mask, Options};
+use super::visibility::Mask;
 use crate::context::{Context, Threads};
 use crate::dim::Dim;
 use crate::element::Element;
 use crate::error::{AttnError, num_elements, try_filled};
 use crate::flax::expand::Offsets;
+use parts::{RowStats, Widened};
 
 /// Where the gradients of a backward call go. `query`, `key`, `value` have the shapes of the
 /// forward's inputs (`value` empty for [`attention_weights_backward`]) in the computation
@@ -197,48 +208,12 @@ struct Saved<'s, X> {
     output: &'s [X],
 }
 
-/// The per-row statistics the tiled backward reads instead of recomputing them, indexed
-/// `(b · q_len + i) · heads + h`.
-pub(super) struct RowStats<'s, T> {
-    /// `max + ln(sum)` of the row's masked logits.
-    lse: &'s [f64],
-    /// `D_i = dO_i · O_i` (= `rowsum(P ⊙ dP)`).
-    d: Vec<T>,
-}
-
 /// The cotangent of a call: of the output `[batch.., q, heads, dv]` or of the weights
 /// `[batch.., heads, q, kv]`.
 #[derive(Clone, Copy)]
 enum Cot<'c, X> {
     Output(&'c [X]),
     Weights(&'c [X]),
-}
-
-/// What the per-(batch, head) tasks produce, in the arithmetic type `T`.
-pub(super) struct Partials<T> {
-    /// `[batch, q, heads, qk_depth]`: the query gradient (final up to the cast).
-    dq: Vec<T>,
-    /// `[batch, heads, kv, qk_depth]`: each query head's share of the key gradient.
-    dk: Vec<T>,
-    /// `[batch, heads, kv, v_depth]`: each query head's share of the value gradient.
-    dv: Vec<T>,
-    /// `[batch, heads, q, kv]`: the gradient of the biased logits (only with a bias gradient).
-    dlogits: Option<Vec<T>>,
-    /// Whether `dk` and `dv` are in the gradients' own layout `[batch, kv, kv_heads, depth]`
-    /// already (no grouped heads to sum).
-    dkv_final: bool,
-}
-
-/// The operands of the backward in the arithmetic type: the query scaled and rounded as the
-/// forward's logits see it, the key, the value and the cotangent.
-pub(super) struct Widened<'a, T: Clone> {
-    qs: Vec<T>,
-    /// Borrowed when the input is of the arithmetic type already.
-    k: Cow<'a, [T]>,
-    v: Cow<'a, [T]>,
-    /// The cotangent (of the output, or of the weights with [`Widened::of_weights`]).
-    d: Vec<T>,
-    of_weights: bool,
 }
 
 /// `src` in the arithmetic type: borrowed when it is of that type, else widened.

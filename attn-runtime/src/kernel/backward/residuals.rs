@@ -7,8 +7,12 @@
 //! f64) and a fingerprint of the call; the output itself is not copied: the backward takes it
 //! as an argument (it reads `D_i = dO_i · O_i` from it).
 
-use super::super::{Call, Geometry, Mask, Options, Path, choose_path, run, run_tiled};
-use super::Broadcast;
+use super::super::broadcast::Broadcast;
+use super::super::call::Call;
+use super::super::dispatch::{Path, choose_path, run, run_tiled};
+use super::super::geometry::Geometry;
+use super::super::options::Options;
+use super::super::visibility::Mask;
 use crate::context::Context;
 use crate::dim::Dim;
 use crate::element::Element;

@@ -11,13 +11,13 @@
 //! key/value partial sums of `mod.rs` (and, only with a bias gradient, the logits' gradient).
 //! Sums run in loop order, fixed by the shape: the bits never depend on the threads.
 
-use super::super::Call;
+use super::super::call::Call;
 use super::super::exp::{Unfused, exp_f32};
 use super::super::gemm::{MatMut, MatRef, gemm, gemm_add, head_blocks_mut};
 use super::super::real::Real;
 use super::super::rowpass::{MaskRow, RowPass};
+use super::parts::{Partials, RowStats, Widened};
 use super::weights::{chunks, view_bug};
-use super::{Partials, RowStats, Widened};
 use crate::context::Threads;
 use crate::element::Element;
 use crate::error::{AttnError, try_filled};

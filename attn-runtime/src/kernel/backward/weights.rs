@@ -9,11 +9,11 @@
 //! - `dQ_h = scale · dS · K`, `dK_h = dSᵀ · Q_s` (`Q_s` the scaled query), and `dS` itself for
 //!   the bias.
 
-use super::super::Call;
+use super::super::call::Call;
 use super::super::gemm::{MatMut, MatRef, gemm, head_blocks_mut};
 use super::super::real::Real;
 use super::super::rowpass::{MaskRow, RowPass};
-use super::{Partials, Widened};
+use super::parts::{Partials, Widened};
 use crate::context::Threads;
 use crate::element::Element;
 use crate::error::{AttnError, try_filled};

@@ -2,7 +2,7 @@
 //! dropout and the arithmetic to use, taken from a validated [`Call`]
 //! ([`FlashArgs::of_call`], which also builds the mask tensor's block summary).
 
-use super::super::Call;
+use super::super::call::Call;
 use super::dims::Dims;
 use super::mask::{BiasRows, FlashDropout, FlashMask};
 use super::mask_blocks::MaskBlocks;

@@ -232,7 +232,7 @@ mod tests {
 
     #[test]
     fn grouped_heads_with_every_structured_term() {
-        use crate::kernel::{Align, Mask, SegmentIds, Window};
+        use crate::kernel::visibility::{Align, Mask, SegmentIds, Window};
         // 6 query heads reading 2 key/value heads; bottom-right causal, a window, lengths
         // (a padded query row and a batch element with 300 of 700 keys), segment ids.
         for (q, k) in [(150, 700), (1, 700), (37, 37)] {

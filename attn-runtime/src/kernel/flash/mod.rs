@@ -63,9 +63,9 @@
 //!
 //! Outside `flash/`, these files import the instruction sets only through `kernel::isa` (never a
 //! backend), and `dot.rs`, `transpose.rs`, `exp.rs`, `round.rs`, `broadcast.rs`,
-//! `visibility.rs`, none of which imports the output path. The one edge back up is the
-//! validated `Call` of `kernel/mod.rs` that [`FlashArgs::of_call`] reads (as every driver of
-//! the kernels does; `kernel/mod.rs` calls [`flash_attention`]).
+//! `visibility.rs`, none of which imports the output path, and `call.rs`: the validated `Call`
+//! that [`FlashArgs::of_call`] reads (as every driver of the kernels does). `call.rs` imports
+//! no driver; `kernel/dispatch.rs` calls [`flash_attention`], so there is no edge back up.
 
 mod args;
 mod block;

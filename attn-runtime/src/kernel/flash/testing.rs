@@ -115,7 +115,13 @@ pub(super) fn dims(
 
 /// A top-left causal mask for `d`.
 pub(super) fn causal(d: &Dims) -> Visibility<'static> {
-    Visibility::new(&crate::kernel::Mask::causal(), d.batch, d.q_len, d.kv_len).unwrap()
+    Visibility::new(
+        &crate::kernel::visibility::Mask::causal(),
+        d.batch,
+        d.q_len,
+        d.kv_len,
+    )
+    .unwrap()
 }
 
 /// `data` of `shape` broadcast to `[batch_shape..., heads, q_len, kv_len]`.
@@ -127,7 +133,7 @@ pub(super) fn resolved<'a, T: Copy>(
     q_len: usize,
     kv_len: usize,
 ) -> Option<Resolved<'a, T>> {
-    let op = crate::kernel::Broadcast::new("operand", data, shape).ok()?;
+    let op = crate::kernel::broadcast::Broadcast::new("operand", data, shape).ok()?;
     Resolved::new(&op, batch_shape, heads, q_len, kv_len).ok()
 }
 

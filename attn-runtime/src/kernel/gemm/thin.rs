@@ -8,7 +8,7 @@
 //! The order of the operations depends only on the shapes, never on threads.
 
 use super::super::dot::Dot;
-use super::{MatMut, MatRef};
+use super::mat::{MatMut, MatRef};
 
 /// Products with at most this many rows are computed row by row.
 const ROWS: usize = 4;

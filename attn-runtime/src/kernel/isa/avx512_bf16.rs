@@ -2,8 +2,9 @@
 //! `vdpbf16ps` (two `bf16` products per `f32` lane, accumulated in `f32`), behind the safe,
 //! bounds-checked [`product_bf16_pairs`], which checks [`Isa::detect`] itself and computes with
 //! the portable loops elsewhere. The micro-tile frame (how a product is cut into tiles, how a
-//! tile's accumulators are loaded and stored) is `avx512.rs`'s; only the inner loop differs.
-//! Every `unsafe` block carries a `// SAFETY:` comment; each `unsafe fn` states its contract.
+//! tile's accumulators are loaded and stored) is `avx512/product.rs`'s; only the inner loop
+//! differs. Every `unsafe` block carries a `// SAFETY:` comment; each `unsafe fn` states its
+//! contract.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;

@@ -7,19 +7,24 @@
 //!   every caller shares (no instruction-set code, no `unsafe`);
 //! - `portable.rs`: the baseline loops and every backend's fallback;
 //! - `avx2.rs`: the portable code compiled for AVX2 and FMA (a trampoline, no kernel of its own);
-//! - `avx512.rs`: the `f32` micro-kernel of the tile products, the 16 × 16 register transpose,
-//!   the dot products and axpy of short queries, and the AVX-512 trampoline;
-//! - `avx512_bf16.rs`: the `bf16`-pair micro-kernel (`vdpbf16ps`);
+//! - `avx512/`: the AVX-512 backend, one concept per file: `mod.rs` (the trampoline and the
+//!   re-exports), `product.rs` (the `f32` micro-kernel of the tile products and its micro-tile
+//!   frame), `transpose.rs` (the 16 × 16 register transposes), `dot.rs` (the dot products and
+//!   axpy of short queries);
+//! - `avx512_bf16.rs`: the `bf16`-pair micro-kernel (`vdpbf16ps`), on `avx512/product.rs`'s
+//!   micro-tile frame;
 //! - this file: [`with_features`], which runs a generic, `#[inline(always)]` kernel [`Body`]
 //!   compiled for the detected instruction set, so that its loops (row maxima, `exp`, sums,
 //!   rescaling) auto-vectorize at that width.
 //!
 //! All `unsafe` code of the instruction sets lives in the backend files (`portable.rs`,
-//! `avx2.rs`, `avx512.rs`, `avx512_bf16.rs`), each block with its `// SAFETY:` comment; each
-//! safe entry point checks the CPU's features itself, so that no caller can reach an
-//! instruction the CPU lacks. The imports form a DAG: this file → `avx512_bf16.rs` →
-//! `avx512.rs` → `portable.rs` → `shared.rs` (and `avx2.rs` → `shared.rs`); no backend imports
-//! this file, and nothing here imports the drivers that use it.
+//! `avx2.rs`, the files of `avx512/`, `avx512_bf16.rs`), each block with its `// SAFETY:`
+//! comment; each safe entry point checks the CPU's features itself, so that no caller can reach
+//! an instruction the CPU lacks. The imports form a DAG: this file → `avx512_bf16.rs` →
+//! `avx512/mod.rs` → `avx512/{product,transpose,dot}.rs` → `portable.rs` → `shared.rs` (only
+//! `product.rs` imports `portable.rs`; `avx2.rs` → `shared.rs`); no backend imports this file,
+//! no file of `avx512/` imports `avx512/mod.rs`, and nothing here imports the drivers that use
+//! it.
 
 mod avx2;
 mod avx512;

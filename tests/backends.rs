@@ -28,7 +28,7 @@ mod tally;
 #[path = "support/threads.rs"]
 mod threads;
 
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Output};
 
 use attn::kernel::Isa;
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -130,12 +130,7 @@ fn main() -> ExitCode {
 /// `ATTN_MAX_ISA=avx9000`: a line on standard error names the value and the valid names, and
 /// the kernels run with the best backend of the CPU.
 fn unknown_name_is_ignored() -> Result<(), Failed> {
-    let exe = std::env::current_exe().map_err(|e| format!("this test's executable: {e}"))?;
-    let run = Command::new(exe)
-        .env(CHILD, ACTIVE)
-        .env("ATTN_MAX_ISA", "avx9000")
-        .output()
-        .map_err(|e| format!("starting the child process: {e}"))?;
+    let run = run_child(ACTIVE, "avx9000")?;
     let (stdout, stderr) = (
         String::from_utf8_lossy(&run.stdout),
         String::from_utf8_lossy(&run.stderr),
@@ -154,14 +149,19 @@ fn unknown_name_is_ignored() -> Result<(), Failed> {
     .into())
 }
 
+/// Runs this executable as a child that runs `check` with `ATTN_MAX_ISA=max_isa`.
+fn run_child(check: &str, max_isa: &str) -> Result<Output, Failed> {
+    let exe = std::env::current_exe().map_err(|e| format!("this test's executable: {e}"))?;
+    Command::new(exe)
+        .env(CHILD, check)
+        .env("ATTN_MAX_ISA", max_isa)
+        .output()
+        .map_err(|e| format!("starting the child process: {e}").into())
+}
+
 /// Runs `check` in a child process whose kernels are capped at `isa`.
 fn parent(isa: Isa, check: &str) -> Result<(), Failed> {
-    let exe = std::env::current_exe().map_err(|e| format!("this test's executable: {e}"))?;
-    let run = Command::new(exe)
-        .env(CHILD, check)
-        .env("ATTN_MAX_ISA", isa.name())
-        .output()
-        .map_err(|e| format!("starting the child process: {e}"))?;
+    let run = run_child(check, isa.name())?;
     if run.status.success() {
         return Ok(());
     }

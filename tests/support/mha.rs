@@ -94,6 +94,22 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// The outcome of a run named `name` that compared `checks`, or stopped with an error.
+    pub fn of(name: String, checks: Result<Vec<Check>, String>) -> Outcome {
+        match checks {
+            Ok(checks) => Outcome {
+                name,
+                checks,
+                error: None,
+            },
+            Err(e) => Outcome {
+                name,
+                checks: Vec::new(),
+                error: Some(e),
+            },
+        }
+    }
+
     /// Whether everything passed.
     pub fn passed(&self) -> bool {
         self.error.is_none() && !self.checks.is_empty() && self.checks.iter().all(Check::passed)
@@ -363,11 +379,7 @@ pub fn run_file(path: &Path) -> Vec<Outcome> {
     let case = match load(path) {
         Ok(c) => c,
         Err(e) => {
-            return vec![Outcome {
-                name: path.display().to_string(),
-                checks: Vec::new(),
-                error: Some(e),
-            }];
+            return vec![Outcome::of(path.display().to_string(), Err(e))];
         }
     };
     let mut outs = Vec::new();
@@ -383,11 +395,7 @@ pub fn run_file(path: &Path) -> Vec<Outcome> {
         let layer = match layer {
             Ok(l) => l,
             Err(e) => {
-                outs.push(Outcome {
-                    name,
-                    checks: Vec::new(),
-                    error: Some(e),
-                });
+                outs.push(Outcome::of(name, Err(e)));
                 continue;
             }
         };
@@ -406,29 +414,18 @@ pub fn run_file(path: &Path) -> Vec<Outcome> {
             } else {
                 name.clone()
             };
-            outs.push(match run_case(&case, &layer, chunked) {
-                Ok(mut checks) => {
-                    checks.extend(check_params(&case, &layer));
-                    Outcome {
-                        name,
-                        checks,
-                        error: None,
-                    }
-                }
-                Err(e) => Outcome {
-                    name,
-                    checks: Vec::new(),
-                    error: Some(e),
-                },
+            let checks = run_case(&case, &layer, chunked).map(|mut checks| {
+                checks.extend(check_params(&case, &layer));
+                checks
             });
+            outs.push(Outcome::of(name, checks));
         }
     }
     if outs.is_empty() {
-        outs.push(Outcome {
-            name: case.name.clone(),
-            checks: Vec::new(),
-            error: Some("no checkpoint file".into()),
-        });
+        outs.push(Outcome::of(
+            case.name.clone(),
+            Err("no checkpoint file".into()),
+        ));
     }
     outs
 }
@@ -708,11 +705,7 @@ pub fn run_grads(path: &Path) -> Option<Outcome> {
     let case = match load(path) {
         Ok(c) => c,
         Err(e) => {
-            return Some(Outcome {
-                name: path.display().to_string(),
-                checks: Vec::new(),
-                error: Some(e),
-            });
+            return Some(Outcome::of(path.display().to_string(), Err(e)));
         }
     };
     let stored = case.grads.as_ref()?;
@@ -777,18 +770,7 @@ pub fn run_grads(path: &Path) -> Option<Outcome> {
         }
         Ok(checks)
     };
-    Some(match run() {
-        Ok(checks) => Outcome {
-            name,
-            checks,
-            error: None,
-        },
-        Err(e) => Outcome {
-            name,
-            checks: Vec::new(),
-            error: Some(e),
-        },
-    })
+    Some(Outcome::of(name, run()))
 }
 
 impl tally::Verdict for Outcome {

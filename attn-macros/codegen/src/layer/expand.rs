@@ -538,6 +538,32 @@ pub(super) fn ctx_tokens(layer: &ProjectionLayer) -> TokenStream {
     }
 }
 
+/// The parameters of the methods that take the layer's inputs, `name: TensorView<'lt, E,
+/// Shape>` (`'lt` is `lifetime` for the float inputs, `'_` for the mask, whose element is
+/// `bool`), and the statements `let name_shape = name.shape();` that bind their shapes.
+pub(super) fn view_params(
+    layer: &ProjectionLayer,
+    inputs: &[&Input],
+    lifetime: &TokenStream,
+) -> (Vec<TokenStream>, Vec<TokenStream>) {
+    let in_elem = elem(layer.input_dtype());
+    let params = inputs.iter().map(|input| {
+        let name = format_ident!("{}", input.name);
+        let shape = shape_type(layer, &input.axes);
+        if input.name == "mask" {
+            quote!(#name: ::attn::__private::TensorView<'_, bool, #shape>)
+        } else {
+            quote!(#name: ::attn::__private::TensorView<#lifetime, #in_elem, #shape>)
+        }
+    });
+    let shapes = inputs.iter().map(|input| {
+        let name = format_ident!("{}", input.name);
+        let shape = format_ident!("{}_shape", input.name);
+        quote!(let #shape = #name.shape();)
+    });
+    (params.collect(), shapes.collect())
+}
+
 fn forward_fn(layer: &ProjectionLayer) -> TokenStream {
     let inputs: Vec<&Input> = [
         Some(&layer.inputs_q),
@@ -549,23 +575,8 @@ fn forward_fn(layer: &ProjectionLayer) -> TokenStream {
     .flatten()
     .collect();
     let names = generics(layer, inputs.iter().copied());
-    let in_elem = elem(layer.input_dtype());
     let out_elem = elem(layer.output_dtype());
-    let args = inputs.iter().map(|input| {
-        let name = format_ident!("{}", input.name);
-        let shape = shape_type(layer, &input.axes);
-        let element = if input.name == "mask" {
-            quote!(bool)
-        } else {
-            in_elem.clone()
-        };
-        quote!(#name: ::attn::__private::TensorView<'_, #element, #shape>)
-    });
-    let shapes = inputs.iter().map(|input| {
-        let name = format_ident!("{}", input.name);
-        let shape = format_ident!("{}_shape", input.name);
-        quote!(let #shape = #name.shape();)
-    });
+    let (args, shapes) = view_params(layer, &inputs, &quote!('_));
     let checks = same_dims(layer, &inputs);
     let borrow = |input: Option<&Input>| match input {
         Some(input) => {

@@ -7,7 +7,7 @@ use quote::{format_ident, quote};
 
 use super::expand::{
     causal_tokens, ctx_tokens, docs, elem, generics, mask_tokens, same_dims, shape_text,
-    shape_type, usize_lit,
+    shape_type, usize_lit, view_params,
 };
 use super::{Input, ProjectionLayer};
 use crate::ir::Axis;
@@ -47,22 +47,8 @@ pub(super) fn vjp_fn(layer: &ProjectionLayer) -> TokenStream {
     let names = generics(layer, inputs.iter().copied());
     let pullback_names = generics(layer, float_inputs(layer));
     let pullback = pullback_ident(layer);
-    let in_elem = elem(layer.input_dtype());
     let out_elem = elem(layer.output_dtype());
-    let args = inputs.iter().map(|input| {
-        let name = format_ident!("{}", input.name);
-        let shape = shape_type(layer, &input.axes);
-        if input.name == "mask" {
-            quote!(#name: ::attn::__private::TensorView<'_, bool, #shape>)
-        } else {
-            quote!(#name: ::attn::__private::TensorView<'a, #in_elem, #shape>)
-        }
-    });
-    let shapes = inputs.iter().map(|input| {
-        let name = format_ident!("{}", input.name);
-        let shape = format_ident!("{}_shape", input.name);
-        quote!(let #shape = #name.shape();)
-    });
+    let (args, shapes) = view_params(layer, &inputs, &quote!('a));
     let checks = same_dims(layer, &inputs);
     let borrow = |input: Option<&Input>| match input {
         Some(input) => {
